@@ -1,0 +1,24 @@
+"""`python -m ranprm.bench CASE [options]`: benchmarks, one module per case, each printing one JSON line per run.
+
+Cases live in their own modules (`ranprm.bench.<case>`) with a `main(argv: list[str]) -> None`; they are imported
+only when asked for, so one case's heavy imports never slow another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+CASES: dict[str, str] = {
+    "prm": "ranprm.bench.prm",  # batched vs looped peak backpropagation
+    "backbones": "ranprm.bench.backbones",  # forward / forward+backward time and memory per backbone
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in CASES:
+        known = ", ".join(sorted(CASES))
+        print(f"usage: python -m ranprm.bench CASE [options]   (CASE: {known}; CASE --help for its options)")
+        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    importlib.import_module(CASES[argv[0]]).main(argv[1:])

@@ -1,0 +1,3 @@
+from ranprm.bench import main
+
+main()

@@ -4,7 +4,6 @@ import os
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
-os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -15,3 +14,11 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def voc_root(tmp_path):
+    """A tiny VOC 2012-layout folder (8 images, 64 px, classes square and disk) written by the test."""
+    from tests.helpers import write_voc
+
+    return write_voc(tmp_path / "VOC2012")

@@ -1,0 +1,90 @@
+"""A torch Dataset over VOC-layout ids: transformed image, image-level labels and (optionally) GT instances."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from ranprm.data.voc import InstanceTargets, image_labels, read_annotation, read_image, read_instance_masks
+from ranprm.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Sample = dict[str, Any]
+
+
+class VOCDataset(Dataset[Sample | None]):
+    """Samples `{"image", "labels", "image_id", "orig_size", "targets"}`.
+
+    `image` is the transformed float tensor (3, S, S); `targets` holds GT instances at the *original* size (None
+    when not asked for or when the image has no segmentation), because instance metrics are computed at the
+    original resolution, as VOC does.
+
+    Labels are read for every id up front: a bad annotation then stops the run before anything is trained or
+    written.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        ids: list[str],
+        class_names: tuple[str, ...],
+        transform: v2.Transform,
+        difficult_as_positive: bool = True,
+        with_instances: bool = False,
+        skip_bad_images: bool = False,
+    ) -> None:
+        self.root, self.ids, self.class_names = root, ids, class_names
+        self.transform = transform
+        self.with_instances = with_instances
+        self.skip_bad_images = skip_bad_images
+        self.labels = torch.stack(
+            [
+                image_labels(read_annotation(root / "Annotations" / f"{i}.xml", class_names), class_names,
+                             difficult_as_positive)
+                for i in ids
+            ]
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        image_id = self.ids[index]
+        try:
+            image = read_image(self.root / "JPEGImages" / f"{image_id}.jpg")
+        except DataError as err:
+            if not self.skip_bad_images:
+                raise
+            log.warning("skipping %s", err)
+            return None  # dropped by `collate`, which counts it
+        orig_size = (int(image.shape[1]), int(image.shape[2]))
+        targets: InstanceTargets | None = None
+        if self.with_instances:
+            targets = read_instance_masks(self.root, image_id, orig_size)
+        return {
+            "image": self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor),
+            "labels": self.labels[index],
+            "image_id": image_id,
+            "orig_size": orig_size,
+            "targets": targets,
+        }
+
+
+def collate(samples: list[Sample | None]) -> dict[str, Any]:
+    """Stack images and labels; keep ids, sizes and targets as lists. Skipped (None) samples are counted."""
+    kept = [s for s in samples if s is not None]
+    batch: dict[str, Any] = {"skipped": len(samples) - len(kept)}
+    if not kept:
+        return batch
+    batch["image"] = torch.stack([s["image"] for s in kept])
+    batch["labels"] = torch.stack([s["labels"] for s in kept])
+    for key in ("image_id", "orig_size", "targets"):
+        batch[key] = [s[key] for s in kept]
+    return batch

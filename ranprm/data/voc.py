@@ -1,0 +1,183 @@
+"""Reading a folder in PASCAL VOC 2012 layout: split ids, image-level labels, images and instance masks.
+
+The same code reads the real `VOCdevkit/VOC2012` and the embedded synthetic dataset (which is written in that
+layout). Nothing here knows about Lightning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import defusedxml.ElementTree as SafeET
+import numpy as np
+import torch
+from defusedxml import DefusedXmlException
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from ranprm.errors import DataError
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+VOID = 255  # VOC marks object borders and difficult regions with 255 in the segmentation PNGs.
+REQUIRED_DIRS = ("JPEGImages", "Annotations", "ImageSets")
+
+
+def check_root(root: str | Path) -> Path:
+    """Return `root` as a Path, or raise a DataError that names what is missing."""
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(
+            f"data.root={str(path)!r} is not a folder; point it at VOCdevkit/VOC2012 (the folder that holds "
+            "JPEGImages/, Annotations/ and ImageSets/)"
+        )
+    missing = [d for d in REQUIRED_DIRS if not (path / d).is_dir()]
+    if missing:
+        found = sorted(p.name for p in path.iterdir() if p.is_dir())[:6]
+        raise DataError(
+            f"data.root={str(path)!r} lacks {', '.join(d + '/' for d in missing)}; it should be VOCdevkit/VOC2012 "
+            f"(found folders: {found or 'none'})"
+        )
+    return path
+
+
+def read_split(root: Path, task: str, split: str) -> list[str]:
+    """Image ids listed in `ImageSets/<task>/<split>.txt` (one id per line; VOC per-class files add a label)."""
+    split_file = root / "ImageSets" / task / f"{split}.txt"
+    if not split_file.is_file():
+        raise DataError(f"split file {split_file} does not exist; check data.root and the split name {split!r}")
+    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"split file {split_file} lists no image ids; fill it or choose another split")
+    missing = [i for i in ids if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
+    if missing:
+        raise DataError(
+            f"split file {split_file} lists {len(missing)} ids with no JPEGImages/<id>.jpg (first: {missing[0]!r}); "
+            "remove them from the split or add the images"
+        )
+    return ids
+
+
+@dataclass(frozen=True)
+class ObjectAnnotation:
+    name: str
+    difficult: bool
+    box: tuple[int, int, int, int]  # xmin, ymin, xmax, ymax (1-based, inclusive, as VOC writes them)
+
+
+def read_annotation(xml_path: Path, class_names: tuple[str, ...]) -> list[ObjectAnnotation]:
+    """The objects of one `Annotations/<id>.xml`, parsed with a hardened parser (no entity expansion)."""
+    if not xml_path.is_file():
+        raise DataError(f"annotation {xml_path} does not exist; every listed image needs Annotations/<id>.xml")
+    try:
+        tree = SafeET.parse(xml_path)
+    except (SafeET.ParseError, DefusedXmlException, ValueError) as err:
+        raise DataError(f"annotation {xml_path} is not valid VOC XML ({err}); fix or remove it") from err
+    objects = []
+    for obj in tree.getroot().iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        if name not in class_names:
+            raise DataError(
+                f"annotation {xml_path} has an object of unknown class {name!r}; known classes: "
+                f"{', '.join(class_names)} (set data.class_names to match the dataset)"
+            )
+        difficult = (obj.findtext("difficult") or "0").strip() == "1"
+        bb = obj.find("bndbox")
+        try:
+            box = tuple(int(float(bb.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")) if bb is not None else (0, 0, 0, 0)
+        except (TypeError, ValueError) as err:
+            raise DataError(f"annotation {xml_path} has a malformed <bndbox> for {name!r}") from err
+        objects.append(ObjectAnnotation(name, difficult, box))  # type: ignore[arg-type]
+    if not objects:
+        raise DataError(f"annotation {xml_path} has no <object>; an image-level label needs at least one object")
+    return objects
+
+
+def image_labels(
+    objects: list[ObjectAnnotation], class_names: tuple[str, ...], difficult_as_positive: bool = True
+) -> Tensor:
+    """Multi-hot (C,) float label vector. PRM counts "difficult" objects as positive; that is an option."""
+    labels = torch.zeros(len(class_names))
+    for obj in objects:
+        if difficult_as_positive or not obj.difficult:
+            labels[class_names.index(obj.name)] = 1.0
+    return labels
+
+
+def read_image(path: Path) -> Tensor:
+    """RGB uint8 image (3, H, W). Grayscale, CMYK, palette and RGBA files are converted to RGB.
+
+    PIL's decompression-bomb limit stays in force: an image over it is refused, not decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+    except FileNotFoundError as err:
+        raise DataError(f"image {path} does not exist") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"image {path} is larger than PIL's decompression-bomb limit; refusing to decode it") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"image {path} is truncated or corrupt ({err}); replace it or set data.skip_bad_images=true") from err
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+def _read_index_png(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise DataError(f"mask {path} has mode {img.mode}; VOC masks are palette (P) or grey (L) PNGs")
+            return np.asarray(img).copy()
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"mask {path} is unreadable ({err})") from err
+
+
+@dataclass
+class InstanceTargets:
+    """Ground-truth instances of one image at its original size."""
+
+    masks: Tensor  # (M, H, W) bool
+    labels: Tensor  # (M,) long, 0-based class index
+    void: Tensor  # (H, W) bool, VOC's 255 pixels: ignored in every IoU
+
+
+def read_instance_masks(root: Path, image_id: str, image_size: tuple[int, int]) -> InstanceTargets | None:
+    """Instances from `SegmentationObject/<id>.png` with classes from `SegmentationClass/<id>.png`.
+
+    Returns None when the image has no segmentation (most of VOC's classification images).
+    """
+    obj_path = root / "SegmentationObject" / f"{image_id}.png"
+    cls_path = root / "SegmentationClass" / f"{image_id}.png"
+    if not obj_path.is_file():
+        return None
+    if not cls_path.is_file():
+        raise DataError(f"mask {obj_path} has no matching {cls_path}; VOC instances take their class from it")
+    obj, cls = _read_index_png(obj_path), _read_index_png(cls_path)
+    for path, arr in ((obj_path, obj), (cls_path, cls)):
+        if arr.shape != tuple(image_size):
+            raise DataError(
+                f"mask {path} is {arr.shape[1]}x{arr.shape[0]} but its image is {image_size[1]}x{image_size[0]}; "
+                "masks must match their image's size"
+            )
+    ids = [int(i) for i in np.unique(obj) if i not in (0, VOID)]
+    masks, labels = [], []
+    for inst in ids:
+        region = obj == inst
+        classes, counts = np.unique(cls[region], return_counts=True)
+        keep = (classes != 0) & (classes != VOID)
+        if not keep.any():
+            continue  # an instance with no class pixels cannot be scored; VOC never has one
+        masks.append(region)
+        labels.append(int(classes[keep][counts[keep].argmax()]) - 1)
+    h, w = image_size
+    return InstanceTargets(
+        masks=torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.bool),
+        labels=torch.tensor(labels, dtype=torch.long),
+        void=torch.from_numpy(obj == VOID),
+    )

@@ -1,0 +1,120 @@
+"""`python -m ranprm.train [overrides]` (also `ranprm-train`): train a PRM network from image-level labels.
+
+Examples:
+    python -m ranprm.train backbone=ran threshold=mean
+    python -m ranprm.train -m backbone=ran,resnet50 threshold=fixed,mean,q3
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from ranprm.config import config_dir, report_user_errors
+from ranprm.data.datamodule import DataConfig, VOCDataModule
+from ranprm.errors import ConfigError
+from ranprm.io_utils import write_json_atomic
+from ranprm.loggers import build_logger
+from ranprm.module import PRMModule
+
+log = logging.getLogger(__name__)
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Callback]:
+    ckpt = cfg.callbacks.checkpoint
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="best-epoch{epoch:03d}",
+            auto_insert_metric_name=False,
+            monitor=ckpt.monitor,
+            mode=ckpt.mode,
+            save_last=True,
+            save_top_k=ckpt.save_top_k,
+        )
+    ]
+    bar = cfg.callbacks.progress_bar
+    if bar == "rich":
+        callbacks.append(RichProgressBar())
+    elif bar == "tqdm":
+        callbacks.append(TQDMProgressBar())
+    elif bar != "none":
+        raise ConfigError(f"callbacks.progress_bar={bar!r} is unknown; choose rich, tqdm or none")
+    if has_logger:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    return callbacks
+
+
+def build_module(cfg: DictConfig, class_names: tuple[str, ...]) -> PRMModule:
+    return PRMModule(
+        class_names=list(class_names),
+        backbone=_plain(cfg.backbone),
+        head=_plain(cfg.head),
+        optimizer=_plain(cfg.optimizer),
+        threshold=_plain(cfg.threshold),
+        prm=_plain(cfg.prm),
+        retrieval=_plain(cfg.retrieval),
+        eval=_plain(cfg.eval),
+    )
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train, write `metrics.json` into the run folder, and return `cfg.optimized_metric` for sweepers."""
+    started = time.perf_counter()
+    run_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = VOCDataModule(DataConfig.from_config(_plain(cfg.data)))
+    datamodule.setup("fit")  # reads every label now: a bad annotation stops the run before anything is written
+    module = build_module(cfg, datamodule.class_names)
+    logger = build_logger(_plain(cfg.logger), run_dir, run_config=_plain(cfg))
+    trainer = L.Trainer(
+        **_plain(cfg.trainer),
+        logger=logger if logger is not None else False,
+        callbacks=build_callbacks(cfg, run_dir, has_logger=logger is not None),
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics: dict[str, Any] = {
+        k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "train/"))
+    }
+    checkpoint = trainer.checkpoint_callback
+    summary = {
+        "metrics": metrics,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
+        "last_checkpoint": getattr(checkpoint, "last_model_path", None) or None,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "backbone": cfg.backbone.name,
+        "threshold": cfg.threshold.name,
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "metrics.json", summary)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        print(f"final metrics: {shown}\nwrote {run_dir / 'metrics.json'} ({summary['wall_s']} s)")
+    target = cfg.get("optimized_metric")
+    if target and target not in metrics:
+        raise ConfigError(f"optimized_metric={target!r} was not logged; logged metrics: {sorted(metrics)}")
+    return metrics.get(target) if target else None
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@report_user_errors
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Residual Attention Network backbone: sizes, soft masks, parameter counts, the two mask-gradient paths."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import ranprm.models.backbones  # noqa: F401  (registers the backbones)
+from ranprm.errors import CheckpointError, ConfigError, DataError
+from ranprm.models.backbones.ran import AttentionModule, ResidualAttentionNet
+from ranprm.models.registry import available_backbones, build_backbone
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "backbone"
+TINY = {"width": 8, "modules_per_stage": (1, 1, 1)}  # same graph, 256 output channels, ~0.5M parameters
+
+
+def tiny_ran(**overrides: object) -> ResidualAttentionNet:
+    return build_backbone("ran", **{**TINY, **overrides})
+
+
+@pytest.mark.parametrize("size", [(448, 448), (321, 500), (97, 131), (64, 64), (32, 33)])
+def test_tiny_ran_output_is_ceil_of_input_over_32(size: tuple[int, int]) -> None:
+    net = tiny_ran().eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, *size))
+    assert out.shape == (1, net.out_channels, math.ceil(size[0] / 32), math.ceil(size[1] / 32))
+    assert net.out_channels == 256 and net.stride == 32
+
+
+def test_real_ran_at_64_px() -> None:
+    net = build_backbone("ran").eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 2048, 2, 2)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(("name", "reference"), [("ran", 29.8e6), ("ran92", 50.5e6)])
+def test_parameter_counts_match_the_paper_without_classifier(name: str, reference: float) -> None:
+    with torch.device("meta"):  # no memory, no init cost
+        net = build_backbone(name)
+    count = sum(p.numel() for p in net.parameters())
+    assert abs(count - reference) / reference < 0.03, count
+
+
+def test_attention_maps_one_per_module_in_unit_range_at_module_resolution() -> None:
+    net = tiny_ran(modules_per_stage=(1, 2, 1)).eval()
+    images = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        features, maps = net.forward_with_attention(images)
+        plain = net(images)
+    torch.testing.assert_close(features, plain)
+    strides = [4, 8, 8, 16]  # stage of each module, in forward order
+    assert [tuple(m.shape) for m in maps] == [(2, math.ceil(97 / s), math.ceil(131 / s)) for s in strides]
+    for m in maps:
+        assert m.min() >= 0 and m.max() <= 1
+
+
+def test_plain_forward_does_not_collect_attention_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[object] = []
+    original = AttentionModule.forward
+
+    def spy(self: AttentionModule, x: torch.Tensor, attention_maps: list[torch.Tensor] | None = None):
+        seen.append(attention_maps)
+        return original(self, x, attention_maps)
+
+    monkeypatch.setattr(AttentionModule, "forward", spy)
+    with torch.no_grad():
+        tiny_ran().eval()(torch.randn(1, 3, 64, 64))
+    assert seen == [None, None, None]
+
+
+def _grads_after_backward(net: ResidualAttentionNet) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+    net.zero_grad(set_to_none=True)
+    images = torch.randn(2, 3, 64, 64, requires_grad=True)
+    net(images).sum().backward()
+    assert images.grad is not None
+    return {name: p.grad for name, p in net.named_parameters()}, images.grad
+
+
+def _is_mask_param(name: str) -> bool:
+    return ".mask." in name
+
+
+def test_detached_masks_get_no_gradient_while_the_trunk_does() -> None:
+    grads, _ = _grads_after_backward(tiny_ran(mask_grad="detached").train())
+    mask_names = [n for n in grads if _is_mask_param(n)]
+    assert mask_names and all(grads[n] is None for n in mask_names)
+    trunk_names = [n for n in grads if ".trunk." in n]
+    assert trunk_names and all(grads[n] is not None and grads[n].abs().sum() > 0 for n in trunk_names)
+
+
+def test_full_masks_get_a_gradient() -> None:
+    grads, _ = _grads_after_backward(tiny_ran(mask_grad="full").train())
+    assert all(g is not None for n, g in grads.items() if _is_mask_param(n))
+
+
+def test_mask_grad_switches_on_a_built_model_without_changing_the_output() -> None:
+    net = tiny_ran().eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        full_out = net(images)
+    assert net.mask_grad == "full"
+    net.set_mask_grad("detached")
+    assert net.mask_grad == "detached"
+    assert all(m.mask_grad == "detached" for m in net.attention_modules())
+    grads, _ = _grads_after_backward(net)
+    assert all(g is None for n, g in grads.items() if _is_mask_param(n))
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), full_out)
+    net.mask_grad = "full"  # the property setter reaches every module too
+    grads, _ = _grads_after_backward(net)
+    assert all(g is not None for n, g in grads.items() if _is_mask_param(n))
+    with pytest.raises(ConfigError, match="mask_grad"):
+        net.set_mask_grad("half")
+
+
+def test_inputs_below_32_px_raise_a_one_line_data_error() -> None:
+    with pytest.raises(DataError, match=r"31x64 px.*at least 32") as info:
+        tiny_ran()(torch.randn(1, 3, 31, 64))
+    assert "\n" not in str(info.value)
+
+
+def test_registry_and_yaml_defaults_build_the_real_architectures() -> None:
+    assert {"ran", "ran92"} <= set(available_backbones())
+    for name, modules in (("ran", (1, 1, 1)), ("ran92", (1, 2, 3))):
+        cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
+        assert isinstance(cfg, dict)
+        with torch.device("meta"):
+            net = build_backbone(cfg.pop("name"), **cfg)
+        assert isinstance(net, ResidualAttentionNet)
+        assert (net.out_channels, net.stride, net.modules_per_stage) == (2048, 32, modules)
+        assert net.mask_grad == "full"
+        assert len(net.attention_modules()) == sum(modules)
+
+
+def test_bad_options_raise_one_line_errors() -> None:
+    with pytest.raises(CheckpointError, match="no public ImageNet weights"):
+        build_backbone("ran", pretrained="imagenet")
+    with pytest.raises(ConfigError, match="modules_per_stage"):
+        build_backbone("ran", width=8, modules_per_stage=(1, 1))
+    with pytest.raises(ConfigError, match="width"):
+        build_backbone("ran", width=6)
+
+
+def test_pretrained_file_round_trip(tmp_path: Path) -> None:
+    source = tiny_ran()
+    path = tmp_path / "ran_tiny.pth"
+    torch.save(source.state_dict(), path)
+    loaded = tiny_ran(pretrained=str(path))
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        build_backbone("ran", width=8, modules_per_stage=(1, 2, 1), pretrained=str(path))

@@ -1,3 +1,3 @@
 """Importing this package registers every backbone. Add one module per backbone here."""
 
-from ranprm.models.backbones import resnet, tiny  # noqa: F401
+from ranprm.models.backbones import ran, resnet, tiny  # noqa: F401

@@ -1,0 +1,265 @@
+"""`python -m ranprm.bench backbones`: forward and forward+backward time and peak memory per backbone.
+
+One JSON line per (backbone, size):
+
+    {"case": "backbones", "backbone": "ran", "size": 448, "batch": 8, "device": "cpu", "fwd_s": ...,
+     "fwdbwd_s": ..., "fwd_peak_mem_mb": ..., "peak_mem_mb": ..., "mem_measure": "...", ...}
+
+What is measured:
+- `fwd_s`: eval mode, autograd off: the inference cost of one batch. `fwdbwd_s`: train mode, forward plus
+  the backward of the output's sum: a training step without the optimizer. Both are medians over `--repeats`
+  runs after `--warmup` runs.
+- `peak_mem_mb` (forward+backward) and `fwd_peak_mem_mb`: the peak memory above what the built model and the
+  input batch already hold, over the warm-up and the timed runs, so weights are not counted but activations,
+  gradients and workspaces are.
+  - CUDA: `torch.cuda.max_memory_allocated()` minus the allocation before the first run (tensor memory; the
+    caching allocator may reserve more).
+  - CPU: the resident-set high-water mark (`VmHWM`, reset through `/proc/self/clear_refs`) minus the resident
+    set before the first run. Where that reset is unavailable, `ru_maxrss` replaces it, an upper bound that
+    can include the model's construction.
+  `mem_measure` names the one used.
+
+Each measurement (one backbone, size and mode) runs in a fresh subprocess by default: a CPU process keeps
+freed memory for reuse, so a second measurement in the same process would under-count its peak.
+`--in-process` skips that isolation (fast, for tests; its CPU memory figures can be too low).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODES = ("fwd", "fwdbwd")
+_QUICK_DEFAULTS = {"sizes": "64", "batch": 2, "repeats": 1, "warmup": 1}
+_FULL_DEFAULTS = {"sizes": "448,160", "batch": 8, "repeats": 3, "warmup": 1}
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ranprm.bench backbones",
+        description="Forward and forward+backward time and peak memory of backbones, one JSON line a case.",
+    )
+    parser.add_argument("--backbones", default="ran,ran92,resnet50", help="comma-separated registry names")
+    parser.add_argument("--sizes", default=None, help="comma-separated square image sides (default 448,160)")
+    parser.add_argument("--batch", type=int, default=None, help="images per batch (default 8)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed runs per mode; the median is kept (3)"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs before timing (default 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 64 px, batch 2, 1 repeat")
+    parser.add_argument(
+        "--in-process", action="store_true", help="no subprocess per measurement (CPU memory may under-count)"
+    )
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)  # one measurement, in a subprocess
+    args = parser.parse_args(argv)
+
+    defaults = _QUICK_DEFAULTS if args.quick else _FULL_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--sizes={args.sizes!r}: give comma-separated integers, e.g. 448,160")
+    args.backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    if not args.sizes or not args.backbones:
+        parser.error("give at least one size and one backbone")
+    if min(args.batch, args.repeats) < 1 or args.warmup < 0:
+        parser.error("--batch and --repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here; use --device cpu")
+
+    import ranprm.models.backbones  # noqa: F401  (fills the registry)
+    from ranprm.models.registry import available_backbones
+
+    unknown = [b for b in args.backbones if b not in available_backbones()]
+    if unknown:
+        parser.error(f"--backbones: unknown {unknown}; choose from {available_backbones()}")
+    return args
+
+
+def _cpu_rss_kb(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+    if match is None:
+        raise OSError(f"{_STATUS} has no {field}")
+    return int(match.group(1))
+
+
+class _PeakMemory:
+    """Peak memory above the current level, in MiB, for one device; see the module docstring."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.kind = "cuda_max_allocated"
+            self.base = torch.cuda.memory_allocated(device)
+            return
+        try:
+            _CLEAR_REFS.write_text("5")  # resets this process's VmHWM to its current resident set
+            self.kind = "rss_hwm"
+            self.base = _cpu_rss_kb("VmRSS") * 1024
+        except OSError:
+            self.kind = "ru_maxrss"
+            self.base = self._rss_bytes_fallback()
+
+    @staticmethod
+    def _rss_bytes_fallback() -> int:
+        try:
+            return _cpu_rss_kb("VmRSS") * 1024
+        except OSError:
+            return 0  # no /proc (macOS): the figure becomes the whole process's peak
+
+    def peak_mb(self) -> float:
+        if self.kind == "cuda_max_allocated":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.kind == "rss_hwm":
+            peak = _cpu_rss_kb("VmHWM") * 1024
+        else:
+            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        return round(max(peak - self.base, 0) / 2**20, 1)
+
+
+def measure(
+    backbone: str, size: int, batch: int, mode: str, device: str, repeats: int, warmup: int
+) -> dict[str, Any]:
+    """Median seconds per batch and peak memory (MiB above model + input) of one backbone in one mode."""
+    import ranprm.models.backbones  # noqa: F401  (fills the registry)
+    from ranprm.models.registry import build_backbone
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = build_backbone(backbone).to(dev)
+    images = torch.randn(batch, 3, size, size, device=dev)
+    params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(images)
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)  # as a training loop does; the gradients' memory counts in the peak
+        model(images).sum().backward()
+
+    step: Callable[[], None]
+    if mode == "fwd":
+        model.eval()
+        step = forward
+    else:
+        model.train()
+        step = forward_backward
+
+    memory = _PeakMemory(dev)
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return {
+        "time_s": round(statistics.median(times), 4),
+        "peak_mem_mb": memory.peak_mb(),
+        "mem_measure": memory.kind,
+        "params_m": params_m,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        cpu = match.group(1).strip() if match else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores"
+
+
+def _measure_in_subprocess(args: argparse.Namespace, backbone: str, size: int, mode: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "ranprm.bench.backbones", "--child", mode, "--backbones", backbone]
+    cmd += ["--sizes", str(size), "--batch", str(args.batch), "--repeats", str(args.repeats)]
+    cmd += ["--warmup", str(args.warmup), "--device", args.device]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str]) -> None:
+    args = _parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        result = measure(
+            args.backbones[0], args.sizes[0], args.batch, args.child, args.device, args.repeats, args.warmup
+        )
+        print(json.dumps(result), flush=True)
+        return
+
+    machine = _machine(args.device)
+    for backbone in args.backbones:
+        for size in args.sizes:
+            row: dict[str, Any] = {
+                "case": "backbones",
+                "backbone": backbone,
+                "size": size,
+                "batch": args.batch,
+                "device": args.device,
+                "machine": machine,
+                "torch": torch.__version__,
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "isolated": not args.in_process,
+            }
+            for mode in MODES:
+                if args.in_process:
+                    result = measure(backbone, size, args.batch, mode, args.device, args.repeats, args.warmup)
+                else:
+                    result = _measure_in_subprocess(args, backbone, size, mode)
+                if "error" in result:
+                    row[f"{mode}_error"] = result["error"]
+                    continue
+                row[f"{mode}_s"] = result["time_s"]
+                row["peak_mem_mb" if mode == "fwdbwd" else "fwd_peak_mem_mb"] = result["peak_mem_mb"]
+                row.update(
+                    params_m=result["params_m"], threads=result["threads"], mem_measure=result["mem_measure"]
+                )
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

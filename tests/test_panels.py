@@ -1,0 +1,336 @@
+"""Panels: known layouts and sizes, outlines and markers where they belong, empty inputs, PNG IO, speed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ranprm.prm.instances import Instances
+from ranprm.viz.panels import (
+    PanelInputs,
+    PanelStyle,
+    _fit_text,
+    _pick_prms,
+    caption_height,
+    layout_for,
+    panel_caption,
+    panel_layout,
+    render_panel,
+    save_png,
+    tile_shape,
+)
+
+NAMES = ["cat", "dog", "person", "car"]
+H, W = 64, 96  # not square, so a swapped height and width shows up
+
+
+def grey_image(h: int = H, w: int = W, value: float = 0.5) -> torch.Tensor:
+    return torch.full((3, h, w), value)
+
+
+def box_mask(y0: int, y1: int, x0: int, x1: int, h: int = H, w: int = W) -> torch.Tensor:
+    m = torch.zeros(h, w, dtype=torch.bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def instances(n: int, h: int = H, w: int = W) -> Instances:
+    masks = torch.stack([box_mask(5 + 10 * i, 20 + 10 * i, 10 + 20 * i, 30 + 20 * i, h, w) for i in range(n)])
+    return Instances(
+        (h, w),
+        masks=masks,
+        labels=torch.arange(n) % 2,
+        scores=torch.linspace(0.9, 0.5, n),
+        peaks=torch.tensor([[12.0 + 10 * i, 20.0 + 20 * i] for i in range(n)]).reshape(n, 2),
+        prms=torch.rand(n, h, w),
+    )
+
+
+def full_inputs(h: int = H, w: int = W) -> PanelInputs:
+    """2 valid classes, 3 peaks with PRMs, 2 instances, GT, 3 attention maps of different sizes."""
+    peaks = torch.tensor([[0, 10.0, 20.0], [0, 40.0, 60.0], [1, 30.0, 30.0]])
+    return PanelInputs(
+        image=torch.rand(3, h, w),
+        class_names=NAMES,
+        crms=torch.randn(4, 2, 3),
+        valid_classes=torch.tensor([0, 1]),
+        peaks=peaks,
+        prms=torch.rand(3, h, w),
+        instances=instances(2, h, w),
+        gt_masks=torch.stack([box_mask(10, 30, 10, 40, h, w), box_mask(35, 60, 50, 90, h, w)]),
+        gt_labels=torch.tensor([0, 1]),
+        attention=[torch.rand(16, 24), torch.rand(8, 8, 12), torch.rand(4, 6)],
+        class_scores=torch.tensor([2.0, 1.0, -3.0, -4.0]),
+    )
+
+
+def empty_inputs(**changes) -> PanelInputs:
+    fields = dict(
+        image=grey_image(),
+        class_names=NAMES,
+        crms=torch.zeros(4, 2, 3),
+        valid_classes=torch.zeros(0, dtype=torch.long),
+        peaks=torch.zeros(0, 3),
+    )
+    fields.update(changes)
+    return PanelInputs(**fields)
+
+
+def tile_of(panel: np.ndarray, inputs: PanelInputs, row: int, col: int, **kw) -> np.ndarray:
+    layout = layout_for(inputs, **kw)
+    y, x = layout.picture_origin(row, col)
+    th, tw = layout.tile_hw
+    return panel[y : y + th, x : x + tw]
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+def test_full_panel_has_the_known_layout_and_size() -> None:
+    inputs = full_inputs()
+    layout = layout_for(inputs)
+    assert layout.rows == (("overview", 2), ("crm", 2), ("prm", 3), ("attention", 3))
+    assert layout.cols == 3 and layout.tile_hw == (H, W)
+    # A 96 px tile takes the smallest font (0.35), whose caption strip is 18 px: 4 cells of 64 + 18 and 5 gaps
+    # of 4 by 3 cells of 96 and 4 gaps.
+    assert layout.caption_h == caption_height(W) == 18
+    assert layout.size == (4 * (64 + 18) + 5 * 4, 3 * 96 + 4 * 4) == (348, 304)
+    panel = render_panel(inputs)
+    assert panel.shape == (348, 304, 3) and panel.dtype == np.uint8 and panel.flags.c_contiguous
+
+
+def test_layout_wraps_rows_at_max_cols_and_caps_prms() -> None:
+    layout = panel_layout((H, W), num_crms=6, num_prms=8, has_instances=True, num_attention=0, max_cols=4)
+    assert layout.rows == (("overview", 2), ("crm", 4), ("crm", 2), ("prm", 4), ("prm", 4))
+    assert layout.cols == 4
+    peaks = torch.tensor([[0, 5.0 + i, 5.0 + i] for i in range(12)])
+    inputs = empty_inputs(valid_classes=torch.tensor([0]), peaks=peaks, prms=torch.rand(12, H, W))
+    assert layout_for(inputs, max_prms=5).rows == (("overview", 1), ("crm", 1), ("prm", 5))
+    assert render_panel(inputs, max_prms=5).shape[:2] == layout_for(inputs, max_prms=5).size
+    assert layout_for(inputs, max_prms=0).rows == (("overview", 1), ("crm", 1))
+
+
+def test_tile_size_scales_the_longer_side_and_the_maps_follow() -> None:
+    assert tile_shape((H, W)) == (H, W)
+    assert tile_shape((H, W), 48) == (32, 48)
+    assert tile_shape((300, 500), 192) == (115, 192)
+    inputs = full_inputs()
+    panel = render_panel(inputs, tile_size=192)
+    layout = layout_for(inputs, tile_size=192)
+    assert layout.tile_hw == (128, 192)
+    assert panel.shape == (*layout.size, 3)
+
+
+@pytest.mark.parametrize(
+    ("changes", "rows"),
+    [
+        ({}, (("overview", 1),)),
+        ({"instances": Instances.empty((H, W))}, (("overview", 2),)),
+        ({"attention": []}, (("overview", 1),)),
+        ({"valid_classes": torch.tensor([2])}, (("overview", 1), ("crm", 1))),
+        ({"instances": instances(2)}, (("overview", 2), ("prm", 2))),  # PRMs fall back to the instances'
+    ],
+)
+def test_missing_parts_render_a_smaller_panel(changes: dict, rows: tuple) -> None:
+    inputs = empty_inputs(**changes)
+    layout = layout_for(inputs)
+    assert layout.rows == rows
+    panel = render_panel(inputs)
+    assert panel.dtype == np.uint8 and panel.shape == (*layout.size, 3)
+
+
+def test_bare_panel_is_one_captioned_tile() -> None:
+    panel = render_panel(empty_inputs())
+    gap, cap = PanelStyle().gap, caption_height(W)
+    assert panel.shape == (H + cap + 2 * gap, W + 2 * gap, 3)
+    # The picture is the untouched input: 0.5 grey is 128 everywhere.
+    assert (tile_of(panel, empty_inputs(), 0, 0) == 128).all()
+
+
+# ------------------------------------------------------------------------------------------------ content
+
+
+def band(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within `radius` of the mask's boundary."""
+    k = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    m = mask.astype(np.uint8)
+    return (cv2.dilate(m, k) - cv2.erode(m, k)).astype(bool)
+
+
+@pytest.mark.parametrize("gt_scale", [1, 2])  # GT masks at the image size, and at twice it (an original size)
+def test_gt_outline_is_drawn_on_the_mask_boundary_only(gt_scale: int) -> None:
+    y0, y1, x0, x1 = 20, 44, 30, 70
+    gt = box_mask(y0 * gt_scale, y1 * gt_scale, x0 * gt_scale, x1 * gt_scale, H * gt_scale, W * gt_scale)
+    inputs = empty_inputs(gt_masks=gt[None], gt_labels=torch.tensor([1]))
+    tile = tile_of(render_panel(inputs), inputs, 0, 0)
+    changed = (tile != 128).any(axis=2)
+    mask = box_mask(y0, y1, x0, x1).numpy()
+    assert changed[band(mask, 1)].mean() > 0.9  # the boundary is outlined all round
+    assert not changed[~band(mask, 3)].any()  # nothing far inside or outside changes
+    assert not changed[(y0 + y1) // 2, (x0 + x1) // 2] and not changed[2, 2]
+
+
+def test_peak_marker_is_drawn_where_the_peak_is() -> None:
+    py, px = 30, 50
+    inputs = empty_inputs(valid_classes=torch.tensor([1]), peaks=torch.tensor([[1, py, px], [2, 10, 10]]))
+    panel = render_panel(inputs)
+    tile = tile_of(panel, inputs, 1, 0)
+    # A flat CRM is a flat heat map: every pixel but the marker has one colour.
+    background = tile[2, 2]
+    changed = (tile != background).any(axis=2)
+    assert (tile[py, px] > 200).all()  # the cross's white centre
+    ys, xs = np.nonzero(changed)
+    assert len(ys) > 10
+    # The black outline is 2 px longer than the white cross, and 4 px thick with anti-aliasing.
+    reach = (max(7, min(H, W) // 16) + 2) // 2 + 3
+    assert np.abs(ys - py).max() <= reach and np.abs(xs - px).max() <= reach
+    # The peak of class 2 is not drawn on class 1's CRM.
+    assert not changed[10, 10]
+
+
+def test_peak_marker_follows_a_scaled_tile() -> None:
+    inputs = empty_inputs(valid_classes=torch.tensor([0]), peaks=torch.tensor([[0, 16.0, 24.0]]))
+    tile = tile_of(render_panel(inputs, tile_size=192), inputs, 1, 0, tile_size=192)
+    assert tile.shape[:2] == (128, 192)
+    assert (tile[32, 48] > 200).all()
+
+
+def test_instances_are_filled_where_their_masks_are() -> None:
+    inst = Instances(
+        (H, W),
+        masks=box_mask(30, 60, 50, 90)[None],
+        labels=torch.tensor([3]),
+        scores=torch.tensor([0.8]),
+        peaks=torch.tensor([[45.0, 70.0]]),
+        prms=torch.rand(1, H, W),
+    )
+    inputs = empty_inputs(instances=inst)
+    tile = tile_of(render_panel(inputs), inputs, 0, 1)
+    assert (tile[55, 85] != 128).any()  # inside, away from the label and the peak marker: coloured
+    assert (tile[10, 10] == 128).all() and (tile[25, 40] == 128).all()  # outside: the input
+
+
+def test_crm_and_prm_tiles_are_hot_where_the_maps_are_high() -> None:
+    crms = torch.zeros(4, 2, 3)
+    crms[0, 1, 2] = 10.0  # bottom-right cell
+    prm = torch.zeros(1, H, W)
+    prm[0, 5:15, 5:15] = 1.0
+    inputs = empty_inputs(
+        valid_classes=torch.tensor([0]), crms=crms, peaks=torch.tensor([[0, 3.0, 3.0]]), prms=prm
+    )
+    panel = render_panel(inputs)
+    crm_tile = tile_of(panel, inputs, 1, 0).astype(int)
+    prm_tile = tile_of(panel, inputs, 2, 0).astype(int)
+    # viridis runs from dark blue-purple to bright yellow: the hot corner is far brighter.
+    assert crm_tile[56, 86].sum() > crm_tile[10, 10].sum() + 150
+    assert prm_tile[12, 12].sum() > prm_tile[50, 80].sum() + 150
+
+
+def test_prm_choice_takes_every_class_before_a_second_peak() -> None:
+    crms = torch.zeros(4, 2, 3)
+    crms[0] = 5.0
+    crms[0, 0, 0] = 9.0  # class 0's peak in the top-left cell is its strongest
+    crms[1] = 1.0
+    sources = [
+        (0, 40.0, 80.0, np.zeros((H, W))),
+        (0, 5.0, 5.0, np.zeros((H, W))),
+        (0, 40.0, 10.0, np.zeros((H, W))),
+        (1, 20.0, 20.0, np.zeros((H, W))),
+    ]
+    picked = _pick_prms(sources, crms.numpy(), (H, W), max_prms=3)
+    assert [(c, y, x, k, n) for c, y, x, _, k, n in picked] == [
+        (0, 5.0, 5.0, 1, 3),
+        (1, 20.0, 20.0, 1, 1),
+        (0, 40.0, 80.0, 2, 3),
+    ]
+
+
+def test_attention_maps_accept_channels_and_a_batch_of_one() -> None:
+    att = [torch.rand(1, 4, 8, 12), torch.rand(4, 8, 12), torch.rand(8, 12)]
+    inputs = empty_inputs(attention=att)
+    assert layout_for(inputs).rows == (("overview", 1), ("attention", 3))
+    assert render_panel(inputs).shape == (*layout_for(inputs).size, 3)
+    with pytest.raises(ValueError, match="attention map 0"):
+        render_panel(empty_inputs(attention=[torch.rand(2, 3, 4, 5)]))
+
+
+def test_non_finite_maps_still_render() -> None:
+    crms = torch.full((4, 2, 3), float("nan"))
+    inputs = empty_inputs(valid_classes=torch.tensor([0]), crms=crms, attention=[torch.full((4, 4), 0.5)])
+    assert render_panel(inputs).dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"image": torch.rand(1, H, W)}, "image"),
+        ({"crms": torch.rand(2, 3)}, "crms"),
+        ({"valid_classes": torch.tensor([4])}, "valid classes"),
+        ({"peaks": torch.tensor([[0, 1.0, 1.0]]), "prms": torch.rand(2, H, W)}, "prms"),
+    ],
+)
+def test_bad_inputs_are_refused_with_a_clear_message(changes: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        render_panel(empty_inputs(**changes))
+
+
+def test_caption_names_classes_and_counts() -> None:
+    text = panel_caption(full_inputs(), image_id="2007_000032")
+    assert text == "2007_000032: valid classes: cat, dog; 3 peaks; 2 instances; GT: cat, dog"
+    assert panel_caption(empty_inputs()) == "valid classes: none; 0 peaks"
+
+
+# ------------------------------------------------------------------------------------------------ IO, speed
+
+
+def test_save_png_round_trips_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    panel = render_panel(full_inputs())
+    path = tmp_path / "panels" / "epoch_000" / "img.png"
+    save_png(path, panel)
+    back = cv2.imread(str(path), cv2.IMREAD_COLOR)[..., ::-1]
+    np.testing.assert_array_equal(back, panel)
+    save_png(path, panel[:10])  # overwriting replaces the file
+    assert cv2.imread(str(path)).shape[0] == 10
+    assert sorted(p.name for p in path.parent.iterdir()) == ["img.png"]
+    with pytest.raises(ValueError):
+        save_png(path, panel.astype(np.float32))
+
+
+def test_a_192px_panel_renders_well_under_100ms() -> None:
+    h = w = 192
+    peaks = torch.tensor([[c, 30.0 + 50 * i, 40.0 + 40 * c] for c in range(3) for i in range(2)])
+    inputs = PanelInputs(
+        image=torch.rand(3, h, w),
+        class_names=NAMES,
+        crms=torch.randn(4, 6, 6),
+        valid_classes=torch.tensor([0, 1, 2]),
+        peaks=peaks,
+        prms=torch.rand(6, h, w),
+        instances=instances(3, h, w),
+        gt_masks=instances(3, h, w).masks,
+        gt_labels=torch.tensor([0, 1, 2]),
+        attention=[torch.rand(48, 48), torch.rand(24, 24), torch.rand(12, 12)],
+    )
+    render_panel(inputs)  # builds the colour tables once
+    best = min(_timed(lambda: render_panel(inputs)) for _ in range(3))
+    assert best < 0.1, f"a 192 px panel took {best * 1000:.1f} ms"
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def test_captions_drop_detail_before_cutting_the_class_name() -> None:
+    options = ("CRM pottedplant p=0.98 [-13.2,25.3]", "CRM pottedplant p=0.98", "CRM pottedplant")
+    assert _fit_text(options, 186, 0.4) == "CRM pottedplant p=0.98"
+    assert _fit_text(options, 1000, 0.4) == options[0]
+    short = _fit_text(options, 40, 0.4)
+    assert short.endswith("..") and cv2.getTextSize(short, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0] <= 40
+    assert _fit_text("chaise \u00e9", 1000, 0.4) == "chaise ?"  # Hershey fonts draw ASCII only

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import cv2
@@ -301,7 +300,8 @@ def test_save_png_round_trips_and_leaves_no_temporary_file(tmp_path: Path) -> No
         save_png(path, panel.astype(np.float32))
 
 
-def test_a_192px_panel_renders_well_under_100ms() -> None:
+def test_a_busy_192px_panel_renders_every_row() -> None:
+    # Its speed is measured in the benchmarks (BENCHMARKS.md), never asserted here.
     h = w = 192
     peaks = torch.tensor([[c, 30.0 + 50 * i, 40.0 + 40 * c] for c in range(3) for i in range(2)])
     inputs = PanelInputs(
@@ -316,15 +316,8 @@ def test_a_192px_panel_renders_well_under_100ms() -> None:
         gt_labels=torch.tensor([0, 1, 2]),
         attention=[torch.rand(48, 48), torch.rand(24, 24), torch.rand(12, 12)],
     )
-    render_panel(inputs)  # builds the colour tables once
-    best = min(_timed(lambda: render_panel(inputs)) for _ in range(3))
-    assert best < 0.1, f"a 192 px panel took {best * 1000:.1f} ms"
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    panel = render_panel(inputs)
+    assert panel.dtype == np.uint8 and panel.shape == (*layout_for(inputs).size, 3)
 
 
 def test_captions_drop_detail_before_cutting_the_class_name() -> None:

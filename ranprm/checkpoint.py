@@ -1,0 +1,65 @@
+"""Loading a trained ranprm model from a checkpoint, safely and with errors that say what does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ranprm.errors import CheckpointError
+from ranprm.module import PRMModule
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, read with `weights_only=True` so a crafted file cannot run code."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"ckpt={str(path)!r}: no such file; give the path of a ranprm .ckpt file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refused, truncated zip, not a torch file, ...
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(f"ckpt={path}: cannot be read safely as a checkpoint ({reason})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise CheckpointError(f"ckpt={path}: not a ranprm training checkpoint (no state_dict/hyper_parameters)")
+    return ckpt
+
+
+def load_module(
+    path: str | Path,
+    class_names: tuple[str, ...] | None = None,
+    backbone_overrides: dict[str, Any] | None = None,
+) -> PRMModule:
+    """Rebuild the trained PRMModule in eval mode.
+
+    `class_names`: the dataset's classes; a checkpoint trained on other classes is refused, naming both.
+    `backbone_overrides`: inference-time switches that need no retraining (e.g. RAN's `mask_grad`).
+    """
+    ckpt = read_checkpoint(path)
+    hparams = dict(ckpt["hyper_parameters"])
+    trained_classes = tuple(hparams.get("class_names", ()))
+    if class_names is not None and tuple(class_names) != trained_classes:
+        raise CheckpointError(
+            f"ckpt={path}: trained on {len(trained_classes)} classes {list(trained_classes)[:4]}..., but the data "
+            f"has {len(class_names)} classes {list(class_names)[:4]}...; use a checkpoint trained on this dataset"
+        )
+    backbone_cfg = dict(hparams["backbone"])
+    backbone_cfg["pretrained"] = False  # the checkpoint holds the weights; never download or read them again
+    backbone_cfg.update(
+        {k: v for k, v in (backbone_overrides or {}).items() if k not in ("name", "pretrained") and v is not None}
+    )
+    hparams["backbone"] = backbone_cfg
+    module = PRMModule(**hparams)
+    try:
+        missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as err:  # a size mismatch: same names, other widths or class count
+        first = str(err).strip().splitlines()[-1].strip()[:200]
+        raise CheckpointError(f"ckpt={path}: weights do not fit backbone {backbone_cfg['name']!r} ({first})") from err
+    if missing or unexpected:
+        raise CheckpointError(
+            f"ckpt={path}: weights do not fit backbone {backbone_cfg['name']!r} ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[:2]}); was it trained with another "
+            "backbone?"
+        )
+    return module.eval()

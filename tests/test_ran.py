@@ -156,3 +156,31 @@ def test_pretrained_file_round_trip(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.state_dict()[key], value)
     with pytest.raises(CheckpointError, match="does not fit"):
         build_backbone("ran", width=8, modules_per_stage=(1, 2, 1), pretrained=str(path))
+
+
+def test_tiny_ran_trains_and_its_mask_grad_switches_afterwards() -> None:
+    """Smoke run: a few SGD steps of tiny RAN + class conv fit 4 images; then detach masks at inference."""
+    backbone = tiny_ran().train()
+    classifier = torch.nn.Conv2d(backbone.out_channels, 3, 1)
+    params = [*backbone.parameters(), *classifier.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    images = torch.randn(4, 3, 64, 64)
+    labels = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
+    loss_fn = torch.nn.MultiLabelSoftMarginLoss()
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = loss_fn(classifier(backbone(images)).mean(dim=(2, 3)), labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    backbone.eval().set_mask_grad("detached")
+    optimizer.zero_grad(set_to_none=True)
+    images.requires_grad_(True)
+    crm, maps = backbone.forward_with_attention(images)
+    classifier(crm)[0, 0].max().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert all(p.grad is None for name, p in backbone.named_parameters() if _is_mask_param(name))
+    assert len(maps) == 3

@@ -88,10 +88,10 @@ class PreActBottleneck(nn.Module):
             self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, ceil(H/s), ceil(W/s))
-        pre = F.relu(self.bn1(x))
+        pre = F.relu(self.bn1(x), inplace=True)
         out = self.conv1(pre)
-        out = self.conv2(F.relu(self.bn2(out)))
-        out = self.conv3(F.relu(self.bn3(out)))
+        out = self.conv2(F.relu(self.bn2(out), inplace=True))
+        out = self.conv3(F.relu(self.bn3(out), inplace=True))
         identity = x if self.shortcut is None else self.shortcut(pre)
         return out + identity
 

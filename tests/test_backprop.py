@@ -1,0 +1,282 @@
+"""Peak backpropagation: known answers, batched == looped, scoped patching, no weight gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import ranprm.models.backbones  # noqa: F401  (fills the registry)
+from ranprm.errors import ConfigError
+from ranprm.models.registry import build_backbone
+from ranprm.prm.backprop import peak_backprop, peak_response_maps, peak_response_maps_looped
+from ranprm.prm.peaks import upsample_crm
+
+MODES = ("probability", "gradient")
+
+
+def _crm_model(backbone: str = "tiny", num_classes: int = 3, **cfg: object) -> nn.Module:
+    """Backbone + 1x1 class conv, with BN statistics and affine terms that make eval-mode BN do something
+    (including negative scales, so a sign error in BN's backward would show)."""
+    trunk = build_backbone(backbone, **cfg)
+    model = nn.Sequential(trunk, nn.Conv2d(trunk.out_channels, num_classes, 1))
+    gen = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
+            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=gen) * 1.5 - 0.25)
+            module.bias.data.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
+    return model
+
+
+def _max_diff(a: Tensor, b: Tensor) -> float:
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Known answers
+
+
+def _hand_model() -> nn.Module:
+    """One conv, kernel (1, 3), padding (0, 1), one class: taps (left, centre, right) per input channel."""
+    conv = nn.Conv2d(3, 1, kernel_size=(1, 3), padding=(0, 1), bias=True)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 0] = torch.tensor([3.0, 1.0, 0.0])  # channel 0: positive taps
+        conv.weight[0, 1, 0] = torch.tensor([0.0, -5.0, 0.0])  # channel 1: negative centre tap only
+        conv.bias.fill_(0.7)  # the rule ignores the bias
+    return conv
+
+
+def _hand_image() -> Tensor:
+    """(1, 3, 1, 2): channel 0 = [1, 3], channel 1 = [0, 0], channel 2 = [-1, -1] (sets m = -1, weight 0)."""
+    return torch.tensor([[[[1.0, 3.0]], [[0.0, 0.0]], [[-1.0, -1.0]]]])
+
+
+def test_probability_rule_matches_a_hand_computation() -> None:
+    """Peak at the right pixel. m = -1, so x - m = [2, 4] on channel 0 and 0 elsewhere.
+
+    Its taps: left = pixel 0, centre = pixel 1, right = zero padding. Z = 3*2 + 1*4 = 10 (channel 1's weight
+    is negative: W+ = 0). grad = (x - m) * W+ / Z: pixel 0: 2*3/10 = 0.6, pixel 1: 4*1/10 = 0.4, so the PRM
+    is [1, 2/3].
+    """
+    model, images = _hand_model(), _hand_image()
+    peaks = torch.tensor([[0, 0, 0, 1]])
+    expected = torch.tensor([[[1.0, 2.0 / 3.0]]])
+    for fn in (peak_response_maps, peak_response_maps_looped):
+        torch.testing.assert_close(fn(model, images, peaks, mode="probability"), expected)
+    # The raw gradient, before normalisation, through the public context manager.
+    x = images.clone().requires_grad_(True)
+    with peak_backprop(model, "probability"):
+        model(x)[0, 0, 0, 1].backward()
+    torch.testing.assert_close(x.grad.sum(dim=1), torch.tensor([[[0.6, 0.4]]]))
+
+
+def test_gradient_mode_matches_a_hand_computation() -> None:
+    """The plain gradient of the right pixel's output: channel 0 = [3, 1], channel 1 = [0, -5], so the RGB sum
+    is [3, -4], clamped [3, 0], normalised [1, 0]."""
+    model, images = _hand_model(), _hand_image()
+    peaks = torch.tensor([[0, 0, 0, 1]])
+    for fn in (peak_response_maps, peak_response_maps_looped):
+        torch.testing.assert_close(fn(model, images, peaks, mode="gradient"), torch.tensor([[[1.0, 0.0]]]))
+
+
+def test_probability_rule_conserves_the_seed_through_a_conv_stack() -> None:
+    """Without ReLU, BN or bias terms in the way, each conv's rule redistributes its upstream gradient exactly
+    (sum over its inputs of (x - m) W+ / Z = 1), so the whole input gradient sums to the seed, 1."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 3, stride=2, padding=1), nn.Conv2d(5, 2, 1)
+    )
+    x = torch.randn(1, 3, 9, 9, requires_grad=True)
+    with peak_backprop(model, "probability"):
+        model(x)[0, 1, 2, 3].backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad.sum(), torch.tensor(1.0))
+
+
+def test_gradient_mode_is_the_plain_input_gradient() -> None:
+    model = _crm_model()
+    images = torch.randn(2, 3, 32, 32)
+    peaks = torch.tensor([[0, 1, 3, 1], [1, 2, 0, 3], [1, 0, 5, 6]])
+    prms = peak_response_maps(model, images, peaks, sub_pixel_factor=2, mode="gradient", chunk_size=4)
+    model.eval()
+    for k, (b, c, y, x) in enumerate(peaks.tolist()):
+        img = images[b : b + 1].clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(upsample_crm(model(img), 2)[0, c, y, x], img)
+        raw = grad[0].sum(0).clamp_min(0)
+        torch.testing.assert_close(prms[k], raw / raw.max(), atol=1e-5, rtol=0)
+
+
+def test_an_all_zero_map_stays_zero() -> None:
+    model = nn.Conv2d(3, 2, 3, padding=1)
+    with torch.no_grad():
+        model.weight.zero_()
+    peaks = torch.tensor([[0, 0, 1, 1], [0, 1, 2, 2]])
+    for mode in MODES:
+        prms = peak_response_maps(model, torch.randn(1, 3, 4, 4), peaks, mode=mode)
+        assert torch.equal(prms, torch.zeros(2, 4, 4))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batched == looped
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk_size", [1, 3, None, 64])
+def test_batched_equals_looped_on_the_tiny_backbone(mode: str, chunk_size: int | None) -> None:
+    """Several peaks on 2 images, unevenly spread (4 + 1: two forward groups), sub-pixel factor 2."""
+    model = _crm_model()
+    images = torch.randn(2, 3, 48, 48)
+    peaks = torch.tensor([[0, 0, 1, 2], [1, 2, 11, 0], [0, 2, 7, 7], [0, 0, 1, 2], [0, 1, 0, 11]])
+    batched = peak_response_maps(model, images, peaks, sub_pixel_factor=2, mode=mode, chunk_size=chunk_size)
+    looped = peak_response_maps_looped(model, images, peaks, sub_pixel_factor=2, mode=mode)
+    assert batched.shape == (5, 48, 48)
+    assert _max_diff(batched, looped) < 1e-5
+    assert torch.equal(batched[0], batched[3])  # the same peak twice gives the same map
+    assert torch.allclose(batched.amax(dim=(1, 2)), torch.ones(5))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("mode", MODES)
+def test_batched_equals_looped_on_unusual_convolutions(mode: str) -> None:
+    """Asymmetric 'same' padding, reflect padding, dilation, groups and a stride that drops a row."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 2, padding="same"),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, padding_mode="reflect", groups=3),
+        nn.BatchNorm2d(6),
+        nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 3, 1),
+    )
+    images = torch.randn(2, 3, 13, 13)
+    peaks = torch.tensor([[0, 0, 0, 0], [0, 2, 6, 3], [1, 1, 4, 5], [1, 0, 6, 6]])
+    batched = peak_response_maps(model, images, peaks, mode=mode)
+    looped = peak_response_maps_looped(model, images, peaks, mode=mode)
+    assert _max_diff(batched, looped) < 1e-5
+
+
+def test_batched_works_under_inference_mode() -> None:
+    """A Lightning validation loop runs under inference mode, where autograd records nothing by default."""
+    model = _crm_model()
+    images = torch.randn(1, 3, 32, 32)
+    peaks = torch.tensor([[0, 1, 2, 2], [0, 0, 1, 3]])
+    expected = peak_response_maps(model, images, peaks)
+    with torch.inference_mode():
+        got = peak_response_maps(model, images.clone(), peaks)
+    assert _max_diff(got, expected) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["resnet50", "ran"])
+@pytest.mark.parametrize("mode", MODES)
+def test_batched_equals_looped_on_real_backbones(backbone: str, mode: str) -> None:
+    """RAN's plain gradient is the exception that needs one image per forward (chunk_size=1): a batch-2
+    forward differs from batch 1 in the last bits (CPU conv kernels), and that PRM moves by ~1e-3 when the
+    input moves by 1e-7 (its soft masks and max-pools have kinks), the looped reference's own PRM included."""
+    model = _crm_model(backbone, num_classes=4)
+    images = torch.randn(2, 3, 64, 64)
+    peaks = torch.tensor([[0, 0, 0, 1], [0, 3, 1, 1], [1, 2, 1, 0], [1, 1, 0, 0]])
+    chunk_size = 1 if (backbone, mode) == ("ran", "gradient") else 4
+    batched = peak_response_maps(model, images, peaks, mode=mode, chunk_size=chunk_size)
+    looped = peak_response_maps_looped(model, images, peaks, mode=mode)
+    assert _max_diff(batched, looped) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Scoped patching and side effects
+
+
+def _snapshot(model: nn.Module) -> tuple[Tensor, Tensor]:
+    """The model's output and input gradient for a fixed input, in its current mode."""
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    out = model(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    return out.detach(), grad
+
+
+def _assert_unpatched(model: nn.Module) -> None:
+    for module in model.modules():
+        assert "_conv_forward" not in module.__dict__ and "forward" not in module.__dict__
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_patching_is_undone_after_an_exception(mode: str) -> None:
+    model = _crm_model()
+    model.train()
+    model[0].body[1].eval()  # mixed flags must come back one by one
+    flags = [m.training for m in model.modules()]
+    model.eval()
+    before = _snapshot(model)
+    model.train()
+    model[0].body[1].eval()
+
+    with pytest.raises(RuntimeError, match="boom"), peak_backprop(model, mode):
+        assert not any(m.training for m in model.modules())
+        if mode == "probability":
+            assert all("_conv_forward" in m.__dict__ for m in model.modules() if isinstance(m, nn.Conv2d))
+        raise RuntimeError("boom")
+
+    _assert_unpatched(model)
+    assert [m.training for m in model.modules()] == flags
+    model.eval()
+    after = _snapshot(model)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_patching_is_undone_when_the_batched_path_fails() -> None:
+    model = _crm_model()
+    model.train()
+    peaks = torch.tensor([[0, 9, 0, 0]])  # class 9 of 3: found only after the forward, inside the patch
+    for fn in (peak_response_maps, peak_response_maps_looped):
+        with pytest.raises(ValueError, match="outside"):
+            fn(model, torch.randn(1, 3, 32, 32), peaks)
+        _assert_unpatched(model)
+        assert all(m.training for m in model.modules())
+
+
+def test_the_forward_is_unchanged_inside_the_context() -> None:
+    model = _crm_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        with peak_backprop(model, "probability"):
+            patched = model(x)
+    assert torch.equal(plain, patched)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_batched_path_computes_no_weight_gradient(mode: str) -> None:
+    """Gradient hooks on every parameter fire whenever autograd computes that parameter's gradient."""
+    model = _crm_model()
+    fired: list[str] = []
+    handles = [p.register_hook(lambda g, n=name: fired.append(n)) for name, p in model.named_parameters()]
+    images = torch.randn(2, 3, 32, 32)
+    peaks = torch.tensor([[0, 0, 1, 1], [1, 2, 3, 0]])
+    peak_response_maps(model, images, peaks, mode=mode)
+    assert fired == []
+    assert all(p.grad is None for p in model.parameters())
+    # The official loop does compute them (BN's at least, every conv's in gradient mode), and puts .grad back.
+    peak_response_maps_looped(model, images, peaks, mode=mode)
+    assert fired
+    assert all(p.grad is None for p in model.parameters())
+    for h in handles:
+        h.remove()
+
+
+def test_bad_arguments() -> None:
+    model = _crm_model()
+    images = torch.randn(1, 3, 32, 32)
+    assert peak_response_maps(model, images, torch.zeros(0, 4, dtype=torch.long)).shape == (0, 32, 32)
+    with pytest.raises(ConfigError, match="prm.mode"):
+        peak_response_maps(model, images, torch.zeros(0, 4, dtype=torch.long), mode="excitation")
+    with pytest.raises(ValueError, match="batch indices"):
+        peak_response_maps(model, images, torch.tensor([[1, 0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"\(K, 4\)"):
+        peak_response_maps(model, images, torch.tensor([[0, 0, 0]]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        peak_response_maps(model, images, torch.tensor([[0, 0, 0, 0]]), chunk_size=0)

@@ -1,0 +1,195 @@
+"""`python -m ranprm.bench prm`: batched vs looped peak backpropagation, per backbone, mode and peak count.
+
+One JSON line per (backbone, mode, peaks):
+
+    {"case": "prm", "backbone": "resnet50", "mode": "probability", "peaks": 16, "size": 448, "device": "cpu",
+     "loop_s": ..., "batched_s": ..., "speedup": ..., "max_abs_diff": ..., ...}
+
+What is measured, on one image of `--size` pixels and a CRM model built from the registry (backbone + 1x1
+class conv, random weights: the cost does not depend on them):
+- `loop_s`: `peak_response_maps_looped`, PRM's official procedure (one forward, one `.backward()` per peak,
+  weights requiring grad);
+- `batched_s`: `peak_response_maps` (one forward, vmap-ed backward w.r.t. the image only), with `--chunk-size`
+  (default: `default_chunk_size(device)`);
+- both include their forward; each is the median of `--repeats` runs after one untimed warm-up of each path;
+- `max_abs_diff`: the largest difference between the two paths' PRMs (values in [0, 1]).
+Peaks are distinct random (class, y, x) cells of the CRM, the same for both paths. A backbone that is not
+registered is skipped with a warning line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ranprm.bench.backbones import _machine
+
+MODES = ("probability", "gradient")
+_QUICK_DEFAULTS = {"backbones": "tiny", "peaks": "1,4", "size": 64, "repeats": 1}
+_FULL_DEFAULTS = {"backbones": "resnet50,ran", "peaks": "1,4,16,64", "size": 448, "repeats": 3}
+
+
+def _int_list(text: str, option: str, parser: argparse.ArgumentParser) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"{option}={text!r}: give comma-separated integers, e.g. 1,4,16")
+    if not values or min(values) < 1:
+        parser.error(f"{option}={text!r}: give at least one value, all >= 1")
+    return values
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ranprm.bench prm",
+        description="Batched vs looped peak backpropagation (PRM), one JSON line a case.",
+    )
+    parser.add_argument("--backbones", default=None, help="comma-separated registry names (resnet50,ran)")
+    parser.add_argument("--peaks", default=None, help="comma-separated peak counts (default 1,4,16,64)")
+    parser.add_argument("--size", type=int, default=None, help="square image side (default 448)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: probability,gradient")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per path; median kept (3)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="peaks per vectorised backward")
+    parser.add_argument("--classes", type=int, default=20, help="CRM channels (VOC: 20)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last input for both paths")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny backbone, 64 px, 1 and 4 peaks")
+    args = parser.parse_args(argv)
+
+    defaults = _QUICK_DEFAULTS if args.quick else _FULL_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.peaks = _int_list(str(args.peaks), "--peaks", parser)
+    args.backbones = [b.strip() for b in str(args.backbones).split(",") if b.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.backbones:
+        parser.error("give at least one backbone")
+    if not args.modes or any(m not in MODES for m in args.modes):
+        parser.error(f"--modes={','.join(args.modes)!r}: choose from {','.join(MODES)}")
+    if args.size < 32 or args.repeats < 1 or args.classes < 1:
+        parser.error("--size must be >= 32, --repeats and --classes >= 1")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        parser.error("--chunk-size must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here; use --device cpu")
+    return args
+
+
+def _random_peaks(k: int, grid: tuple[int, int, int], generator: torch.Generator) -> Tensor:
+    """(k, 4) `[0, class, y, x]`: distinct cells of a (C, h, w) grid while there are enough of them."""
+    c, h, w = grid
+    cells = c * h * w
+    flat = (
+        torch.randperm(cells, generator=generator)[:k]
+        if k <= cells
+        else torch.randint(cells, (k,), generator=generator)
+    )
+    cls, rest = flat // (h * w), flat % (h * w)
+    return torch.stack([torch.zeros_like(flat), cls, rest // w, rest % w], dim=1)
+
+
+def _timed(fn: Callable[[], Tensor], repeats: int, device: torch.device) -> tuple[float, Tensor]:
+    """Median seconds of `repeats` calls (after the caller's warm-up) and the last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    assert result is not None
+    return statistics.median(times), result
+
+
+def run_backbone(backbone: str, args: argparse.Namespace, machine: str) -> list[dict[str, Any]]:
+    """All (mode, peaks) cases of one backbone; prints and returns their rows."""
+    from ranprm.models.registry import build_backbone
+    from ranprm.prm.backprop import default_chunk_size, peak_response_maps, peak_response_maps_looped
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    trunk = build_backbone(backbone)
+    model = nn.Sequential(trunk, nn.Conv2d(trunk.out_channels, args.classes, 1)).to(device)
+    images = torch.randn(1, 3, args.size, args.size, device=device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        crm_shape = tuple(model.eval()(images).shape[1:])
+    chunk = args.chunk_size if args.chunk_size is not None else default_chunk_size(device)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    rows = []
+    for mode in args.modes:
+        warm = _random_peaks(1, crm_shape, generator).to(device)  # first calls pay one-off set-up costs
+        peak_response_maps(model, images, warm, mode=mode, chunk_size=chunk)
+        peak_response_maps_looped(model, images, warm, mode=mode)
+        for k in args.peaks:
+            peaks = _random_peaks(k, crm_shape, generator).to(device)
+            loop_s, looped = _timed(
+                lambda p=peaks, m=mode: peak_response_maps_looped(model, images, p, mode=m),
+                args.repeats,
+                device,
+            )
+            batched_s, batched = _timed(
+                lambda p=peaks, m=mode: peak_response_maps(model, images, p, mode=m, chunk_size=chunk),
+                args.repeats,
+                device,
+            )
+            row = {
+                "case": "prm",
+                "backbone": backbone,
+                "mode": mode,
+                "peaks": k,
+                "size": args.size,
+                "device": args.device,
+                "machine": machine,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "chunk_size": chunk,
+                "channels_last": args.channels_last,
+                "repeats": args.repeats,
+                "loop_s": round(loop_s, 4),
+                "batched_s": round(batched_s, 4),
+                "speedup": round(loop_s / batched_s, 2),
+                "max_abs_diff": float((looped - batched).abs().max()),
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    args = _parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    import ranprm.models.backbones  # noqa: F401  (fills the registry)
+    from ranprm.models.registry import available_backbones
+
+    machine = _machine(args.device)
+    for backbone in args.backbones:
+        if backbone not in available_backbones():
+            print(
+                f"warning: backbone {backbone!r} is not registered; skipped (registered: "
+                f"{', '.join(available_backbones())})",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
+        run_backbone(backbone, args, machine)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

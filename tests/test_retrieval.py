@@ -58,9 +58,11 @@ def call(cfg, prms, peaks, labels, values, logits, crms, **kwargs) -> Instances:
     ("name", "cls"), [("proposals", ProposalRetrievalConfig), ("prm_only", PrmOnlyConfig)]
 )
 def test_yaml_files_hold_every_option_at_its_default(name, cls):
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    loaded = OmegaConf.load(CONF / f"{name}.yaml")
+    cfg = OmegaConf.to_container(loaded)
     assert cfg["name"] == name
     assert build_retrieval_config(cfg) == cls()
+    assert build_retrieval_config(loaded) == cls()  # a DictConfig works too
 
 
 def test_config_errors_name_the_option():

@@ -17,6 +17,7 @@ Background map (both methods)
     all proposals at once by separable max-pooling. Proposals covering >= max_area or < min_area of the image
     are skipped. Each term is one matmul over flattened masks, (K, HW) @ (HW, P). Each peak keeps its best
     proposal (the first on ties); a peak whose proposals are all skipped yields no instance.
+    Cost: ~0.75 s for ~600 proposals x 5 peaks at 500x375 on one CPU thread (memory-bound matmuls).
 
 `prm_only` (ours, proposal-free)
     1. Smooth the PRM with a Gaussian of sigma = smooth * min(H, W) pixels (PRMs are speckled at pixel
@@ -319,14 +320,14 @@ def instance_nms(
         hit = alive & suppress[i] & (later > i)
         alive &= ~hit
         owner[hit] = i
-    ordered_prms = prms[order].float()
-    merged = ordered_prms.clone()
-    absorbed = (~alive).nonzero(as_tuple=True)[0]
-    if len(absorbed):
-        contribution = ordered_prms[absorbed] * masks[order][absorbed]
-        merged.index_add_(0, owner[absorbed].to(merged.device), contribution)
-    kept = alive.nonzero(as_tuple=True)[0].to(scores.device)
-    merged = merged[kept]
+    # Merging as one matmul: merged = A @ C with A[i, j] = 1 when instance j ends in kept instance i (every
+    # kept instance owns itself), C_j = PRM_j for kept instances and PRM_j * mask_j for absorbed ones.
+    kept = alive.nonzero(as_tuple=True)[0]
+    assign = torch.zeros(len(kept), n)
+    assign[torch.searchsorted(kept, owner), torch.arange(n)] = 1.0
+    contribution = prms[order].reshape(n, -1).float() * torch.where(alive.to(flat.device)[:, None], 1.0, flat)
+    merged = (assign.to(flat.device) @ contribution).reshape(len(kept), *prms.shape[1:])
+    kept = kept.to(scores.device)
     merged = merged / merged.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     return order[kept], merged.clamp(0, 1)
 
@@ -525,7 +526,7 @@ def retrieve_instances(
     device = prms.device
     if len(prms) == 0:
         return Instances.empty((h, w), device=device)
-    labels = labels.long()
+    labels = labels.to(device=device, dtype=torch.long)
     bg = background_masks(crms.to(device), cfg.bg_factor)
     if isinstance(cfg, ProposalRetrievalConfig):
         if proposals is None:

@@ -22,7 +22,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise CheckpointError(f"ckpt={path}: cannot be read safely as a checkpoint ({reason})") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise CheckpointError(f"ckpt={path}: not a ranprm training checkpoint (no state_dict/hyper_parameters)")
+        raise CheckpointError(
+            f"ckpt={path}: not a ranprm training checkpoint (no state_dict/hyper_parameters)"
+        )
     return ckpt
 
 
@@ -47,7 +49,11 @@ def load_module(
     backbone_cfg = dict(hparams["backbone"])
     backbone_cfg["pretrained"] = False  # the checkpoint holds the weights; never download or read them again
     backbone_cfg.update(
-        {k: v for k, v in (backbone_overrides or {}).items() if k not in ("name", "pretrained") and v is not None}
+        {
+            k: v
+            for k, v in (backbone_overrides or {}).items()
+            if k not in ("name", "pretrained") and v is not None
+        }
     )
     hparams["backbone"] = backbone_cfg
     module = PRMModule(**hparams)
@@ -55,7 +61,9 @@ def load_module(
         missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     except RuntimeError as err:  # a size mismatch: same names, other widths or class count
         first = str(err).strip().splitlines()[-1].strip()[:200]
-        raise CheckpointError(f"ckpt={path}: weights do not fit backbone {backbone_cfg['name']!r} ({first})") from err
+        raise CheckpointError(
+            f"ckpt={path}: weights do not fit backbone {backbone_cfg['name']!r} ({first})"
+        ) from err
     if missing or unexpected:
         raise CheckpointError(
             f"ckpt={path}: weights do not fit backbone {backbone_cfg['name']!r} ({len(missing)} missing, "

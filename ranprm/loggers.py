@@ -27,9 +27,15 @@ def wandb_has_credentials() -> bool:
 
 
 def _wandb_logger(cfg: dict[str, Any], save_dir: Path, run_config: dict[str, Any] | None) -> Logger:
-    mode = cfg.get("mode") or os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
+    mode = (
+        cfg.get("mode")
+        or os.environ.get("WANDB_MODE")
+        or ("online" if wandb_has_credentials() else "offline")
+    )
     if mode == "offline":
-        log.info("W&B: no API key configured, logging offline to %s (upload later with `wandb sync`)", save_dir)
+        log.info(
+            "W&B: no API key configured, logging offline to %s (upload later with `wandb sync`)", save_dir
+        )
     wandb_logger = WandbLogger(
         project=cfg.get("project", "ranprm"),
         entity=cfg.get("entity"),
@@ -43,7 +49,9 @@ def _wandb_logger(cfg: dict[str, Any], save_dir: Path, run_config: dict[str, Any
     return wandb_logger
 
 
-def build_logger(cfg: dict[str, Any], save_dir: Path, run_config: dict[str, Any] | None = None) -> Logger | None:
+def build_logger(
+    cfg: dict[str, Any], save_dir: Path, run_config: dict[str, Any] | None = None
+) -> Logger | None:
     """The configured logger; when W&B cannot start, a warning and a CSV logger instead, never a dead run."""
     name = cfg.get("name", "none")
     if name == "none":
@@ -56,6 +64,11 @@ def build_logger(cfg: dict[str, Any], save_dir: Path, run_config: dict[str, Any]
         try:
             return _wandb_logger(cfg, save_dir, run_config)
         except Exception as err:  # any W&B failure (network, auth, service) must not cost the run
-            log.warning("W&B could not start (%s: %s); logging to CSV in %s instead", type(err).__name__, err, save_dir)
+            log.warning(
+                "W&B could not start (%s: %s); logging to CSV in %s instead",
+                type(err).__name__,
+                err,
+                save_dir,
+            )
             return CSVLogger(save_dir=str(save_dir), name="csv", version="")
     raise ConfigError(f"logger.name={name!r} is unknown; choose wandb, csv, tensorboard or none")

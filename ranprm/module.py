@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MultilabelAveragePrecision
 
 from ranprm.errors import ConfigError, RanprmError
+from ranprm.eval import GroundTruth, InstanceEvaluator, Peaks, scalar_metrics
+from ranprm.inference import ImagePrediction, InferenceConfig, predict_batch
 from ranprm.models.prm_net import PRMNet
 from ranprm.prm.peaks import class_scores
 
@@ -41,6 +43,9 @@ class PRMModule(L.LightningModule):
         self.model = PRMNet.from_config(backbone, len(class_names))
         self.loss_fn = nn.MultiLabelSoftMarginLoss()
         self.val_cls_map = MultilabelAveragePrecision(num_labels=len(class_names), average="macro")
+        self.instance_evaluator = InstanceEvaluator(self.class_names)
+        self.last_instance_metrics: dict[str, Any] = {}
+        self._instance_images_seen = 0
 
     def forward(self, images: Tensor) -> Tensor:
         """Class response maps (B, C, h, w)."""
@@ -55,6 +60,19 @@ class PRMModule(L.LightningModule):
             peak_filter=head["peak_filter"],
             sub_pixel_factor=head["sub_pixel_factor"],
             full_peak_gradient=head["full_peak_gradient"],
+        )
+
+    def inference_config(self) -> InferenceConfig:
+        hp = self.hparams
+        return InferenceConfig.from_config(hp.threshold, hp.head, hp.prm, hp.retrieval)
+
+    def predict_images(
+        self, images: Tensor, orig_sizes: list[tuple[int, int]], raw_images: list[Any] | None = None
+    ) -> list[ImagePrediction]:
+        """Instances at the original sizes for network inputs `images (B, 3, S, S)`; see `ranprm.inference`."""
+        self.eval()
+        return predict_batch(
+            self.model, images, orig_sizes, self.inference_config(), self.class_logits, raw_images
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
@@ -78,10 +96,47 @@ class PRMModule(L.LightningModule):
         logits = self.class_logits(self(batch["image"]))
         self.log("val/loss", self.loss_fn(logits, batch["labels"]), prog_bar=True, batch_size=len(logits))
         self.val_cls_map.update(torch.sigmoid(logits), batch["labels"].long())
+        if self._instance_eval_this_epoch():
+            self._update_instance_metrics(batch)
+
+    def _instance_eval_this_epoch(self) -> bool:
+        """Instance metrics cost a PRM backward per peak: every `eval.every_n_epochs`, default the last epoch."""
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            return False
+        every = (self.hparams.eval or {}).get("every_n_epochs")
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        return last or bool(every and epoch % int(every) == 0)
+
+    def _update_instance_metrics(self, batch: dict[str, Any]) -> None:
+        cap = (self.hparams.eval or {}).get("max_images")
+        keep = [i for i, t in enumerate(batch["targets"]) if t is not None]
+        if cap is not None:
+            keep = keep[: max(0, int(cap) - self._instance_images_seen)]
+        if not keep:
+            return
+        self._instance_images_seen += len(keep)
+        predictions = self.predict_images(
+            batch["image"][keep], [batch["orig_size"][i] for i in keep], [batch["raw_image"][i] for i in keep]
+        )
+        self.instance_evaluator.update(
+            [p.instances for p in predictions],
+            [GroundTruth(batch["image_id"][i], t.masks, t.labels, t.void) for i, t in
+             ((i, batch["targets"][i]) for i in keep)],
+            peaks=[Peaks(yx=p.peaks[:, 1:], labels=p.peaks[:, 0].long()) for p in predictions],
+        )  # fmt: skip
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/cls_map", self.val_cls_map.compute(), prog_bar=True)
         self.val_cls_map.reset()
+        if self._instance_images_seen:
+            self.last_instance_metrics = self.instance_evaluator.compute()
+            for key, value in scalar_metrics(self.last_instance_metrics).items():
+                if key.startswith(("map_r", "abo", "pointing")):
+                    self.log(f"val/{key}", float(value))
+        self.instance_evaluator.reset()
+        self._instance_images_seen = 0
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         cfg = dict(self.hparams.optimizer)

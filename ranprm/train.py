@@ -14,7 +14,13 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+    TQDMProgressBar,
+)
 from omegaconf import DictConfig, OmegaConf
 
 from ranprm.config import config_dir, report_user_errors
@@ -23,6 +29,7 @@ from ranprm.errors import ConfigError
 from ranprm.io_utils import write_json_atomic
 from ranprm.loggers import build_logger
 from ranprm.module import PRMModule
+from ranprm.viz.callback import PanelCallback
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,17 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
         raise ConfigError(f"callbacks.progress_bar={bar!r} is unknown; choose rich, tqdm or none")
     if has_logger:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    panels = cfg.callbacks.get("panels")
+    if panels is not None and panels.num_images > 0:
+        callbacks.append(
+            PanelCallback(
+                num_images=panels.num_images,
+                every_n_epochs=panels.every_n_epochs,
+                max_prms=panels.max_prms,
+                tile_size=panels.tile_size,
+                output_dir=run_dir,
+            )
+        )
     return callbacks
 
 
@@ -75,7 +93,9 @@ def train(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = VOCDataModule(DataConfig.from_config(_plain(cfg.data)))
-    datamodule.setup("fit")  # reads every label now: a bad annotation stops the run before anything is written
+    datamodule.setup(
+        "fit"
+    )  # reads every label now: a bad annotation stops the run before anything is written
     module = build_module(cfg, datamodule.class_names)
     logger = build_logger(_plain(cfg.logger), run_dir, run_config=_plain(cfg))
     trainer = L.Trainer(
@@ -92,6 +112,7 @@ def train(cfg: DictConfig) -> float | None:
     checkpoint = trainer.checkpoint_callback
     summary = {
         "metrics": metrics,
+        "instance_metrics": module.last_instance_metrics,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,

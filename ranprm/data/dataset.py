@@ -69,6 +69,8 @@ class VOCDataset(Dataset[Sample | None]):
         if self.with_instances:
             targets = read_instance_masks(self.root, image_id, orig_size)
         return {
+            # the original pixels, for proposal-based retrieval and panels (evaluation samples only)
+            "raw_image": image.permute(1, 2, 0).numpy() if self.with_instances else None,
             "image": self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor),
             "labels": self.labels[index],
             "image_id": image_id,
@@ -85,6 +87,6 @@ def collate(samples: list[Sample | None]) -> dict[str, Any]:
         return batch
     batch["image"] = torch.stack([s["image"] for s in kept])
     batch["labels"] = torch.stack([s["labels"] for s in kept])
-    for key in ("image_id", "orig_size", "targets"):
+    for key in ("image_id", "orig_size", "targets", "raw_image"):
         batch[key] = [s[key] for s in kept]
     return batch

@@ -23,7 +23,7 @@ Ids are `train_00000`, ... and `val_00000`, ...; each image's random stream is s
 What an image holds:
 - a cluttered background: a colour gradient, low- and mid-frequency colour noise, random lines and
   translucent blobs, then up to `max_distractors` opaque distractor shapes of no class (elongated ellipses,
-  bars, irregular blobs, crescents), half of them painted with one of the class textures so that texture
+  bars, irregular blobs, crescents), a share `distractor_class_texture_prob` of them painted with one of the class textures so that texture
   alone does not name a class;
 - 1 to `max_instances` objects, each with a random scale, aspect, rotation, position and two random colours.
   A class is a shape *and* a texture (CLASS_TEXTURES); colour carries no information. Classes are drawn
@@ -107,6 +107,8 @@ class SyntheticSpec:
     size_jitter: float = 0.15  # width, height in [S(1 - j), S(1 + j)]
     object_scale: tuple[float, float] = (0.13, 0.28)  # object radius as a fraction of min(width, height)
     max_distractors: int = 3
+    # Share of distractors painted with a class texture, so that texture alone does not name a class.
+    distractor_class_texture_prob: float = 0.5
     void_width: int = 2  # total width of the 255 band across a boundary (even: half inside, half outside)
     min_visible_fraction: float = 0.25  # below this an occluded object is dropped from the image
     difficult_visible_fraction: float = 0.5  # below this a kept object is marked difficult
@@ -125,6 +127,10 @@ class SyntheticSpec:
                 "object_scale must be (low, high) with 0.02 <= low <= high <= 0.45",
             ),
             (self.max_distractors >= 0, "max_distractors must be >= 0"),
+            (
+                0.0 <= self.distractor_class_texture_prob <= 1.0,
+                "distractor_class_texture_prob must lie in [0, 1]",
+            ),
             (self.void_width >= 0 and self.void_width % 2 == 0, "void_width must be an even number >= 0"),
             (
                 0.0 < self.min_visible_fraction <= self.difficult_visible_fraction <= 1.0,
@@ -442,7 +448,7 @@ def render_sample(spec: SyntheticSpec, split: str, index: int) -> SyntheticSampl
         textures = list(CLASS_TEXTURES.values())
         texture = (
             textures[int(rng.integers(len(textures)))]
-            if rng.random() < 0.5
+            if rng.random() < spec.distractor_class_texture_prob
             else ["flat", "noise"][int(rng.integers(2))]
         )
         _paint(image, mask, place, texture, rng)

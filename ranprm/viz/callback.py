@@ -1,0 +1,108 @@
+"""The Lightning callback that renders CRM/PRM panels after each validation epoch.
+
+Panels go to `<run>/panels/epoch_NNN/<image_id>.png` whatever the logger, and to W&B through
+`WandbLogger.log_image` when that is the logger. Rendering is `ranprm.viz.panels`; this file only picks the
+images, runs inference and hands the results over. A logging failure is a warning, never a dead run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+from ranprm.data.dataset import collate
+from ranprm.data.voc import read_image
+from ranprm.viz.panels import PanelInputs, panel_caption, render_panel, save_png
+
+log = logging.getLogger(__name__)
+
+
+class PanelCallback(Callback):
+    """After each validation epoch (not the sanity check, rank zero only), render `num_images` fixed images."""
+
+    def __init__(
+        self,
+        num_images: int = 8,
+        every_n_epochs: int = 1,
+        max_prms: int = 8,
+        tile_size: int | None = None,
+        output_dir: str | Path | None = None,
+    ) -> None:
+        self.num_images = num_images
+        self.every_n_epochs = max(1, every_n_epochs)
+        self.max_prms = max_prms
+        self.tile_size = tile_size
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+
+    def _should_render(self, trainer: L.Trainer) -> bool:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.num_images <= 0:
+            return False
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last_epoch
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_render(trainer):
+            return
+        dataset = getattr(trainer.datamodule, "val_set", None) if trainer.datamodule is not None else None
+        if dataset is None or len(dataset) == 0:
+            return
+        # The first images of the validation split: the same ones every epoch, so the maps can be compared.
+        samples = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+        batch = collate(samples)
+        if "image" not in batch:
+            return
+        panels, captions = self.render(pl_module, dataset, batch)
+        out_dir = (
+            (self.output_dir or Path(trainer.default_root_dir))
+            / "panels"
+            / f"epoch_{trainer.current_epoch:03d}"
+        )
+        for image_id, panel in zip(batch["image_id"], panels, strict=True):
+            save_png(out_dir / f"{image_id}.png", panel)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                try:
+                    logger.log_image(
+                        key="val/panels", images=panels, step=trainer.global_step, caption=captions
+                    )
+                except Exception as err:  # W&B must never cost the run
+                    log.warning("could not log panels to W&B (%s: %s); the PNGs are in %s", type(err).__name__,
+                                err, out_dir)  # fmt: skip
+
+    def render(self, pl_module: Any, dataset: Any, batch: dict[str, Any]) -> tuple[list[Any], list[str]]:
+        """Panels (H', W', 3) uint8 and captions for a collated batch of validation samples."""
+        images = batch["image"].to(pl_module.device)
+        raw = [read_image(dataset.root / "JPEGImages" / f"{i}.jpg") for i in batch["image_id"]]
+        was_training = pl_module.training
+        try:
+            predictions = pl_module.predict_images(
+                images, batch["orig_size"], [r.permute(1, 2, 0).numpy() for r in raw]
+            )
+            with torch.no_grad():
+                _, attention = pl_module.model.forward_with_attention(images)
+        finally:
+            pl_module.train(was_training)
+        panels, captions = [], []
+        for b, (pred, image) in enumerate(zip(predictions, raw, strict=True)):
+            targets = batch["targets"][b]
+            inputs = PanelInputs(
+                image=image.float() / 255.0,
+                class_names=pl_module.class_names,
+                crms=pred.crms,
+                valid_classes=pred.valid_classes,
+                peaks=pred.peaks,
+                instances=pred.instances,
+                gt_masks=targets.masks if targets is not None else None,
+                gt_labels=targets.labels if targets is not None else None,
+                attention=[a[b].detach().float().cpu() for a in attention] or None,
+                class_scores=pred.class_logits,
+            )
+            panels.append(render_panel(inputs, max_prms=self.max_prms, tile_size=self.tile_size))
+            captions.append(panel_caption(inputs, image_id=batch["image_id"][b]))
+        return panels, captions

@@ -17,8 +17,12 @@ CASES: dict[str, str] = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["all"]:  # `make bench`: every case with its default (real-size) settings
+        for case in CASES.values():
+            importlib.import_module(case).main(argv[1:])
+        return
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in CASES:
         known = ", ".join(sorted(CASES))
-        print(f"usage: python -m ranprm.bench CASE [options]   (CASE: {known}; CASE --help for its options)")
+        print(f"usage: python -m ranprm.bench CASE [options]   (CASE: all, {known}; CASE --help for its options)")
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     importlib.import_module(CASES[argv[0]]).main(argv[1:])

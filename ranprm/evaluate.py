@@ -1,0 +1,151 @@
+"""`python -m ranprm.evaluate (ckpt=PATH | predictions=FILE) [data=...]` (also `ranprm-evaluate`).
+
+Scores instances on the data's validation split (VOC: `ImageSets/Segmentation/val.txt`; the synthetic data's
+own): mAP^r at IoU 0.25/0.5/0.75, ABO, and, where a model ran, pointing accuracy and classification mAP.
+
+- `ckpt=PATH` runs the model (its threshold/retrieval/prm settings unless given here, as in `ranprm-predict`;
+  network input side `data.image_size`).
+- `predictions=FILE` scores a COCO-style results file as `ranprm-predict` writes it; no model runs. Pointing is
+  reported only when the entries carry a `peak`.
+
+Writes `metrics.json` and `per_class.md` into `output` (default: the Hydra run folder) and prints a summary.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, UnidentifiedImageError
+
+from ranprm.checkpoint import load_module
+from ranprm.config import config_dir, report_user_errors
+from ranprm.data.datamodule import DataConfig, VOCDataModule
+from ranprm.data.voc import read_instance_masks
+from ranprm.errors import ConfigError, DataError
+from ranprm.eval import GroundTruth, InstanceEvaluator, Peaks, per_class_table, read_results, summary
+from ranprm.io_utils import write_json_atomic, write_text_atomic
+from ranprm.predict import apply_inference_overrides, resolve_device
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def _cap(ids: list[str], max_images: Any) -> list[str]:
+    if max_images is None:
+        return ids
+    if int(max_images) < 1:
+        raise ConfigError(f"eval.max_images={max_images} must be at least 1 (or null for the whole split)")
+    return ids[: int(max_images)]
+
+
+def image_size_of(path: Path) -> tuple[int, int]:
+    """(H, W) of an image from its header only."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except FileNotFoundError as err:
+        raise DataError(f"image {path} does not exist") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"image {path} is unreadable ({err})") from err
+    return int(h), int(w)
+
+
+def _evaluate_checkpoint(cfg: DictConfig, datamodule: VOCDataModule, evaluator: InstanceEvaluator) -> dict[str, Any]:
+    module = load_module(cfg.ckpt, datamodule.class_names, _plain(cfg.backbone_overrides))
+    settings = apply_inference_overrides(module, cfg)
+    module = module.to(resolve_device(str(cfg.device)))
+    _, val_ids = datamodule.split_ids()
+    # Only the evaluated images are read (setup() would read every training annotation too).
+    datamodule.val_set = datamodule._dataset(_cap(val_ids, cfg.eval.max_images), train=False)
+    skipped = 0
+    for batch in datamodule.val_dataloader():
+        skipped += batch["skipped"]
+        if "image" not in batch:
+            continue
+        keep = [i for i, t in enumerate(batch["targets"]) if t is not None]
+        skipped += len(batch["targets"]) - len(keep)
+        if not keep:
+            continue
+        predictions = module.predict_images(
+            batch["image"][keep].to(module.device),
+            [batch["orig_size"][i] for i in keep],
+            [batch["raw_image"][i] for i in keep],
+        )
+        targets = [batch["targets"][i] for i in keep]
+        evaluator.update(
+            [p.instances for p in predictions],
+            [GroundTruth(batch["image_id"][i], t.masks, t.labels, t.void) for i, t in zip(keep, targets, strict=True)],
+            peaks=[Peaks(yx=p.peaks[:, 1:], labels=p.peaks[:, 0].long()) for p in predictions],
+            class_scores=torch.stack([p.class_logits for p in predictions]),
+            class_targets=batch["labels"][keep],
+        )  # fmt: skip
+    return {"mode": "ckpt", "ckpt": str(cfg.ckpt), "skipped_images": skipped, **settings}
+
+
+def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluator: InstanceEvaluator) -> dict[str, Any]:
+    root = datamodule.root
+    _, val_ids = datamodule.split_ids()
+    ids = _cap(val_ids, cfg.eval.max_images)
+    sizes = {i: image_size_of(root / "JPEGImages" / f"{i}.jpg") for i in ids}
+    results = read_results(Path(cfg.predictions).expanduser(), datamodule.class_names, sizes)
+    skipped = 0
+    for image_id, entries in results.items():
+        targets = read_instance_masks(root, image_id, sizes[image_id])
+        if targets is None:
+            skipped += 1
+            continue
+        evaluator.update([entries.to_instances()], [GroundTruth(image_id, targets.masks, targets.labels, targets.void)])
+    return {"mode": "predictions", "predictions": str(cfg.predictions), "skipped_images": skipped}
+
+
+def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate, write `metrics.json` and `per_class.md` into `output` (else `cfg.output`), return the metrics."""
+    started = time.perf_counter()
+    if (cfg.get("ckpt") is None) == (cfg.get("predictions") is None):
+        raise ConfigError(
+            "give exactly one of ckpt=PATH (run a model) and predictions=FILE (score a results file)"
+            + ("; both were given" if cfg.get("ckpt") is not None else "")
+        )
+    out_dir = Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output={str(out_dir)!r} is a file; give a folder")
+    data_cfg = dict(_plain(cfg.data))
+    if cfg.get("predictions") is not None:
+        data_cfg["num_workers"] = 0
+    datamodule = VOCDataModule(DataConfig.from_config(data_cfg))
+    evaluator = InstanceEvaluator(
+        datamodule.class_names, pointing_tolerance=int(cfg.eval.get("pointing_tolerance") or 0)
+    )
+    if cfg.get("ckpt") is not None:
+        info = _evaluate_checkpoint(cfg, datamodule, evaluator)
+    else:
+        info = _evaluate_predictions(cfg, datamodule, evaluator)
+    metrics = evaluator.compute()
+    record = {
+        **metrics,
+        **info,
+        "data": datamodule.cfg.name,
+        "split": f"{datamodule.cfg.val_task}/{datamodule.cfg.val_split}",
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    write_json_atomic(out_dir / "metrics.json", record)
+    write_text_atomic(out_dir / "per_class.md", per_class_table(metrics))
+    print(summary(metrics))
+    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'per_class.md'}")
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

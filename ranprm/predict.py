@@ -1,0 +1,195 @@
+"""`python -m ranprm.predict ckpt=PATH input=FILE_OR_DIR output=DIR` (also `ranprm-predict`): instances for images.
+
+For every image it writes `output/<stem>.png`, the image with its instances coloured, peaks marked, class names
+and scores; and one `output/predictions.json` for the whole input, in the COCO results style that
+`ranprm-evaluate predictions=FILE` reads (see `ranprm.eval.results_io`).
+
+Inference settings: the checkpoint's threshold, retrieval and prm settings are used unless the command line gives
+them. `threshold=<option>` / `retrieval=<option>` replace the checkpoint's whole group; `prm.<key>=<value>`
+replaces that one key. Network input side: `image_size`, else the checkpoint's training size, else 448.
+
+Nothing a user made is lost: an existing predictions.json or overlay is replaced only with `overwrite=true`, and
+an input image is never written over.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import cv2
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ranprm.checkpoint import load_module, read_checkpoint
+from ranprm.config import config_dir, report_user_errors
+from ranprm.data.transforms import build_transform
+from ranprm.data.voc import read_image
+from ranprm.errors import ConfigError, DataError
+from ranprm.eval.results_io import instances_to_results, write_results
+from ranprm.io_utils import write_bytes_atomic
+from ranprm.module import PRMModule
+from ranprm.viz.overlay import render_overlay
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+DEFAULT_IMAGE_SIZE = 448
+PREDICTIONS_FILE = "predictions.json"
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r}: no CUDA device is available; use device=cpu or device=auto")
+    return device
+
+
+def apply_inference_overrides(module: PRMModule, cfg: DictConfig) -> dict[str, Any]:
+    """Replace the checkpoint's inference settings by those the command line gives; returns the settings used.
+
+    `cfg.threshold` / `cfg.retrieval` (a chosen config group) replace the whole group; each non-null key of
+    `cfg.prm` replaces that key of the checkpoint's prm settings.
+    """
+    hp = module.hparams
+    for group in ("threshold", "retrieval"):
+        chosen = cfg.get(group)
+        if chosen is not None:
+            hp[group] = _plain(chosen)
+        elif hp.get(group) is None:
+            raise ConfigError(f"ckpt has no {group} settings; choose one, e.g. {group}=<option>")
+    prm = dict(hp.get("prm") or {})
+    prm.update({k: v for k, v in (_plain(cfg.get("prm")) or {}).items() if v is not None})
+    hp["prm"] = prm
+    module.inference_config()  # a bad combination fails here, before any image is read
+    return {"threshold": dict(hp["threshold"]), "retrieval": dict(hp["retrieval"]), "prm": prm}
+
+
+def checkpoint_image_size(ckpt: dict[str, Any]) -> int | None:
+    """The training input side recorded in a checkpoint, or None when it records none."""
+    hparams = ckpt.get("hyper_parameters") or {}
+    candidates = [
+        (ckpt.get("ranprm") or {}).get("image_size") if isinstance(ckpt.get("ranprm"), dict) else None,
+        hparams.get("image_size"),
+        (hparams.get("data") or {}).get("image_size") if isinstance(hparams.get("data"), dict) else None,
+        (ckpt.get("datamodule_hyper_parameters") or {}).get("image_size")
+        if isinstance(ckpt.get("datamodule_hyper_parameters"), dict)
+        else None,
+    ]
+    for value in candidates:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """The image files of `path` (a file, or a folder's images in name order, not recursive)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"input={str(path)!r} is not an image file ({', '.join(IMAGE_SUFFIXES)})")
+        return [path]
+    if not path.exists():
+        raise DataError(f"input={str(path)!r} does not exist; give an image file or a folder of images")
+    if not path.is_dir():
+        raise DataError(f"input={str(path)!r} is neither a file nor a folder")
+    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(f"input={str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); nothing to predict")
+    stems: dict[str, Path] = {}
+    for p in images:
+        if p.stem in stems:
+            raise DataError(
+                f"input={str(path)!r}: {stems[p.stem].name} and {p.name} share the stem {p.stem!r}, which is "
+                "the image_id in predictions.json; rename one"
+            )
+        stems[p.stem] = p
+    return images
+
+
+def _check_outputs(images: list[Path], output: Path, overwrite: bool) -> None:
+    inputs = {p.resolve() for p in images}
+    targets = [output / PREDICTIONS_FILE] + [output / f"{p.stem}.png" for p in images]
+    for target in targets:
+        if target.resolve() in inputs:
+            raise ConfigError(
+                f"output={str(output)!r}: the overlay {target.name} would replace the input image {target}; "
+                "choose another output folder"
+            )
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise ConfigError(
+            f"output={str(output)!r} already holds {existing[0].name}"
+            + (f" and {len(existing) - 1} more output file(s)" if len(existing) > 1 else "")
+            + "; choose another output folder or pass overwrite=true"
+        )
+
+
+def save_png(path: Path, rgb: np.ndarray) -> None:
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise DataError(f"cannot encode the overlay {path}")
+    write_bytes_atomic(path, data.tobytes())
+
+
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Run the model on every input image, write overlays and predictions.json; returns the result entries."""
+    images = list_images(cfg.input)
+    output = Path(cfg.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output={str(output)!r} is a file; give a folder")
+    _check_outputs(images, output, bool(cfg.overwrite))
+    device = resolve_device(str(cfg.device))
+
+    ckpt = read_checkpoint(cfg.ckpt)
+    image_size = cfg.image_size or checkpoint_image_size(ckpt)
+    del ckpt
+    if image_size is None:
+        image_size = DEFAULT_IMAGE_SIZE
+        log.warning("ckpt records no training image size; using image_size=%d (set image_size= to change)",
+                    DEFAULT_IMAGE_SIZE)  # fmt: skip
+    if int(image_size) < 32:
+        raise ConfigError(f"image_size={image_size} is too small; give at least 32 pixels")
+    module = load_module(cfg.ckpt, backbone_overrides=_plain(cfg.backbone_overrides))
+    apply_inference_overrides(module, cfg)
+    module = module.to(device)
+    class_names = list(module.class_names)
+    transform = build_transform(int(image_size), train=False)
+
+    results: list[dict[str, Any]] = []
+    output.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        image = read_image(path)  # (3, H, W) uint8 RGB, whatever the file's mode
+        size = (int(image.shape[1]), int(image.shape[2]))
+        raw = image.permute(1, 2, 0).numpy()
+        batch = transform(image)[None].to(device)
+        (prediction,) = module.predict_images(batch, [size], [raw])
+        results.extend(instances_to_results(path.stem, prediction.instances, class_names))
+        overlay = render_overlay(raw, prediction.instances, class_names, peaks=prediction.peaks)
+        save_png(output / f"{path.stem}.png", overlay)
+        print(f"{path.name}: {len(prediction.instances.labels)} instance(s)")
+    write_results(output / PREDICTIONS_FILE, results)
+    print(f"wrote {len(images)} overlay(s) and {output / PREDICTIONS_FILE} ({len(results)} instances)")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="predict")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    predict(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""`ranprm-evaluate`: known answers in predictions= mode, the metrics file in ckpt= mode, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ranprm.config import compose
+from ranprm.data.voc import read_instance_masks, read_split
+from ranprm.errors import ConfigError, PredictionsError
+from ranprm.eval import encode_mask, write_results
+from ranprm.evaluate import evaluate, image_size_of
+from tests.helpers import CLASSES
+from tests.test_predict import EVERYTHING, tiny_model  # noqa: F401  (the module-scoped fixture)
+
+KEYS = ("map_r_25", "map_r_50", "map_r_75", "abo")
+
+
+def _data(voc: Path) -> list[str]:
+    return ["data=voc", f"data.root={voc}", f"data.class_names=[{','.join(CLASSES)}]", "data.image_size=64",
+            "data.num_workers=0", "data.batch_size=4"]  # fmt: skip
+
+
+def _gt_results(voc: Path) -> list[dict]:
+    entries = []
+    for image_id in read_split(voc, "Segmentation", "val"):
+        gt = read_instance_masks(voc, image_id, image_size_of(voc / "JPEGImages" / f"{image_id}.jpg"))
+        for mask, label in zip(gt.masks, gt.labels.tolist(), strict=True):
+            entries.append({"image_id": image_id, "category_id": label + 1, "category": CLASSES[label],
+                            "score": 1.0, "segmentation": encode_mask(mask)})  # fmt: skip
+    return entries
+
+
+def test_ground_truth_as_predictions_scores_one(voc_root, tmp_path):
+    write_results(tmp_path / "gt.json", _gt_results(voc_root))
+    cfg = compose("evaluate", [*_data(voc_root), f"predictions={tmp_path / 'gt.json'}", f"output={tmp_path / 'o'}"])
+    metrics = evaluate(cfg)
+    for key in KEYS:
+        assert metrics[key] == pytest.approx(1.0)
+    written = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert written["map_r_50"] == pytest.approx(1.0) and written["mode"] == "predictions"
+    assert set(written["per_class"]) == set(CLASSES)
+    assert "cls_map" not in written
+    assert "| square |" in (tmp_path / "o" / "per_class.md").read_text()
+
+
+def test_empty_predictions_give_zeros(voc_root, tmp_path):
+    write_results(tmp_path / "empty.json", [])
+    cfg = compose("evaluate", [*_data(voc_root), f"predictions={tmp_path / 'empty.json'}", f"output={tmp_path}"])
+    metrics = evaluate(cfg)
+    assert all(metrics[k] == 0.0 for k in KEYS)
+
+
+def test_checkpoint_mode_writes_metrics(tiny_model, tmp_path):  # noqa: F811
+    voc, ckpt = tiny_model
+    out = tmp_path / "o"
+    cfg = compose("evaluate", [*_data(voc), f"ckpt={ckpt}", f"output={out}", "eval.max_images=2", *EVERYTHING])
+    evaluate(cfg)
+    written = json.loads((out / "metrics.json").read_text())
+    for key in (*KEYS, "pointing_accuracy", "cls_map", "per_class"):
+        assert key in written, key
+    assert written["num_images"] == 2
+    assert written["threshold"]["name"] == "fixed"  # the command line's group replaced the checkpoint's
+    assert (out / "per_class.md").is_file()
+
+
+def test_exactly_one_source(voc_root, tmp_path):
+    with pytest.raises(ConfigError, match="exactly one"):
+        evaluate(compose("evaluate", [*_data(voc_root), f"output={tmp_path}"]))
+    with pytest.raises(ConfigError, match="both"):
+        evaluate(compose("evaluate", [*_data(voc_root), "ckpt=a", "predictions=b", f"output={tmp_path}"]))
+
+
+def test_unknown_image_is_a_one_line_error(voc_root, tmp_path):
+    entries = _gt_results(voc_root)
+    entries[0] = {**entries[0], "image_id": "not_in_split"}
+    write_results(tmp_path / "bad.json", entries)
+    cfg = compose("evaluate", [*_data(voc_root), f"predictions={tmp_path / 'bad.json'}", f"output={tmp_path}"])
+    with pytest.raises(PredictionsError, match="not_in_split"):
+        evaluate(cfg)
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ranprm.evaluate", *_data(voc_root), f"predictions={tmp_path / 'bad.json'}",
+         f"output={tmp_path / 'cli'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ranprm: error:"), proc.stderr
+    assert "not_in_split" in lines[0] and "entry 0" in lines[0]
+    assert not (tmp_path / "cli" / "metrics.json").exists()

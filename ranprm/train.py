@@ -23,8 +23,10 @@ from lightning.pytorch.callbacks import (
 )
 from omegaconf import DictConfig, OmegaConf
 
+from ranprm.checkpoint import AtomicCheckpointIO, SaveOnSigterm
 from ranprm.config import config_dir, report_user_errors
 from ranprm.data.datamodule import DataConfig, VOCDataModule
+from ranprm.data.dataset import SkippedImagesReport
 from ranprm.errors import ConfigError
 from ranprm.io_utils import write_json_atomic
 from ranprm.loggers import build_logger
@@ -49,7 +51,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
             mode=ckpt.mode,
             save_last=True,
             save_top_k=ckpt.save_top_k,
-        )
+            every_n_train_steps=ckpt.get("every_n_train_steps"),
+        ),
+        SaveOnSigterm(run_dir / "checkpoints"),
+        SkippedImagesReport(),
     ]
     bar = cfg.callbacks.progress_bar
     if bar == "rich":
@@ -103,6 +108,7 @@ def train(cfg: DictConfig) -> float | None:
         logger=logger if logger is not None else False,
         callbacks=build_callbacks(cfg, run_dir, has_logger=logger is not None),
         default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],  # a kill while saving leaves the previous last.ckpt whole
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
@@ -120,6 +126,7 @@ def train(cfg: DictConfig) -> float | None:
         "wall_s": round(time.perf_counter() - started, 1),
         "backbone": cfg.backbone.name,
         "threshold": cfg.threshold.name,
+        "skipped_images": sum(c.total for c in trainer.callbacks if isinstance(c, SkippedImagesReport)),
     }
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", summary)
@@ -134,7 +141,20 @@ def train(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return train(cfg)
+    try:  # in a sweep one failed job must not stop the others: record it and return nothing
+        return train(cfg)
+    except Exception as err:
+        from ranprm.sweep import record_failure
+
+        path = record_failure(Path(hydra_cfg.runtime.output_dir), err, list(hydra_cfg.overrides.task))
+        log.error("job %s failed: %s: %s (details in %s)", hydra_cfg.job.num, type(err).__name__, err, path)
+        return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""Multirun support: per-job failure records and the sweep summary table.
+
+`SweepSummary` is a Hydra callback (registered in `conf/hydra/default.yaml`). When a multirun ends it reads every
+job folder under the sweep folder and writes `summary.csv` and `summary.md`: one row per job with its overrides,
+its status (ok | failed | missing) and its final metrics. A job that raised has a `failed.json` instead of a
+`metrics.json` (see `record_failure`); a job with neither (killed, still running) is `missing`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from ranprm.io_utils import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+FAILED_FILE = "failed.json"
+METRICS_FILE = "metrics.json"
+INSTANCE_KEYS = ("map_r_25", "map_r_50", "map_r_75", "abo", "pointing_accuracy")
+
+
+def record_failure(job_dir: Path, err: BaseException, overrides: list[str] | None = None) -> Path:
+    """Write `<job_dir>/failed.json` with the error, so the sweep summary can report the job as failed."""
+    path = Path(job_dir) / FAILED_FILE
+    write_json_atomic(
+        path,
+        {
+            "error_type": type(err).__name__,
+            "error": str(err),
+            "overrides": list(overrides or []),
+            "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__)),
+        },
+    )
+    return path
+
+
+def _read_overrides(job_dir: Path) -> list[str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if path.is_file():
+        return [str(o) for o in OmegaConf.load(path)]
+    failed = job_dir / FAILED_FILE
+    if failed.is_file():
+        return list(json.loads(failed.read_text()).get("overrides", []))
+    return []
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    found: set[Path] = set()
+    for pattern in (METRICS_FILE, FAILED_FILE, ".hydra/overrides.yaml"):
+        for path in sweep_dir.rglob(pattern):
+            job = path.parent.parent if pattern.startswith(".hydra") else path.parent
+            if job != sweep_dir and ".submitit" not in job.parts:
+                found.add(job)
+
+    def order(p: Path) -> tuple:
+        rel = p.relative_to(sweep_dir).parts
+        return tuple((0, int(x), "") if x.isdigit() else (1, 0, x) for x in rel)
+
+    return sorted(found, key=order)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job folder under `sweep_dir`: job, status, overrides, error, metrics, instance metrics."""
+    sweep_dir = Path(sweep_dir)
+    rows = []
+    for job_dir in _job_dirs(sweep_dir):
+        row: dict[str, Any] = {
+            "job": job_dir.relative_to(sweep_dir).as_posix(),
+            "status": "missing",
+            "overrides": " ".join(_read_overrides(job_dir)),
+            "error": "",
+        }
+        metrics_path, failed_path = job_dir / METRICS_FILE, job_dir / FAILED_FILE
+        if metrics_path.is_file():
+            summary = json.loads(metrics_path.read_text())
+            row["status"] = "ok"
+            row["wall_s"] = summary.get("wall_s")
+            row["global_step"] = summary.get("global_step")
+            row.update(summary.get("metrics", {}))
+            instance = summary.get("instance_metrics") or {}
+            row.update({f"instance/{k}": instance[k] for k in INSTANCE_KEYS if k in instance})
+        elif failed_path.is_file():
+            failure = json.loads(failed_path.read_text())
+            row["status"] = "failed"
+            row["error"] = f"{failure.get('error_type', 'Error')}: {failure.get('error', '')}".strip()
+        else:
+            row["error"] = "no metrics.json or failed.json (killed or still running?)"
+        rows.append(row)
+    return rows
+
+
+def write_summary(sweep_dir: Path) -> tuple[Path, Path]:
+    """Write `summary.csv` and `summary.md` into `sweep_dir`; returns their paths."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    fixed = ["job", "status", "overrides"]
+    extra = sorted({k for r in rows for k in r} - set(fixed) - {"error"})
+    columns = fixed + extra + ["error"]
+    csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    failed = sum(r["status"] != "ok" for r in rows)
+    lines = [
+        f"# Sweep summary: {sweep_dir}",
+        "",
+        f"{len(rows)} jobs, {len(rows) - failed} ok, {failed} failed or missing.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for r in rows:
+        cells = [_fmt(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, write the sweep folder's summary.csv and summary.md."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        try:
+            csv_path, md_path = write_summary(sweep_dir)
+        except Exception as err:  # a summary problem must not hide the jobs' own results
+            log.warning("could not write the sweep summary in %s: %s", sweep_dir, err)
+            return
+        log.info("sweep summary: %s, %s", csv_path, md_path)
+        print(f"sweep summary: {md_path}")

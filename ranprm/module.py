@@ -35,6 +35,7 @@ class PRMModule(L.LightningModule):
         prm: dict[str, Any] | None = None,
         retrieval: dict[str, Any] | None = None,
         eval: dict[str, Any] | None = None,  # noqa: A002  (the config group's name)
+        image_size: int | None = None,  # the training input size, so predict can use the same one
     ) -> None:
         super().__init__()
         # Everything needed to rebuild the model from a checkpoint alone (ranprm-predict / ranprm-evaluate).

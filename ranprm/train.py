@@ -89,6 +89,7 @@ def build_module(cfg: DictConfig, class_names: tuple[str, ...]) -> PRMModule:
         prm=_plain(cfg.prm),
         retrieval=_plain(cfg.retrieval),
         eval=_plain(cfg.eval),
+        image_size=int(cfg.data.image_size),
     )
 
 

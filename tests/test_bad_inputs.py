@@ -1,0 +1,365 @@
+"""Every bad input of issue 9 ends in a RanprmError whose message names the file or option (or is handled)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ranprm.checkpoint import load_module
+from ranprm.config import compose
+from ranprm.data.voc import check_root, read_annotation, read_image, read_instance_masks, read_split
+from ranprm.errors import CheckpointError, DataError
+from ranprm.module import NonFiniteLossError, PRMModule
+from ranprm.train import train
+from tests.helpers import CLASSES
+from tests.test_train import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+FIRST = "2024_000000"
+
+
+def _run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **env}
+    if "HYDRA_FULL_ERROR" not in env:
+        environ.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "ranprm.train", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+# --- data.root -------------------------------------------------------------------------------------------------
+
+
+def test_root_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"data\.root=.*nowhere.*is not a folder"):
+        check_root(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("missing", ["JPEGImages", "Annotations", "ImageSets"])
+def test_root_names_the_missing_folder(voc_root, missing):
+    import shutil
+
+    shutil.rmtree(voc_root / missing)
+    with pytest.raises(DataError) as info:
+        check_root(voc_root)
+    message = str(info.value)
+    assert f"lacks {missing}/" in message and "data.root=" in message
+    others = {"JPEGImages", "Annotations", "ImageSets"} - {missing}
+    assert not any(f"lacks {o}/" in message for o in others)
+
+
+# --- split files -------------------------------------------------------------------------------------------------
+
+
+def test_empty_split_file_is_named(voc_root):
+    split = voc_root / "ImageSets" / "Main" / "train.txt"
+    split.write_text("\n  \n")
+    with pytest.raises(DataError, match=r"train\.txt lists no image ids"):
+        read_split(voc_root, "Main", "train")
+
+
+def test_missing_split_file_is_named(voc_root):
+    with pytest.raises(DataError, match=r"nosuch\.txt does not exist.*'nosuch'"):
+        read_split(voc_root, "Main", "nosuch")
+
+
+def test_ids_without_image_are_named(voc_root):
+    split = voc_root / "ImageSets" / "Main" / "train.txt"
+    split.write_text(split.read_text() + "ghost_1\nghost_2\n")
+    with pytest.raises(DataError, match=r"train\.txt lists 2 ids with no JPEGImages/<id>\.jpg \(first: 'ghost_1'\)"):
+        read_split(voc_root, "Main", "train")
+
+
+# --- images -------------------------------------------------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def test_truncated_jpeg_is_named(voc_root):
+    path = voc_root / "JPEGImages" / f"{FIRST}.jpg"
+    _truncate(path)
+    with pytest.raises(DataError, match=rf"image .*{FIRST}\.jpg is truncated or corrupt.*data\.skip_bad_images=true"):
+        read_image(path)
+
+
+def test_garbage_jpeg_is_named(voc_root):
+    path = voc_root / "JPEGImages" / f"{FIRST}.jpg"
+    path.write_bytes(b"not a jpeg at all" * 10)
+    with pytest.raises(DataError, match=rf"{FIRST}\.jpg is truncated or corrupt"):
+        read_image(path)
+
+
+def test_training_stops_on_a_corrupt_image_by_default(voc_root, tmp_path):
+    _truncate(voc_root / "JPEGImages" / f"{FIRST}.jpg")
+    out = tmp_path / "out"
+    cfg = compose("train", tiny_overrides(voc_root, out) + ["trainer.max_epochs=1"])
+    with pytest.raises(DataError, match=rf"{FIRST}\.jpg is truncated or corrupt"):
+        train(cfg)
+    assert not (out / "metrics.json").exists()
+
+
+def test_skip_bad_images_skips_warns_and_counts(voc_root, tmp_path, caplog):
+    _truncate(voc_root / "JPEGImages" / f"{FIRST}.jpg")  # a training image (the first 6 are train)
+    out = tmp_path / "out"
+    cfg = compose("train", tiny_overrides(voc_root, out) + ["data.skip_bad_images=true"])
+    with caplog.at_level("WARNING"):
+        train(cfg)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["global_step"] == 4  # batches of 3+2 kept images still make 2 steps per epoch
+    assert summary["skipped_images"] == 2  # the same image, once per epoch
+    text = caplog.text
+    assert f"{FIRST}.jpg" in text and "skipping" in text
+    assert "skipped 2 unreadable image loads" in text
+
+
+@pytest.mark.parametrize(
+    ("mode", "suffix"),
+    [("L", "jpg"), ("CMYK", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "png"), ("I;16", "png"), ("1", "png")],
+)
+def test_grayscale_cmyk_rgba_images_are_converted(tmp_path, mode, suffix):
+    rgb = Image.fromarray((np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8))
+    img = rgb.convert(mode) if mode != "I;16" else Image.fromarray(np.full((20, 30), 300, np.uint16))
+    path = tmp_path / f"x.{suffix}"
+    img.save(path)
+    out = read_image(path)
+    assert out.shape == (3, 20, 30) and out.dtype == torch.uint8
+
+
+# --- annotations and masks ---------------------------------------------------------------------------------------
+
+
+def test_xml_with_unknown_class_is_named(voc_root):
+    path = voc_root / "Annotations" / f"{FIRST}.xml"
+    path.write_text(path.read_text().replace("<name>square</name>", "<name>triangle</name>"))
+    with pytest.raises(DataError, match=rf"{FIRST}\.xml has an object of unknown class 'triangle'.*data\.class_names"):
+        read_annotation(path, CLASSES)
+
+
+def test_xml_with_no_objects_is_named(voc_root):
+    path = voc_root / "Annotations" / f"{FIRST}.xml"
+    path.write_text("<annotation><filename>x.jpg</filename></annotation>")
+    with pytest.raises(DataError, match=rf"{FIRST}\.xml has no <object>"):
+        read_annotation(path, CLASSES)
+
+
+def test_malformed_xml_is_named(voc_root):
+    path = voc_root / "Annotations" / f"{FIRST}.xml"
+    path.write_text("<annotation><object>")
+    with pytest.raises(DataError, match=rf"{FIRST}\.xml is not valid VOC XML"):
+        read_annotation(path, CLASSES)
+
+
+def test_bad_annotation_stops_training_before_anything_is_written(voc_root, tmp_path):
+    path = voc_root / "Annotations" / f"{FIRST}.xml"
+    path.write_text(path.read_text().replace("<name>square</name>", "<name>triangle</name>"))
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="unknown class 'triangle'"):
+        train(compose("train", tiny_overrides(voc_root, out)))
+    assert not (out / "checkpoints").exists() and not (out / "metrics.json").exists()
+
+
+def test_mask_of_another_size_is_named(voc_root):
+    path = voc_root / "SegmentationObject" / f"{FIRST}.png"
+    with Image.open(path) as png:
+        png.resize((32, 48), Image.NEAREST).save(path)
+    with pytest.raises(DataError, match=rf"mask .*SegmentationObject/{FIRST}\.png is 32x48 but its image is 64x64"):
+        read_instance_masks(voc_root, FIRST, (64, 64))
+
+
+def test_rgb_mask_is_named(voc_root):
+    path = voc_root / "SegmentationClass" / f"{FIRST}.png"
+    Image.new("RGB", (64, 64)).save(path)
+    with pytest.raises(DataError, match=rf"{FIRST}\.png has mode RGB"):
+        read_instance_masks(voc_root, FIRST, (64, 64))
+
+
+# --- network stride ----------------------------------------------------------------------------------------------
+
+
+def _module(backbone: dict, num_classes: int = 2) -> PRMModule:
+    cfg = compose("train", ["backbone=tiny"])
+    from ranprm.train import _plain
+
+    return PRMModule(
+        class_names=list(CLASSES[:num_classes]) + [f"c{i}" for i in range(num_classes - 2)],
+        backbone=backbone,
+        head=_plain(cfg.head),
+        optimizer=_plain(cfg.optimizer),
+        threshold=_plain(cfg.threshold),
+        prm=_plain(cfg.prm),
+        retrieval=_plain(cfg.retrieval),
+        eval=_plain(cfg.eval),
+    )
+
+
+def test_image_smaller_than_ran_stride_is_a_data_error():
+    ran = {"name": "ran", "width": 8, "pretrained": None, "mask_grad": "full", "modules_per_stage": [1, 1, 1]}
+    module = _module(ran)
+    with pytest.raises(DataError, match=r"16x16 px is too small for the RAN backbone"):
+        module(torch.rand(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("backbone", [{"name": "tiny", "width": 8, "num_stages": 3}, {"name": "resnet50"}])
+def test_small_image_on_other_backbones_gives_a_finite_map(backbone):
+    # Documented behaviour: tiny and resnet50 pad, so a 16 px input gives a 1x1 or 2x2 CRM rather than an error.
+    module = _module({**backbone, "pretrained": False}).eval()
+    with torch.no_grad():
+        crms = module(torch.rand(1, 3, 16, 16))
+    assert crms.shape[:2] == (1, 2) and torch.isfinite(crms).all()
+
+
+# --- configuration -----------------------------------------------------------------------------------------------
+
+
+def test_unknown_group_value_lists_the_choices(tmp_path):
+    proc = _run_cli(["backbone=nope"], tmp_path)
+    assert proc.returncode != 0
+    assert "nope" in proc.stderr
+    for choice in ("ran", "resnet50", "tiny"):
+        assert choice in proc.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_unknown_option_is_named(tmp_path):
+    proc = _run_cli(["data.no_such_key=1"], tmp_path)
+    assert proc.returncode != 0
+    assert "no_such_key" in proc.stderr
+
+
+def test_cli_user_error_is_one_line_and_exit_2(tmp_path):
+    args = ["data=voc", "data.root=/nonexistent/VOC2012", "backbone=tiny", "logger=none", "trainer=cpu"]
+    proc = _run_cli(args, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ranprm: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0]
+    assert "data.root='/nonexistent/VOC2012' is not a folder" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_full_traceback_with_hydra_full_error(tmp_path):
+    args = ["data=voc", "data.root=/nonexistent/VOC2012", "backbone=tiny", "logger=none", "trainer=cpu"]
+    proc = _run_cli(args, tmp_path, HYDRA_FULL_ERROR="1")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "DataError" in proc.stderr
+    assert "ranprm: error:" not in proc.stderr
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    from tests.helpers import write_voc
+
+    base = tmp_path_factory.mktemp("ckpt")
+    voc = write_voc(base / "VOC2012")
+    out = base / "out"
+    train(compose("train", tiny_overrides(voc, out) + ["trainer.max_epochs=1"]))
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_checkpoint_for_other_classes_names_both(trained_ckpt):
+    with pytest.raises(CheckpointError, match=r"trained on 2 classes \['square', 'disk'\].*data has 3 classes"):
+        load_module(trained_ckpt, class_names=("square", "disk", "star"))
+
+
+def test_checkpoint_from_another_backbone_is_named(trained_ckpt, tmp_path):
+    ckpt = torch.load(trained_ckpt, map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["backbone"] = {"name": "tiny", "width": 8, "num_stages": 2, "pretrained": False}
+    other = tmp_path / "other.ckpt"
+    torch.save(ckpt, other)
+    with pytest.raises(CheckpointError, match=r"other\.ckpt: weights do not fit backbone 'tiny'"):
+        load_module(other, class_names=CLASSES)
+
+
+def test_checkpoint_with_other_class_count_weights_is_named(trained_ckpt, tmp_path):
+    ckpt = torch.load(trained_ckpt, map_location="cpu", weights_only=True)
+    w = ckpt["state_dict"]["model.classifier.weight"]
+    ckpt["state_dict"]["model.classifier.weight"] = torch.cat([w, w[:1]])
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    with pytest.raises(CheckpointError, match=r"bad\.ckpt: weights do not fit"):
+        load_module(bad, class_names=CLASSES)
+
+
+def test_missing_or_foreign_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"ckpt='.*nope\.ckpt': no such file"):
+        load_module(tmp_path / "nope.ckpt")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a ranprm training checkpoint"):
+        load_module(foreign)
+    text = tmp_path / "text.ckpt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        load_module(text)
+
+
+# --- non-finite loss ---------------------------------------------------------------------------------------------
+
+
+class _NanLoss(torch.nn.Module):
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return logits.sum() * math.nan
+
+
+def test_nan_loss_stops_with_step_and_images_and_keeps_last_good_checkpoint(voc_root, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    original = PRMModule.training_step
+
+    def poisoned(self, batch, batch_idx):
+        if self.current_epoch == 1:  # epoch 0 trains and checkpoints; epoch 1's first loss is NaN
+            self.loss_fn = _NanLoss()
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(PRMModule, "training_step", poisoned)
+    cfg = compose("train", tiny_overrides(voc_root, out) + ["trainer.max_epochs=3"])
+    with pytest.raises(NonFiniteLossError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert "loss is nan at global step 2 (batch 0, images" in message and "2024_" in message
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not (out / "metrics.json").exists()
+
+
+# --- no valid peaks ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "threshold",
+    [
+        {"classes": {"kind": "fixed", "value": 1e9}, "peaks": {"kind": "fixed", "value": 0.0}},  # no valid class
+        {"classes": {"kind": "fixed", "value": -1e9}, "peaks": {"kind": "fixed", "value": 1e9}},  # no valid peak
+    ],
+)
+def test_no_valid_peaks_gives_empty_predictions(threshold):
+    module = _module({"name": "tiny", "width": 8, "num_stages": 3, "pretrained": False})
+    module.hparams.threshold = {"name": "fixed", "min_class_prob": 0.0, **threshold}
+    sizes = [(64, 64), (50, 70)]
+    predictions = module.predict_images(torch.rand(2, 3, 64, 64), sizes)
+    assert len(predictions) == 2
+    for pred, size in zip(predictions, sizes, strict=True):
+        assert len(pred.instances) == 0
+        assert pred.peaks.shape[0] == 0
+        assert tuple(pred.instances.masks.shape[-2:]) == size

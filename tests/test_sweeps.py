@@ -226,3 +226,53 @@ def test_ddp_on_two_cpu_processes(voc_root, tmp_path):
     assert summary["epochs"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.suffix == ".ckpt")[-1] == "last.ckpt"
     assert list(out.glob("**/checkpoints")) == [out / "checkpoints"]
+
+
+# ------------------------------------------------------------------------------------- the study's gather script
+
+
+def test_study_gather_on_fabricated_runs(tmp_path):
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("gather", REPO / "experiments/ran_vs_resnet/gather.py")
+    gather = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gather)
+
+    rng = random.Random(0)
+    runs = tmp_path / "runs" / "2024-01-01_00-00-00"
+    grid = [("full", b, None if b == "resnet50" else "full") for b in ("ran", "resnet50")]
+    grid.append(("detached", "ran", "detached"))
+    num: dict[str, int] = {}
+    for sweep, backbone, mask_grad in grid:
+        for threshold in ("fixed", "mean", "q3"):
+            for seed in (0, 1, 2):
+                job = runs / sweep / str(num.setdefault(sweep, 0))
+                num[sweep] += 1
+                (job / ".hydra").mkdir(parents=True)
+                bcfg = {"name": backbone} | ({"mask_grad": mask_grad} if mask_grad else {})
+                cfg = {"seed": seed, "backbone": bcfg, "threshold": {"name": threshold}}
+                (job / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+                if backbone == "resnet50" and threshold == "q3" and seed == 2:
+                    record_failure(job, RuntimeError("out of memory"))
+                    continue
+                inst = {k: rng.random() for k in ("map_r_25", "map_r_50", "map_r_75", "abo", "pointing_accuracy")}
+                (job / "metrics.json").write_text(json.dumps({"metrics": {}, "instance_metrics": inst, "wall_s": 2.0}))
+    (runs / "run_info.json").write_text(json.dumps({"started": "2024-01-01", "wall_s": 7200, "machine": "m"}))
+
+    out = tmp_path / "out"
+    assert gather.main([str(runs), "--out", str(out)]) == 0
+    md = (out / "RESULTS.md").read_text()
+    assert (out / "results.png").stat().st_size > 1000
+    assert "wall time 2.00 h" in md and "27 jobs, 1 failed" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ran") or line.startswith("| resnet50")]
+    assert len(rows) == 9
+    assert any(r.startswith("| ran (detached mask) | q3 | 3 |") for r in rows)
+    assert any(r.startswith("| resnet50 | q3 | 2 (1 failed) |") for r in rows)
+    # the table's numbers are the mean and sample std of the fabricated values
+    jobs = gather.load_jobs([runs])
+    table = gather.aggregate(jobs)
+    values = [j["metrics"]["abo"] for j in jobs if j["variant"] == "ran" and j["threshold"] == "mean"]
+    mean, std, n = table[("ran", "mean")]["stats"]["abo"]
+    assert n == 3 and abs(mean - sum(values) / 3) < 1e-12
+    assert abs(std - (sum((v - mean) ** 2 for v in values) / 2) ** 0.5) < 1e-12

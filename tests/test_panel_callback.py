@@ -1,0 +1,130 @@
+"""The panel callback on short real runs: PNGs per epoch, the same images each time, silent in the sanity check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+
+import ranprm.train as train_mod
+from ranprm.config import compose
+from ranprm.train import train
+from ranprm.viz.callback import PanelCallback
+from tests.test_train import tiny_overrides
+
+VAL_IDS = ["2024_000006", "2024_000007"]  # write_voc(8 images): the last quarter is val
+
+
+def panel_overrides(voc_root: Path, out: Path, epochs: int = 2) -> list[str]:
+    return [
+        *tiny_overrides(voc_root, out),
+        f"trainer.max_epochs={epochs}",
+        "logger=none",
+        "callbacks.panels.num_images=2",
+        "callbacks.panels.every_n_epochs=1",
+    ]
+
+
+def _pngs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.png")) if folder.is_dir() else []
+
+
+@pytest.fixture
+def rendered(monkeypatch):
+    """Records every `PanelCallback.render` call: the image ids and the (H, W, 3) shape of each panel."""
+    calls: list[tuple[list[str], list[tuple[int, ...]]]] = []
+    original = PanelCallback.render
+
+    def spy(self, pl_module, dataset, batch):
+        panels, captions = original(self, pl_module, dataset, batch)
+        calls.append((list(batch["image_id"]), [p.shape for p in panels]))
+        assert [c.split(":")[0] for c in captions] == list(batch["image_id"])
+        return panels, captions
+
+    monkeypatch.setattr(PanelCallback, "render", spy)
+    return calls
+
+
+class _SanitySpy(Callback):
+    """Notes, when the sanity check ends and when the first epoch ends, which panel PNGs exist."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.after_sanity: list[str] | None = None
+        self.sanity_batches = 0
+
+    def on_validation_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.sanity_checking:
+            self.sanity_batches += 1
+
+    def on_sanity_check_end(self, trainer, pl_module) -> None:
+        self.after_sanity = sorted(str(p) for p in (self.run_dir / "panels").rglob("*.png"))
+
+
+def test_short_run_writes_one_png_per_image_every_epoch(voc_root, tmp_path, rendered, monkeypatch):
+    spy = _SanitySpy(tmp_path)
+    build = train_mod.build_callbacks
+    monkeypatch.setattr(train_mod, "build_callbacks", lambda *a, **k: [*build(*a, **k), spy])
+    cfg = compose("train", [*panel_overrides(voc_root, tmp_path), "trainer.num_sanity_val_steps=2"])
+    train(cfg)
+
+    # The sanity check ran validation, and the callback wrote nothing then.
+    assert spy.sanity_batches > 0
+    assert spy.after_sanity == []
+    # One render per epoch, of the same images (the first of the val split), and a PNG per image per epoch at
+    # its panel's size (which may change between epochs: a row per valid class and per peak).
+    assert [ids for ids, _ in rendered] == [VAL_IDS, VAL_IDS]
+    for epoch, (_, shapes) in enumerate(rendered):
+        folder = tmp_path / "panels" / f"epoch_{epoch:03d}"
+        assert _pngs(folder) == [f"{i}.png" for i in VAL_IDS]
+        for image_id, (h, w, c) in zip(VAL_IDS, shapes, strict=True):
+            with Image.open(folder / f"{image_id}.png") as png:
+                assert png.size == (w, h)
+                assert png.mode == "RGB" and c == 3
+    assert sorted(p.name for p in (tmp_path / "panels").iterdir()) == ["epoch_000", "epoch_001"]
+
+
+def test_every_n_epochs_skips_epochs_but_renders_the_last(voc_root, tmp_path, rendered):
+    cfg = compose("train", [*panel_overrides(voc_root, tmp_path, epochs=3), "callbacks.panels.every_n_epochs=2"])
+    train(cfg)
+    assert sorted(p.name for p in (tmp_path / "panels").iterdir()) == ["epoch_001", "epoch_002"]
+    assert len(rendered) == 2
+
+
+class _Untouchable:
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the callback must not read the data here (.{name})")
+
+
+def _fake_trainer(tmp_path: Path, **overrides) -> SimpleNamespace:
+    fields = dict(
+        sanity_checking=False,
+        is_global_zero=True,
+        current_epoch=0,
+        max_epochs=2,
+        datamodule=None,
+        default_root_dir=str(tmp_path),
+        loggers=[],
+    )
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+@pytest.mark.parametrize("overrides", [{"sanity_checking": True}, {"is_global_zero": False}])
+def test_callback_is_silent_in_sanity_check_and_off_rank_zero(tmp_path, overrides):
+    def boom(*_a, **_k):
+        raise AssertionError("the callback must not render here")
+
+    trainer = _fake_trainer(tmp_path, datamodule=_Untouchable(), **overrides)
+    callback = PanelCallback(num_images=2, output_dir=tmp_path)
+    callback.render = boom  # type: ignore[method-assign]
+    callback.on_validation_epoch_end(trainer, pl_module=None)  # type: ignore[arg-type]
+    assert not (tmp_path / "panels").exists()
+
+
+def test_num_images_zero_turns_the_callback_off(voc_root, tmp_path):
+    cfg = compose("train", [*panel_overrides(voc_root, tmp_path, epochs=1), "callbacks.panels.num_images=0"])
+    assert not any(isinstance(c, PanelCallback) for c in train_mod.build_callbacks(cfg, tmp_path, False))

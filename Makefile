@@ -31,6 +31,9 @@ test-slow: install
 bench: install
 	$(BIN)/python -m ranprm.bench all $(ARGS)
 
+study: install
+	experiments/ran_vs_resnet/run.sh $(ARGS)
+
 lint: install
 	$(BIN)/ruff check ranprm tests experiments
 	$(BIN)/ruff format --check ranprm tests experiments

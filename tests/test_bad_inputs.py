@@ -363,3 +363,95 @@ def test_no_valid_peaks_gives_empty_predictions(threshold):
         assert len(pred.instances) == 0
         assert pred.peaks.shape[0] == 0
         assert tuple(pred.instances.masks.shape[-2:]) == size
+
+
+# --- safety ------------------------------------------------------------------------------------------------------
+
+
+class _Evil:
+    """Unpickling this would create `marker`: a stand-in for a checkpoint that runs code when loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("where", ["top", "hyper_parameters", "state_dict"])
+def test_crafted_pickle_is_refused_without_running_code(tmp_path, where):
+    from ranprm.checkpoint import read_checkpoint
+    from ranprm.models.weights import read_state_dict
+
+    marker = tmp_path / "pwned"
+    evil = _Evil(marker)
+    payload = {
+        "top": evil,
+        "hyper_parameters": {"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": evil},
+        "state_dict": {"state_dict": {"w": evil}, "hyper_parameters": {}},
+    }[where]
+    path = tmp_path / "evil.ckpt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: cannot be read safely"):
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: cannot be read as a weight file"):
+        read_state_dict(path)
+    with pytest.raises(CheckpointError):
+        load_module(path)
+    assert not marker.exists()
+
+
+_LAUGHS = (
+    '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+    + "".join(f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">' for i in range(1, 10))
+    + "]><annotation><object><name>&lol9;</name></object></annotation>"
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _LAUGHS,
+        '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+        "<annotation><object><name>&x;</name></object></annotation>",
+        '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "square">]><annotation><object><name>&x;</name></object>'
+        "</annotation>",
+    ],
+    ids=["billion-laughs", "external-entity", "any-entity"],
+)
+def test_xml_entities_are_refused(tmp_path, text):
+    path = tmp_path / "evil.xml"
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"evil\.xml is not valid VOC XML"):
+        read_annotation(path, CLASSES)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels in a few dozen bytes (no pixel data): a decompression bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)  # 8-bit palette, as VOC masks are
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [12_000, 60_000])  # over PIL's warning limit; over its error limit
+def test_decompression_bomb_image_is_refused(tmp_path, side):
+    from ranprm.data.voc import _read_index_png
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(side, side))
+    assert Image.MAX_IMAGE_PIXELS is not None and side * side > Image.MAX_IMAGE_PIXELS  # PIL's limit is kept
+    with pytest.raises(DataError, match=r"bomb\.png is larger than PIL's decompression-bomb limit"):
+        read_image(path)
+    with pytest.raises(DataError, match=r"bomb\.png"):
+        _read_index_png(path)
+
+
+def test_pil_limit_applies_to_real_images(voc_root, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4096 px > 2 * 1000: PIL's hard error
+    with pytest.raises(DataError, match="decompression-bomb limit"):
+        read_image(voc_root / "JPEGImages" / f"{FIRST}.jpg")

@@ -144,13 +144,17 @@ def read_image(path: Path) -> Tensor:
 
 def _read_index_png(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as img:
-            if img.mode not in ("P", "L"):
-                raise DataError(
-                    f"mask {path} has mode {img.mode}; VOC masks are palette (P) or grey (L) PNGs"
-                )
-            return np.asarray(img).copy()
-    except (UnidentifiedImageError, OSError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.mode not in ("P", "L"):
+                    raise DataError(
+                        f"mask {path} has mode {img.mode}; VOC masks are palette (P) or grey (L) PNGs"
+                    )
+                return np.asarray(img).copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"mask {path} is larger than PIL's decompression-bomb limit; refusing to decode it") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"mask {path} is unreadable ({err})") from err
 
 

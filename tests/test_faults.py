@@ -105,12 +105,15 @@ def test_sigterm_saves_a_checkpoint_to_resume_from(voc_root, tmp_path):
     assert not (run_dir / "metrics.json").exists()
     saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["global_step"] >= epoch_end  # the state at the signal, not only the last epoch end
+    assert proc.returncode == 0  # Lightning exits via SIGTERMException (a SystemExit without a code)
 
     resumed = _start(voc_root, run_dir, "ckpt_path=last")
     _finish(resumed)
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["epochs"] == EPOCHS
-    assert summary["global_step"] >= EPOCHS * STEPS_PER_EPOCH
+    # Lightning restarts the interrupted epoch from its first batch (the loader is not resumable) but keeps the
+    # saved step counter and stops at max_epochs: measured, the total matches an uninterrupted run.
+    assert summary["global_step"] == EPOCHS * STEPS_PER_EPOCH
 
 
 # --- atomic writes -----------------------------------------------------------------------------------------------

@@ -212,17 +212,21 @@ def _module(backbone: dict, num_classes: int = 2) -> PRMModule:
 def test_image_smaller_than_ran_stride_is_a_data_error():
     ran = {"name": "ran", "width": 8, "pretrained": None, "mask_grad": "full", "modules_per_stage": [1, 1, 1]}
     module = _module(ran)
-    with pytest.raises(DataError, match=r"16x16 px is too small for the RAN backbone"):
+    with pytest.raises(DataError, match=r"16x16 px is smaller than the network stride \(32 px\)"):
         module(torch.rand(1, 3, 16, 16))
 
 
-@pytest.mark.parametrize("backbone", [{"name": "tiny", "width": 8, "num_stages": 3}, {"name": "resnet50"}])
-def test_small_image_on_other_backbones_gives_a_finite_map(backbone):
-    # Documented behaviour: tiny and resnet50 pad, so a 16 px input gives a 1x1 or 2x2 CRM rather than an error.
-    module = _module({**backbone, "pretrained": False}).eval()
+def test_image_smaller_than_resnet_stride_is_a_data_error():
+    module = _module({"name": "resnet50", "pretrained": False}).eval()
+    with pytest.raises(DataError, match=r"16x16 px is smaller than the network stride \(32 px\)"):
+        module(torch.rand(1, 3, 16, 16))
+
+
+def test_image_of_at_least_one_stride_gives_a_finite_map():
+    module = _module({"name": "tiny", "width": 8, "num_stages": 3, "pretrained": False}).eval()  # stride 8
     with torch.no_grad():
         crms = module(torch.rand(1, 3, 16, 16))
-    assert crms.shape[:2] == (1, 2) and torch.isfinite(crms).all()
+    assert crms.shape == (1, 2, 2, 2) and torch.isfinite(crms).all()
 
 
 # --- configuration -----------------------------------------------------------------------------------------------

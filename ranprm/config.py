@@ -27,9 +27,7 @@ def config_dir() -> Path:
     raise RanprmError(f"cannot find ranprm's configs next to {_PACKAGE_DIR}; reinstall ranprm")
 
 
-def compose(
-    config_name: str = "train", overrides: list[str] | None = None, return_hydra_config: bool = False
-):
+def compose(config_name: str = "train", overrides: list[str] | None = None, return_hydra_config: bool = False):
     """Compose a config outside a Hydra main (tests, notebooks), e.g. `compose("train", ["backbone=tiny"])`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

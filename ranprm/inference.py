@@ -24,7 +24,7 @@ from ranprm.prm.thresholds import Thresholds, select_classes, select_peaks
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Everything inference needs beyond the model; built from the `threshold`, `head`, `prm` and `retrieval` configs."""
+    """Everything inference needs beyond the model, built from the `threshold`, `head`, `prm`, `retrieval` configs."""
 
     thresholds: Thresholds
     window: int = 3
@@ -60,9 +60,7 @@ class ImagePrediction:
     crms: Tensor  # (C, h, w) raw class response maps
 
 
-def select_valid_peaks(
-    crms: Tensor, class_logits: Tensor, cfg: InferenceConfig
-) -> tuple[Tensor, Tensor, Tensor]:
+def select_valid_peaks(crms: Tensor, class_logits: Tensor, cfg: InferenceConfig) -> tuple[Tensor, Tensor, Tensor]:
     """Valid peaks of a batch by the threshold strategies.
 
     crms: (B, C, h, w); class_logits: (B, C).

@@ -87,9 +87,7 @@ def test_probability_rule_conserves_the_seed_through_a_conv_stack() -> None:
     """Without ReLU, BN or bias terms in the way, each conv's rule redistributes its upstream gradient exactly
     (sum over its inputs of (x - m) W+ / Z = 1), so the whole input gradient sums to the seed, 1."""
     torch.manual_seed(3)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 3, stride=2, padding=1), nn.Conv2d(5, 2, 1)
-    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 3, stride=2, padding=1), nn.Conv2d(5, 2, 1))
     x = torch.randn(1, 3, 9, 9, requires_grad=True)
     with peak_backprop(model, "probability"):
         model(x)[0, 1, 2, 3].backward()

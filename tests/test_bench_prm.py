@@ -38,9 +38,7 @@ def test_quick_run_prints_one_line_per_mode_and_peak_count(capsys: pytest.Captur
 
 
 def test_an_unregistered_backbone_is_skipped_with_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
-    bench.main(
-        ["--quick", "--size", "32", "--backbones", "nonesuch,tiny", "--peaks", "2", "--modes", "gradient"]
-    )
+    bench.main(["--quick", "--size", "32", "--backbones", "nonesuch,tiny", "--peaks", "2", "--modes", "gradient"])
     out = capsys.readouterr()
     assert "nonesuch" in out.err and "skipped" in out.err
     assert [(r["backbone"], r["peaks"]) for r in _rows(out.out)] == [("tiny", 2)]

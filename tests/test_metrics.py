@@ -45,9 +45,7 @@ def preds(masks: list[torch.Tensor], labels: list[int], scores: list[float], pea
     )
 
 
-def gt(
-    image_id: str, masks: list[torch.Tensor], labels: list[int], void: torch.Tensor | None = None
-) -> GroundTruth:
+def gt(image_id: str, masks: list[torch.Tensor], labels: list[int], void: torch.Tensor | None = None) -> GroundTruth:
     return GroundTruth(
         image_id=image_id,
         masks=torch.stack(masks) if masks else torch.zeros(0, H, W, dtype=torch.bool),
@@ -70,9 +68,7 @@ def test_ground_truth_as_predictions_scores_one():
     ring = box(0, 12, 0, 12) & ~box(1, 11, 1, 11)  # void border around the first cat, as VOC draws it
     g0 = gt("a", [box(1, 11, 1, 11), box(20, 30, 2, 9)], [0, 1], void=ring)
     g1 = gt("b", [box(4, 20, 4, 20)], [0])
-    result = evaluate(
-        [(preds(list(g0.masks), [0, 1], [0.9, 0.3]), g0), (preds(list(g1.masks), [0], [0.5]), g1)]
-    )
+    result = evaluate([(preds(list(g0.masks), [0, 1], [0.9, 0.3]), g0), (preds(list(g1.masks), [0], [0.5]), g1)])
     assert maps(result) == pytest.approx([1.0, 1.0, 1.0])
     assert result["abo"] == pytest.approx(1.0)
     assert result["per_class"]["cat"] == {"n_gt": 2, "ap_25": 1.0, "ap_50": 1.0, "ap_75": 1.0}
@@ -188,9 +184,7 @@ def test_classification_map_hand_example():
     # cat: ranked P (p 1, r 1/2), N, P (p 2/3, r 1) -> 1/2 * 1 + 1/2 * 2/3 = 5/6;
     # dog: both positives first -> 1; cow: no positive image -> undefined, left out of the mean.
     cls_map, per_class = classification_map(scores, targets)
-    assert (
-        per_class[0] == pytest.approx(5 / 6) and per_class[1] == pytest.approx(1.0) and per_class[2] is None
-    )
+    assert per_class[0] == pytest.approx(5 / 6) and per_class[1] == pytest.approx(1.0) and per_class[2] is None
     assert cls_map == pytest.approx((5 / 6 + 1.0) / 2)
     ev = InstanceEvaluator(CLASSES)
     gts = [gt(str(i), [], []) for i in range(3)]

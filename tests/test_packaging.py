@@ -13,9 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_subpackage_is_listed_in_pyproject():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {
-        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ranprm").rglob("__init__.py")
-    }
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ranprm").rglob("__init__.py")}
     assert found | {"ranprm.conf"} == listed
 
 

@@ -219,9 +219,7 @@ def test_crm_and_prm_tiles_are_hot_where_the_maps_are_high() -> None:
     crms[0, 1, 2] = 10.0  # bottom-right cell
     prm = torch.zeros(1, H, W)
     prm[0, 5:15, 5:15] = 1.0
-    inputs = empty_inputs(
-        valid_classes=torch.tensor([0]), crms=crms, peaks=torch.tensor([[0, 3.0, 3.0]]), prms=prm
-    )
+    inputs = empty_inputs(valid_classes=torch.tensor([0]), crms=crms, peaks=torch.tensor([[0, 3.0, 3.0]]), prms=prm)
     panel = render_panel(inputs)
     crm_tile = tile_of(panel, inputs, 1, 0).astype(int)
     prm_tile = tile_of(panel, inputs, 2, 0).astype(int)

@@ -47,9 +47,7 @@ def test_rle_round_trip_and_standard_counts(fill):
     json.dumps(rle)  # JSON-ready as is
     assert torch.equal(decode_rle(rle), mask)
     # The very string pycocotools writes: any COCO tool reads our files.
-    assert (
-        coco_mask.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))["counts"].decode() == rle["counts"]
-    )
+    assert coco_mask.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))["counts"].decode() == rle["counts"]
 
 
 def test_uncompressed_rle_counts_are_read():

@@ -54,9 +54,7 @@ def call(cfg, prms, peaks, labels, values, logits, crms, **kwargs) -> Instances:
 
 
 # --------------------------------------------------------------------------------------------- configs
-@pytest.mark.parametrize(
-    ("name", "cls"), [("proposals", ProposalRetrievalConfig), ("prm_only", PrmOnlyConfig)]
-)
+@pytest.mark.parametrize(("name", "cls"), [("proposals", ProposalRetrievalConfig), ("prm_only", PrmOnlyConfig)])
 def test_yaml_files_hold_every_option_at_its_default(name, cls):
     loaded = OmegaConf.load(CONF / f"{name}.yaml")
     cfg = OmegaConf.to_container(loaded)
@@ -147,9 +145,7 @@ def test_retrieval_picks_the_proposal_under_the_prm_blob():
     # the 16^2 - 12^2 = 112 responding pixels along B's inner edge; D's band lies far from the response.
     assert terms.inside[0].tolist() == [0.0, 256.0, 0.0, 256.0]
     assert terms.contour[0].tolist() == [0.0, 112.0, 0.0, 0.0]
-    out = call(
-        {"name": "proposals"}, prm, [[31.5, 31.5]], [0], [40.0], [3.0], fg_crms(), proposals=props.numpy()
-    )
+    out = call({"name": "proposals"}, prm, [[31.5, 31.5]], [0], [40.0], [3.0], fg_crms(), proposals=props.numpy())
     assert len(out) == 1 and torch.equal(out.masks[0], props[1])
     assert out.labels.tolist() == [0] and out.peaks.tolist() == [[31.5, 31.5]]
     assert torch.equal(out.prms, prm)
@@ -234,9 +230,7 @@ def test_proposals_computed_from_the_image_when_not_given():
     image = np.full((S, S, 3), 120, dtype=np.uint8)
     image[16:48, 10:40] = (220, 40, 40)
     obj = box(16, 48, 10, 40)
-    out = call(
-        {"name": "proposals"}, obj.float()[None], [[32, 25]], [0], [40.0], [3.0], fg_crms(), image=image
-    )
+    out = call({"name": "proposals"}, obj.float()[None], [[32, 25]], [0], [40.0], [3.0], fg_crms(), image=image)
     assert len(out) == 1
     iou = (out.masks[0] & obj).sum() / (out.masks[0] | obj).sum()
     assert iou > 0.7
@@ -268,9 +262,7 @@ def test_prm_only_peak_off_the_mask_takes_the_nearest_component():
 def test_prm_only_gate_cuts_what_the_class_map_calls_background():
     crm = torch.zeros(1, S, S)
     crm[:, :, :46] = 10.0  # columns >= 46 are background
-    prm = (box(8, 24, 8, 24).float() + 0.8 * box(36, 56, 36, 46).float() + 0.3 * box(36, 56, 46, 56).float())[
-        None
-    ]
+    prm = (box(8, 24, 8, 24).float() + 0.8 * box(36, 56, 36, 46).float() + 0.3 * box(36, 56, 46, 56).float())[None]
     cfg = {"name": "prm_only", "smooth": 0.0, "threshold": 0.2}
     out = call(cfg, prm, [[45, 40]], [0], [30.0], [2.0], crm)
     assert torch.equal(out.masks[0], box(36, 56, 36, 46))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ranprm.errors import ConfigError
-from ranprm.prm.thresholds import ThresholdStrategy, Thresholds, select_classes, select_peaks
+from ranprm.prm.thresholds import Thresholds, ThresholdStrategy, select_classes, select_peaks
 
 VALUES = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])
 

@@ -57,14 +57,10 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backbones", default="ran,ran92,resnet50", help="comma-separated registry names")
     parser.add_argument("--sizes", default=None, help="comma-separated square image sides (default 448,160)")
     parser.add_argument("--batch", type=int, default=None, help="images per batch (default 8)")
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="timed runs per mode; the median is kept (3)"
-    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per mode; the median is kept (3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs before timing (default 1)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 px, batch 2, 1 repeat")
     parser.add_argument(
         "--in-process", action="store_true", help="no subprocess per measurement (CPU memory may under-count)"
@@ -142,9 +138,7 @@ class _PeakMemory:
         return round(max(peak - self.base, 0) / 2**20, 1)
 
 
-def measure(
-    backbone: str, size: int, batch: int, mode: str, device: str, repeats: int, warmup: int
-) -> dict[str, Any]:
+def measure(backbone: str, size: int, batch: int, mode: str, device: str, repeats: int, warmup: int) -> dict[str, Any]:
     """Median seconds per batch and peak memory (MiB above model + input) of one backbone in one mode."""
     import ranprm.models.backbones  # noqa: F401  (fills the registry)
     from ranprm.models.registry import build_backbone
@@ -255,9 +249,7 @@ def main(argv: list[str]) -> None:
                     continue
                 row[f"{mode}_s"] = result["time_s"]
                 row["peak_mem_mb" if mode == "fwdbwd" else "fwd_peak_mem_mb"] = result["peak_mem_mb"]
-                row.update(
-                    params_m=result["params_m"], threads=result["threads"], mem_measure=result["mem_measure"]
-                )
+                row.update(params_m=result["params_m"], threads=result["threads"], mem_measure=result["mem_measure"])
             print(json.dumps(row), flush=True)
 
 

@@ -27,9 +27,7 @@ class DataConfig:
     flip_prob: float = 0.5
     train_split: str = "train"  # ImageSets/Main/<train_split>.txt
     train_fraction: float = 1.0  # the first fraction of the split, in file order (the seed uses 0.2)
-    holdout_fraction: float = (
-        0.0  # > 0: validate on the last part of the (cut) training ids instead of val_split
-    )
+    holdout_fraction: float = 0.0  # > 0: validate on the last part of the (cut) training ids instead of val_split
     val_task: str = "Segmentation"  # ImageSets/<val_task>/<val_split>.txt: instance masks live there in VOC
     val_split: str = "val"
     difficult_as_positive: bool = True
@@ -91,9 +89,7 @@ class VOCDataModule(L.LightningDataModule):
     def split_ids(self) -> tuple[list[str], list[str]]:
         """(train ids, validation ids) after the fraction and hold-out rules."""
         cfg = self.cfg
-        train = split_ids(
-            read_split(self.root, "Main", cfg.train_split), cfg.train_fraction, "data.train_fraction"
-        )
+        train = split_ids(read_split(self.root, "Main", cfg.train_split), cfg.train_fraction, "data.train_fraction")
         if cfg.holdout_fraction > 0:
             if not cfg.holdout_fraction < 1.0 or len(train) < 2:
                 raise ConfigError(

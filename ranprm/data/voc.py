@@ -50,9 +50,7 @@ def read_split(root: Path, task: str, split: str) -> list[str]:
     """Image ids listed in `ImageSets/<task>/<split>.txt` (one id per line; VOC per-class files add a label)."""
     split_file = root / "ImageSets" / task / f"{split}.txt"
     if not split_file.is_file():
-        raise DataError(
-            f"split file {split_file} does not exist; check data.root and the split name {split!r}"
-        )
+        raise DataError(f"split file {split_file} does not exist; check data.root and the split name {split!r}")
     ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
     if not ids:
         raise DataError(f"split file {split_file} lists no image ids; fill it or choose another split")
@@ -75,9 +73,7 @@ class ObjectAnnotation:
 def read_annotation(xml_path: Path, class_names: tuple[str, ...]) -> list[ObjectAnnotation]:
     """The objects of one `Annotations/<id>.xml`, parsed with a hardened parser (no entity expansion)."""
     if not xml_path.is_file():
-        raise DataError(
-            f"annotation {xml_path} does not exist; every listed image needs Annotations/<id>.xml"
-        )
+        raise DataError(f"annotation {xml_path} does not exist; every listed image needs Annotations/<id>.xml")
     try:
         tree = SafeET.parse(xml_path)
     except (SafeET.ParseError, DefusedXmlException, ValueError) as err:
@@ -102,9 +98,7 @@ def read_annotation(xml_path: Path, class_names: tuple[str, ...]) -> list[Object
             raise DataError(f"annotation {xml_path} has a malformed <bndbox> for {name!r}") from err
         objects.append(ObjectAnnotation(name, difficult, box))  # type: ignore[arg-type]
     if not objects:
-        raise DataError(
-            f"annotation {xml_path} has no <object>; an image-level label needs at least one object"
-        )
+        raise DataError(f"annotation {xml_path} has no <object>; an image-level label needs at least one object")
     return objects
 
 
@@ -132,9 +126,7 @@ def read_image(path: Path) -> Tensor:
     except FileNotFoundError as err:
         raise DataError(f"image {path} does not exist") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(
-            f"image {path} is larger than PIL's decompression-bomb limit; refusing to decode it"
-        ) from err
+        raise DataError(f"image {path} is larger than PIL's decompression-bomb limit; refusing to decode it") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(
             f"image {path} is truncated or corrupt ({err}); replace it or set data.skip_bad_images=true"
@@ -148,9 +140,7 @@ def _read_index_png(path: Path) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.mode not in ("P", "L"):
-                    raise DataError(
-                        f"mask {path} has mode {img.mode}; VOC masks are palette (P) or grey (L) PNGs"
-                    )
+                    raise DataError(f"mask {path} has mode {img.mode}; VOC masks are palette (P) or grey (L) PNGs")
                 return np.asarray(img).copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DataError(f"mask {path} is larger than PIL's decompression-bomb limit; refusing to decode it") from err

@@ -72,9 +72,7 @@ class GroundTruth:
                 f"{tuple(self.void.shape)} (H, W)"
             )
         if self.labels.shape != (self.masks.shape[0],):
-            raise ValueError(
-                f"GroundTruth {self.image_id}: labels {tuple(self.labels.shape)} do not match masks"
-            )
+            raise ValueError(f"GroundTruth {self.image_id}: labels {tuple(self.labels.shape)} do not match masks")
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -215,10 +213,7 @@ class InstanceEvaluator:
         for i, (pred, gt) in enumerate(zip(preds, gts, strict=True)):
             self._update_image(pred, gt, None if peaks is None else peaks[i], peaks is not None)
         if class_scores is not None and class_targets is not None:
-            if (
-                class_scores.shape != (len(gts), self.num_classes)
-                or class_targets.shape != class_scores.shape
-            ):
+            if class_scores.shape != (len(gts), self.num_classes) or class_targets.shape != class_scores.shape:
                 raise ValueError(f"update: class_scores/targets must be ({len(gts)}, {self.num_classes})")
             self._cls_scores.append(class_scores.detach().float().cpu())
             self._cls_targets.append(class_targets.detach().long().cpu())
@@ -322,9 +317,7 @@ class InstanceEvaluator:
             out["num_peaks"] = self._num_peaks
         cls_aps: list[float | None] | None = None
         if self._cls_scores:
-            out["cls_map"], cls_aps = classification_map(
-                torch.cat(self._cls_scores), torch.cat(self._cls_targets)
-            )
+            out["cls_map"], cls_aps = classification_map(torch.cat(self._cls_scores), torch.cat(self._cls_targets))
         out["num_images"] = self._num_images
         out["num_gt"] = num_gt
         out["num_predictions"] = self._num_preds
@@ -394,12 +387,8 @@ def summary(metrics: dict[str, Any]) -> str:
     maps = " / ".join(_pct(metrics[f"map_r_{k}"]) for k in THRESHOLD_KEYS)
     parts = [f"mAP^r@0.25/0.5/0.75 {maps}", f"ABO {_pct(metrics['abo'])}"]
     if "pointing_accuracy" in metrics:
-        parts.append(
-            f"pointing acc {_pct(metrics['pointing_accuracy'])} recall {_pct(metrics['pointing_recall'])}"
-        )
+        parts.append(f"pointing acc {_pct(metrics['pointing_accuracy'])} recall {_pct(metrics['pointing_recall'])}")
     if "cls_map" in metrics:
         parts.append(f"cls mAP {_pct(metrics['cls_map'])}")
-    counts = (
-        f"({metrics['num_images']} images, {metrics['num_gt']} GT, {metrics['num_predictions']} predictions)"
-    )
+    counts = f"({metrics['num_images']} images, {metrics['num_gt']} GT, {metrics['num_predictions']} predictions)"
     return " | ".join(parts) + " " + counts

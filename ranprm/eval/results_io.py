@@ -76,9 +76,7 @@ def decode_rle(rle: Mapping[str, Any]) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).bool()
 
 
-def instances_to_results(
-    image_id: str, instances: Instances, class_names: Sequence[str]
-) -> list[dict[str, Any]]:
+def instances_to_results(image_id: str, instances: Instances, class_names: Sequence[str]) -> list[dict[str, Any]]:
     """Result entries of one image's instances (masks at the image's original size)."""
     masks, labels = instances.masks.detach().cpu(), instances.labels.detach().cpu().tolist()
     scores, peaks = instances.scores.detach().cpu().tolist(), instances.peaks.detach().cpu().double()
@@ -134,9 +132,7 @@ class ImageResults:
         """
         h, w = self.image_size
         if self.rles:
-            masks = torch.from_numpy(
-                np.ascontiguousarray(mask_utils.decode(self.rles).transpose(2, 0, 1))
-            ).bool()
+            masks = torch.from_numpy(np.ascontiguousarray(mask_utils.decode(self.rles).transpose(2, 0, 1))).bool()
         else:
             masks = torch.zeros(0, h, w, dtype=torch.bool)
         prms = torch.zeros((), dtype=torch.float32).expand(len(self.rles), h, w)
@@ -186,9 +182,7 @@ def read_results(
             return PredictionsError(f"predictions file {path}, {where}: {message}")
 
         if not isinstance(entry, dict):
-            raise fail(
-                f"expected an object with keys {', '.join(_REQUIRED_KEYS)}, got {type(entry).__name__}"
-            )
+            raise fail(f"expected an object with keys {', '.join(_REQUIRED_KEYS)}, got {type(entry).__name__}")
         image_id = entry.get("image_id")
         missing = [k for k in _REQUIRED_KEYS if k not in entry]
         if missing:
@@ -198,11 +192,7 @@ def read_results(
         if image_id not in image_sizes:
             raise fail("image is not in the evaluated split", image_id)
         category_id = entry["category_id"]
-        if not (
-            isinstance(category_id, int)
-            and not isinstance(category_id, bool)
-            and 1 <= category_id <= num_classes
-        ):
+        if not (isinstance(category_id, int) and not isinstance(category_id, bool) and 1 <= category_id <= num_classes):
             raise fail(f"unknown category_id {category_id!r}; expected 1..{num_classes} (1-based)", image_id)
         name = entry.get("category")
         if name is not None and name != class_names[category_id - 1]:
@@ -218,9 +208,7 @@ def read_results(
             raise fail("segmentation must be a COCO RLE object {size: [h, w], counts: str}", image_id)
         h, w = image_sizes[image_id]
         if seg.get("size") != [h, w]:
-            raise fail(
-                f"segmentation size {seg.get('size')!r} differs from the image's size [{h}, {w}]", image_id
-            )
+            raise fail(f"segmentation size {seg.get('size')!r} differs from the image's size [{h}, {w}]", image_id)
         try:
             decode_rle(seg)  # validation only: the runs must cover exactly h*w pixels
         except ValueError as err:
@@ -228,11 +216,7 @@ def read_results(
         peak = entry.get("peak")
         if peak is None:
             yx = [math.nan, math.nan]
-        elif (
-            isinstance(peak, list)
-            and len(peak) == 2
-            and all(_is_number(v) and math.isfinite(v) for v in peak)
-        ):
+        elif isinstance(peak, list) and len(peak) == 2 and all(_is_number(v) and math.isfinite(v) for v in peak):
             yx = [float(peak[0]), float(peak[1])]
         else:
             raise fail(f"peak must be [y, x] with finite numbers, got {peak!r}", image_id)

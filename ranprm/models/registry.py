@@ -42,9 +42,7 @@ def available_backbones() -> list[str]:
 def build_backbone(name: str, **cfg: Any) -> nn.Module:
     """Build the backbone registered as `name` with keyword options `cfg`."""
     if name not in _REGISTRY:
-        raise ConfigError(
-            f"backbone.name={name!r} is not a known backbone; choose one of {available_backbones()}"
-        )
+        raise ConfigError(f"backbone.name={name!r} is not a known backbone; choose one of {available_backbones()}")
     module = _REGISTRY[name](**cfg)
     for attr in ("out_channels", "stride"):
         if not isinstance(getattr(module, attr, None), int):

@@ -18,9 +18,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a plain weight file or from a Lightning checkpoint, without unpickling code."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(
-            f"backbone.pretrained={str(path)!r}: no such file; give the path of a weight file"
-        )
+        raise CheckpointError(f"backbone.pretrained={str(path)!r}: no such file; give the path of a weight file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad or unsafe file

@@ -292,9 +292,7 @@ def _shadow(module: nn.Module, name: str, value: Any, undo: list[tuple[nn.Module
 
 
 @contextmanager
-def _patched(
-    model: nn.Module, conv_forward: ConvForward | None, frozen_batchnorm: bool = False
-) -> Iterator[nn.Module]:
+def _patched(model: nn.Module, conv_forward: ConvForward | None, frozen_batchnorm: bool = False) -> Iterator[nn.Module]:
     """Eval mode; every Conv2d's `_conv_forward` replaced by `conv_forward` (if given) and, with
     `frozen_batchnorm`, every plain eval BN's forward by `_frozen_batchnorm_forward`; all undone on exit.
 
@@ -361,8 +359,7 @@ def _check_on_grid(peaks: Tensor, crm_up: Tensor) -> None:
     bad = ((peaks[:, 1:] < 0) | (peaks[:, 1:] >= limits)).any(dim=1)
     if bad.any():
         raise ValueError(
-            f"peaks {peaks[bad].tolist()} lie outside the up-sampled CRM grid "
-            f"(C, h, w) = {tuple(crm_up.shape[1:])}"
+            f"peaks {peaks[bad].tolist()} lie outside the up-sampled CRM grid (C, h, w) = {tuple(crm_up.shape[1:])}"
         )
 
 

@@ -66,6 +66,4 @@ class Instances:
         size = parts[0].image_size
         if any(p.image_size != size for p in parts):
             raise ValueError("Instances.cat: parts have different image sizes")
-        return Instances(
-            size, **{f: torch.cat([getattr(p, f) for p in parts]) for f in Instances._tensor_fields()}
-        )
+        return Instances(size, **{f: torch.cat([getattr(p, f) for p in parts]) for f in Instances._tensor_fields()})

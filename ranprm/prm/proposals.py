@@ -90,9 +90,7 @@ class ProposalConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
-            raise ConfigError(
-                f"retrieval.search.mode={self.mode!r} is unknown; choose fast, quality or single"
-            )
+            raise ConfigError(f"retrieval.search.mode={self.mode!r} is unknown; choose fast, quality or single")
         if self.max_proposals < 1:
             raise ConfigError(f"retrieval.search.max_proposals={self.max_proposals} must be >= 1")
         if self.max_side is not None and self.max_side < 16:
@@ -101,8 +99,7 @@ class ProposalConfig:
             raise ConfigError(f"retrieval.search.min_inside={self.min_inside} must lie in (0, 1]")
         if self.base_k <= 0 or self.inc_k <= 0 or self.sigma < 0:
             raise ConfigError(
-                f"retrieval.search: base_k={self.base_k}, inc_k={self.inc_k} must be > 0 "
-                f"and sigma={self.sigma} >= 0"
+                f"retrieval.search: base_k={self.base_k}, inc_k={self.inc_k} must be > 0 and sigma={self.sigma} >= 0"
             )
 
     @classmethod
@@ -175,9 +172,7 @@ def superpixels(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
     """Label map (H, W) int32 in 0..n-1: selective search's first starting segmentation of an RGB image."""
     _check_image(image)
     hsv = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), cv2.COLOR_BGR2HSV)
-    segmenter = cv2.ximgproc.segmentation.createGraphSegmentation(
-        cfg.sigma, float(cfg.base_k), _OPENCV_MIN_SIZE
-    )
+    segmenter = cv2.ximgproc.segmentation.createGraphSegmentation(cfg.sigma, float(cfg.base_k), _OPENCV_MIN_SIZE)
     return segmenter.processImage(hsv).astype(np.int32)
 
 
@@ -197,10 +192,7 @@ def boxes_to_masks(labels: np.ndarray, boxes: np.ndarray, min_inside: float = 0.
     # Per box one bincount over its window: O(box area) in C, memory O(n) per box (an integral image of the
     # one-hot labels would be O(h * w * n)).
     inside = np.stack(
-        [
-            np.bincount(labels[a:b, c:d].ravel(), minlength=n)
-            for a, b, c, d in zip(y0, y1, x0, x1, strict=True)
-        ]
+        [np.bincount(labels[a:b, c:d].ravel(), minlength=n) for a, b, c, d in zip(y0, y1, x0, x1, strict=True)]
     )
     members = inside >= min_inside * sizes[None, :]  # (B, n)
     packed = []
@@ -303,9 +295,7 @@ def proposal_masks(image: np.ndarray, cfg: ProposalConfig | None = None) -> np.n
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(
-            f"retrieval.cache_dir={cfg.cache_dir!r} cannot be created: {err.strerror or err}"
-        ) from err
+        raise ConfigError(f"retrieval.cache_dir={cfg.cache_dir!r} cannot be created: {err.strerror or err}") from err
     path = folder / f"{cache_key(image, cfg)}.npz"
     masks = _read_cache(path, image.shape)
     if masks is None:
@@ -313,7 +303,5 @@ def proposal_masks(image: np.ndarray, cfg: ProposalConfig | None = None) -> np.n
         try:
             _write_cache(path, masks, image.shape)
         except OSError as err:
-            raise ConfigError(
-                f"retrieval.cache_dir={cfg.cache_dir!r} is not writable: {err.strerror or err}"
-            ) from err
+            raise ConfigError(f"retrieval.cache_dir={cfg.cache_dir!r} is not writable: {err.strerror or err}") from err
     return upsample_masks(masks, image.shape[:2])

@@ -170,9 +170,7 @@ class ProposalRetrievalConfig:
         if "cache_dir" in search:
             raise ConfigError("retrieval.search.cache_dir: put cache_dir at retrieval.cache_dir")
         search["cache_dir"] = cfg.get("cache_dir")
-        return cls(
-            **_parse(cls, cfg, skip=("search", "cache_dir")), search=ProposalConfig.from_config(search)
-        )
+        return cls(**_parse(cls, cfg, skip=("search", "cache_dir")), search=ProposalConfig.from_config(search))
 
 
 @dataclass(frozen=True)
@@ -194,9 +192,7 @@ class PrmOnlyConfig:
         if not 0.0 < self.threshold <= 1.0:
             raise ConfigError(f"retrieval.threshold={self.threshold} must lie in (0, 1]")
         if not 0.0 <= self.smooth <= 0.5:
-            raise ConfigError(
-                f"retrieval.smooth={self.smooth} must lie in [0, 0.5] (a fraction of the shorter side)"
-            )
+            raise ConfigError(f"retrieval.smooth={self.smooth} must lie in [0, 0.5] (a fraction of the shorter side)")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> PrmOnlyConfig:
@@ -364,9 +360,7 @@ def proposal_terms(prms: Tensor, proposals: Tensor, bg: Tensor, contour_size: in
     for s in range(0, p, step):
         chunk = proposals[s : s + step]
         per_mask[:, s : s + step] = left @ chunk.reshape(len(chunk), -1).float().T
-        contour[:, s : s + step] = (
-            flat_prm @ contour_masks(chunk, contour_size).reshape(len(chunk), -1).float().T
-        )
+        contour[:, s : s + step] = flat_prm @ contour_masks(chunk, contour_size).reshape(len(chunk), -1).float().T
     return ProposalTerms(per_mask[:k], contour, per_mask[k : 2 * k], per_mask[2 * k])
 
 
@@ -478,14 +472,11 @@ def _check_inputs(
 ) -> None:
     if crms.ndim != 3 or class_logits.shape != crms.shape[:1]:
         raise ValueError(
-            f"crms must be (C, H, W) and class_logits (C,), got {tuple(crms.shape)}, "
-            f"{tuple(class_logits.shape)}"
+            f"crms must be (C, H, W) and class_logits (C,), got {tuple(crms.shape)}, {tuple(class_logits.shape)}"
         )
     k = len(prms)
     if prms.ndim != 3 or prms.shape[1:] != crms.shape[1:]:
-        raise ValueError(
-            f"prms must be (K, H, W) at the CRMs' size {tuple(crms.shape[1:])}, got {tuple(prms.shape)}"
-        )
+        raise ValueError(f"prms must be (K, H, W) at the CRMs' size {tuple(crms.shape[1:])}, got {tuple(prms.shape)}")
     if peaks_yx.shape != (k, 2) or labels.shape != (k,) or peak_values.shape != (k,):
         raise ValueError(
             f"peaks_yx (K, 2), labels (K,), peak_values (K,) with K={k}, got "
@@ -531,9 +522,7 @@ def retrieve_instances(
     if isinstance(cfg, ProposalRetrievalConfig):
         if proposals is None:
             if image is None:
-                raise ConfigError(
-                    "retrieval.name=proposals needs the original RGB image (or precomputed proposals)"
-                )
+                raise ConfigError("retrieval.name=proposals needs the original RGB image (or precomputed proposals)")
             if tuple(image.shape[:2]) != (h, w):
                 raise ValueError(f"image is {tuple(image.shape[:2])}, the maps are {(h, w)}")
             proposals = proposal_masks(image, cfg.search)
@@ -555,9 +544,7 @@ def retrieve_instances(
     rows = found.nonzero(as_tuple=True)[0]
     if len(rows) == 0:
         return Instances.empty((h, w), device=device)
-    keep, merged = instance_nms(
-        masks[rows], prms[rows], scores[rows], labels[rows], cfg.nms_iou, cfg.nms_per_class
-    )
+    keep, merged = instance_nms(masks[rows], prms[rows], scores[rows], labels[rows], cfg.nms_iou, cfg.nms_per_class)
     rows = rows[keep]
     return Instances(
         image_size=(h, w),

@@ -38,9 +38,7 @@ class ThresholdStrategy:
 
     def __post_init__(self) -> None:
         if self.kind not in ("fixed", "mean", "median", "quantile"):
-            raise ConfigError(
-                f"threshold kind {self.kind!r} is unknown; choose fixed, mean, median or quantile"
-            )
+            raise ConfigError(f"threshold kind {self.kind!r} is unknown; choose fixed, mean, median or quantile")
         if self.kind == "quantile" and not 0.0 <= self.q <= 1.0:
             raise ConfigError(f"threshold quantile q={self.q} must lie in [0, 1]")
 

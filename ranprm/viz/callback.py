@@ -58,19 +58,13 @@ class PanelCallback(Callback):
         if "image" not in batch:
             return
         panels, captions = self.render(pl_module, dataset, batch)
-        out_dir = (
-            (self.output_dir or Path(trainer.default_root_dir))
-            / "panels"
-            / f"epoch_{trainer.current_epoch:03d}"
-        )
+        out_dir = (self.output_dir or Path(trainer.default_root_dir)) / "panels" / f"epoch_{trainer.current_epoch:03d}"
         for image_id, panel in zip(batch["image_id"], panels, strict=True):
             save_png(out_dir / f"{image_id}.png", panel)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 try:
-                    logger.log_image(
-                        key="val/panels", images=panels, step=trainer.global_step, caption=captions
-                    )
+                    logger.log_image(key="val/panels", images=panels, step=trainer.global_step, caption=captions)
                 except Exception as err:  # W&B must never cost the run
                     log.warning("could not log panels to W&B (%s: %s); the PNGs are in %s", type(err).__name__,
                                 err, out_dir)  # fmt: skip

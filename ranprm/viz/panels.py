@@ -402,9 +402,7 @@ def _draw_marker(tile: np.ndarray, y: float, x: float, size: int) -> None:
     cv2.drawMarker(tile, p, _WHITE, cv2.MARKER_CROSS, size, 2, cv2.LINE_AA)
 
 
-def _draw_text_box(
-    tile: np.ndarray, text: str, x: int, y: int, colour: tuple[int, int, int], scale: float
-) -> None:
+def _draw_text_box(tile: np.ndarray, text: str, x: int, y: int, colour: tuple[int, int, int], scale: float) -> None:
     """Text on a filled box whose top-left corner is near (x, y), kept inside the tile."""
     (w, h), base = cv2.getTextSize(text, _FONT, scale, 1)
     x = int(np.clip(x, 0, max(0, tile.shape[1] - w - 4)))
@@ -481,9 +479,7 @@ def _instance_tile(
     blend = tile.astype(np.float32)
     for i in reversed(range(len(shown))):
         m = masks[i].astype(bool)
-        blend[m] = (
-            blend[m] * (1.0 - style.instance_alpha) + np.array(colours[i], np.float32) * style.instance_alpha
-        )
+        blend[m] = blend[m] * (1.0 - style.instance_alpha) + np.array(colours[i], np.float32) * style.instance_alpha
     tile = (blend + 0.5).astype(np.uint8)
     width = _line_width(hw)
     ih, iw = instances.image_size
@@ -496,15 +492,11 @@ def _instance_tile(
         _outline(tile, masks[i], colours[i], width)
         y, x = peaks[i]
         if np.isfinite(y) and np.isfinite(x):
-            cv2.drawMarker(
-                tile, (round(x * sx), round(y * sy)), colours[i], cv2.MARKER_TILTED_CROSS, marker, 2
-            )
+            cv2.drawMarker(tile, (round(x * sx), round(y * sy)), colours[i], cv2.MARKER_TILTED_CROSS, marker, 2)
     for i in reversed(range(len(shown))):
         ys, xs = np.nonzero(masks[i])
         # The label sits at the mask box's top-left corner, or at the peak when the mask vanished in resizing.
-        top, left = (
-            (int(ys.min()), int(xs.min())) if len(ys) else (int(peaks[i][0] * sy), int(peaks[i][1] * sx))
-        )
+        top, left = (int(ys.min()), int(xs.min())) if len(ys) else (int(peaks[i][0] * sy), int(peaks[i][1] * sx))
         _draw_text_box(tile, f"{_name(names, labels[i])} {scores[i]:.2f}", left, top, colours[i], scale)
     caption = f"pred {n}" + (f" (top {len(shown)})" if len(shown) < n else "")
     return tile, caption
@@ -525,9 +517,7 @@ def _prm_sources(inputs: PanelInputs) -> list[tuple[int, float, float, np.ndarra
     h, w = int(inputs.image.shape[1]), int(inputs.image.shape[2])
     peaks = _to_numpy(inst.peaks).reshape(-1, 2)
     labels = inst.labels.cpu().tolist()
-    return [
-        (int(labels[i]), float(y) * h / ih, float(x) * w / iw, inst.prms[i]) for i, (y, x) in enumerate(peaks)
-    ]
+    return [(int(labels[i]), float(y) * h / ih, float(x) * w / iw, inst.prms[i]) for i, (y, x) in enumerate(peaks)]
 
 
 def _pick_prms(

@@ -36,12 +36,16 @@ class PRMModule(L.LightningModule):
         retrieval: dict[str, Any] | None = None,
         eval: dict[str, Any] | None = None,  # noqa: A002  (the config group's name)
         image_size: int | None = None,  # the training input size, so predict can use the same one
+        channels_last: bool = False,  # NHWC weights and inputs (faster convolutions); results are unchanged
     ) -> None:
         super().__init__()
         # Everything needed to rebuild the model from a checkpoint alone (ranprm-predict / ranprm-evaluate).
         self.save_hyperparameters()
         self.class_names = list(class_names)
         self.model = PRMNet.from_config(backbone, len(class_names))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # Later .to(device) and load_state_dict keep this layout, so checkpoints need no conversion.
+        self.model.to(memory_format=self.memory_format)
         self.loss_fn = nn.MultiLabelSoftMarginLoss()
         self.val_cls_map = MultilabelAveragePrecision(num_labels=len(class_names), average="macro")
         self.instance_evaluator = InstanceEvaluator(self.class_names)
@@ -50,7 +54,7 @@ class PRMModule(L.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         """Class response maps (B, C, h, w)."""
-        return self.model(images)
+        return self.model(images.contiguous(memory_format=self.memory_format))
 
     def class_logits(self, crms: Tensor) -> Tensor:
         head = self.hparams.head
@@ -72,9 +76,17 @@ class PRMModule(L.LightningModule):
     ) -> list[ImagePrediction]:
         """Instances at the original sizes for network inputs `images (B, 3, S, S)`; see `ranprm.inference`."""
         self.eval()
-        return predict_batch(
-            self.model, images, orig_sizes, self.inference_config(), self.class_logits, raw_images
-        )
+        # Peak backprop runs in fp32 even inside a bf16-mixed validation step: PRM's custom backward mixes the
+        # saved activations with fp32 weights, and instance maps should not depend on the training precision.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return predict_batch(
+                self.model,
+                images.float().contiguous(memory_format=self.memory_format),
+                orig_sizes,
+                self.inference_config(),
+                self.class_logits,
+                raw_images,
+            )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         if "image" not in batch:
@@ -139,19 +151,26 @@ class PRMModule(L.LightningModule):
         self.instance_evaluator.reset()
         self._instance_images_seen = 0
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         cfg = dict(self.hparams.optimizer)
         name = cfg.pop("name")
         mult = float(cfg.pop("backbone_lr_mult", 1.0))
+        schedule = cfg.pop("scheduler", None) or "none"
         lr = float(cfg["lr"])
         groups = [
             {"params": self.model.backbone.parameters(), "lr": lr * mult},
             {"params": self.model.classifier.parameters(), "lr": lr},
         ]
-        if name == "sgd":
-            return torch.optim.SGD(groups, **cfg)
-        if name == "adam":
-            return torch.optim.Adam(groups, **cfg)
-        if name == "adamw":
-            return torch.optim.AdamW(groups, **cfg)
-        raise ConfigError(f"optimizer.name={name!r} is unknown; choose sgd, adam or adamw")
+        optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+        if name not in optimizers:
+            raise ConfigError(f"optimizer.name={name!r} is unknown; choose sgd, adam or adamw")
+        optimizer = optimizers[name](groups, **cfg)
+        if schedule == "none":
+            return optimizer
+        if schedule != "cosine":
+            raise ConfigError(f"optimizer.scheduler={schedule!r} is unknown; choose none or cosine")
+        # Per step, down to 0 at the last step of the run: short from-scratch runs end on a settled model
+        # instead of wherever the last large step left it.
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}

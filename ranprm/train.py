@@ -28,6 +28,7 @@ from ranprm.config import config_dir, report_user_errors
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.data.dataset import SkippedImagesReport
 from ranprm.errors import ConfigError
+from ranprm.hardware import resolve_precision
 from ranprm.io_utils import write_json_atomic
 from ranprm.loggers import build_logger
 from ranprm.module import PRMModule
@@ -90,6 +91,7 @@ def build_module(cfg: DictConfig, class_names: tuple[str, ...]) -> PRMModule:
         retrieval=_plain(cfg.retrieval),
         eval=_plain(cfg.eval),
         image_size=int(cfg.data.image_size),
+        channels_last=bool(cfg.get("channels_last", False)),
     )
 
 
@@ -99,13 +101,15 @@ def train(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = VOCDataModule(DataConfig.from_config(_plain(cfg.data)))
-    datamodule.setup(
-        "fit"
-    )  # reads every label now: a bad annotation stops the run before anything is written
+    datamodule.setup("fit")  # reads every label now: a bad annotation stops the run before anything is written
     module = build_module(cfg, datamodule.class_names)
     logger = build_logger(_plain(cfg.logger), run_dir, run_config=_plain(cfg))
+    trainer_args = _plain(cfg.trainer)
+    trainer_args["precision"] = resolve_precision(trainer_args.get("precision", "32-true"),
+                                                  trainer_args.get("accelerator", "auto"))  # fmt: skip
+    log.info("trainer.precision=%s -> %s", cfg.trainer.get("precision"), trainer_args["precision"])
     trainer = L.Trainer(
-        **_plain(cfg.trainer),
+        **trainer_args,
         logger=logger if logger is not None else False,
         callbacks=build_callbacks(cfg, run_dir, has_logger=logger is not None),
         default_root_dir=str(run_dir),

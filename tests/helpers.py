@@ -83,3 +83,7 @@ def write_voc(root: Path, num_images: int = 8, size: int = 64, difficult_first: 
         (root / "ImageSets" / task / "val.txt").write_text("\n".join(ids[n_train:]) + "\n")
     (root / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(ids) + "\n")
     return root
+
+
+# The peak-stimulation head settings of conf/train.yaml, for tests that build a PRMModule directly.
+HEAD = {"stimulation": True, "window": 3, "peak_filter": "median", "sub_pixel_factor": 1, "full_peak_gradient": True}

@@ -43,9 +43,7 @@ def _objects(root: Path, image_id: str) -> tuple[tuple[int, int], list[dict]]:
     objects = []
     for obj in tree.iter("object"):
         box = tuple(int(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax"))
-        objects.append(
-            {"name": obj.findtext("name"), "difficult": obj.findtext("difficult") == "1", "box": box}
-        )
+        objects.append({"name": obj.findtext("name"), "difficult": obj.findtext("difficult") == "1", "box": box})
     return size, objects
 
 
@@ -247,3 +245,24 @@ def test_spec_validation_and_yaml_lists() -> None:
     for bad in ({"num_train": 0}, {"void_width": 3}, {"max_instances": 0}, {"object_scale": (0.3, 0.2)}):
         with pytest.raises(ConfigError):
             SyntheticSpec(**bad)  # type: ignore[arg-type]
+
+
+def test_objects_wear_their_class_hue_and_random_colours_when_switched_off():
+    """With class_colours each instance's pixels sit near its CLASS_HUES entry; without, hues spread out."""
+
+    def hue_errors(spec):
+        errors = []
+        for index in range(6):
+            sample = synthetic.render_sample(spec, "train", index)
+            hsv = cv2.cvtColor(sample.image, cv2.COLOR_RGB2HSV_FULL).astype(np.float64)
+            for slot, obj in enumerate(sample.objects, start=1):
+                hue = hsv[..., 0][sample.instances == slot] * 360.0 / 256.0
+                angle = np.deg2rad(hue)
+                mean = np.rad2deg(np.arctan2(np.sin(angle).mean(), np.cos(angle).mean()))
+                errors.append(abs((mean - synthetic.CLASS_HUES[obj.name] + 180.0) % 360.0 - 180.0))
+        return np.array(errors)
+
+    coloured = hue_errors(synthetic.SyntheticSpec(num_train=6, num_val=1))
+    random = hue_errors(synthetic.SyntheticSpec(num_train=6, num_val=1, class_colours=False))
+    assert coloured.max() < 25.0  # +-15 degrees of jitter, plus shading and sensor noise
+    assert np.median(random) > 30.0

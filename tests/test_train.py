@@ -37,6 +37,7 @@ def tiny_overrides(voc_root: Path, out: Path, backbone: str = "tiny") -> list[st
         "data.batch_size=4",
         "data.num_workers=0",
         "trainer=cpu",
+        "trainer.precision=32-true",  # auto would pick bf16 on some CI machines and fp32 on others
         "trainer.max_epochs=2",
         "logger=csv",
         "callbacks.progress_bar=none",

@@ -23,10 +23,13 @@ Ids are `train_00000`, ... and `val_00000`, ...; each image's random stream is s
 What an image holds:
 - a cluttered background: a colour gradient, low- and mid-frequency colour noise, random lines and
   translucent blobs, then up to `max_distractors` opaque distractor shapes of no class (elongated ellipses,
-  bars, irregular blobs, crescents), a share `distractor_class_texture_prob` of them painted with one of the class textures so that texture
-  alone does not name a class;
-- 1 to `max_instances` objects, each with a random scale, aspect, rotation, position and two random colours.
-  A class is a shape *and* a texture (CLASS_TEXTURES); colour carries no information. Classes are drawn
+  bars, irregular blobs, crescents), a share `distractor_class_texture_prob` of them painted like one of the
+  classes (its texture and hue) so that appearance alone does not name a class;
+- 1 to `max_instances` objects, each with a random scale, aspect, rotation, position and two colours.
+  A class is a shape, a texture (CLASS_TEXTURES) and a hue family (CLASS_HUES: one light and one dark colour
+  near the class hue). Distractors that wear a class texture wear its hue too, so only the shape separates
+  them from the class. With `class_colours=False` colours are random and carry no information: a from-scratch
+  network then needs far more than a few hundred images to learn anything. Classes are drawn
   uniformly, so with several objects one class often repeats. Objects are painted in XML order, so later
   objects occlude earlier ones and an instance's mask is its visible part. An object whose visible part is
   tiny (under `min_visible_fraction` of its area, or too few non-void pixels) is left out of the picture
@@ -44,6 +47,7 @@ instance's non-void pixels in SegmentationObject.
 
 from __future__ import annotations
 
+import colorsys
 import contextlib
 import hashlib
 import json
@@ -73,7 +77,7 @@ except ImportError:  # pragma: no cover - Windows: the atomic rename alone still
 log = logging.getLogger(__name__)
 
 # Bump whenever the pictures, masks or files change for the same spec: the cache key includes it.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 CLASS_NAMES: tuple[str, ...] = ("disk", "square", "triangle", "star", "ring", "cross")
 # Each class has its own shape and its own texture; both rotate and scale with the object.
@@ -85,6 +89,8 @@ CLASS_TEXTURES: dict[str, str] = {
     "ring": "grid",
     "cross": "zigzag",
 }
+# Hue (degrees) around which each class's two colours are drawn when `SyntheticSpec.class_colours` is on.
+CLASS_HUES: dict[str, float] = {name: 60.0 * i for i, name in enumerate(CLASS_NAMES)}
 DISTRACTOR_SHAPES: tuple[str, ...] = ("ellipse", "bar", "blob", "crescent")
 VOID = 255
 SPLITS: tuple[str, ...] = ("train", "val")
@@ -109,6 +115,10 @@ class SyntheticSpec:
     max_distractors: int = 3
     # Share of distractors painted with a class texture, so that texture alone does not name a class.
     distractor_class_texture_prob: float = 0.5
+    # Each class paints in its own hue family (CLASS_HUES) on top of its shape and texture; a distractor with a
+    # class texture takes that class's hue too, so neither colour nor texture alone names a class. False: random
+    # colours, a much harder task that a from-scratch CNN does not learn from a few hundred images.
+    class_colours: bool = True
     void_width: int = 2  # total width of the 255 band across a boundary (even: half inside, half outside)
     min_visible_fraction: float = 0.25  # below this an occluded object is dropped from the image
     difficult_visible_fraction: float = 0.5  # below this a kept object is marked difficult
@@ -238,8 +248,7 @@ def _distractor_polygons(kind: str, rng: np.random.Generator) -> _Polygons:
     if kind == "bar":
         return [
             (
-                np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
-                * [1.0, rng.uniform(0.1, 0.25)],
+                np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]]) * [1.0, rng.uniform(0.1, 0.25)],
                 1,
             )
         ]
@@ -275,9 +284,7 @@ class _Placement:
         return (c * dx + s * dy) / self.rx, (-s * dx + c * dy) / self.ry
 
 
-def _rasterise(
-    polygons: _Polygons, place: _Placement, shape: tuple[int, int]
-) -> tuple[np.ndarray, bool, float]:
+def _rasterise(polygons: _Polygons, place: _Placement, shape: tuple[int, int]) -> tuple[np.ndarray, bool, float]:
     """(mask (H, W) bool, cut by the image frame, full area in px including any part outside the frame)."""
     mask = np.zeros(shape, np.uint8)
     truncated, area = False, 0.0
@@ -310,9 +317,7 @@ def _texture(kind: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) 
     if kind == "grid":
         return ((np.mod(u * f + p, 1.0) < 0.25) | (np.mod(v * f + q, 1.0) < 0.25)).astype(np.float32)
     if kind == "zigzag":
-        return (np.mod(u * f + 1.2 * np.abs(np.mod(v * f * 0.7 + q, 1.0) - 0.5) + p, 1.0) < 0.5).astype(
-            np.float32
-        )
+        return (np.mod(u * f + 1.2 * np.abs(np.mod(v * f * 0.7 + q, 1.0) - 0.5) + p, 1.0) < 0.5).astype(np.float32)
     if kind == "noise":
         small = rng.uniform(0.0, 1.0, (8, 8)).astype(np.float32)
         return cv2.resize(small, (u.shape[1], u.shape[0]), interpolation=cv2.INTER_LINEAR)
@@ -321,8 +326,15 @@ def _texture(kind: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) 
     raise ValueError(f"unknown texture {kind!r}")
 
 
-def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Two random RGB colours far enough apart that the texture stays visible after JPEG."""
+def _two_colours(rng: np.random.Generator, hue: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Two RGB colours far enough apart that the texture stays visible after JPEG.
+
+    With `hue` (degrees) both lie within +-15 degrees of it, one light and one dark; without, they are random.
+    """
+    if hue is not None:
+        light = _hsv_to_rgb(hue + rng.uniform(-15, 15), rng.uniform(0.35, 0.7), rng.uniform(0.85, 1.0))
+        dark = _hsv_to_rgb(hue + rng.uniform(-15, 15), rng.uniform(0.7, 1.0), rng.uniform(0.25, 0.5))
+        return (light, dark) if rng.random() < 0.5 else (dark, light)
     c0 = rng.uniform(0, 255, 3)
     while True:
         c1 = rng.uniform(0, 255, 3)
@@ -330,8 +342,17 @@ def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return c0.astype(np.float32), c1.astype(np.float32)
 
 
+def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb((hue % 360.0) / 360.0, saturation, value), np.float32) * 255.0
+
+
 def _paint(
-    canvas: np.ndarray, mask: np.ndarray, place: _Placement, texture: str, rng: np.random.Generator
+    canvas: np.ndarray,
+    mask: np.ndarray,
+    place: _Placement,
+    texture: str,
+    rng: np.random.Generator,
+    hue: float | None = None,
 ) -> None:
     """Paint a textured, softly shaded shape into `canvas` (H, W, 3) float32 where `mask` is set."""
     ys, xs = np.nonzero(mask)
@@ -344,7 +365,7 @@ def _paint(
     turn = rng.uniform(-0.4, 0.4)
     tu, tv = np.cos(turn) * u - np.sin(turn) * v, np.sin(turn) * u + np.cos(turn) * v
     t = _texture(texture, tu, tv, rng)[..., None]
-    c0, c1 = _two_colours(rng)
+    c0, c1 = _two_colours(rng, hue)
     light = rng.uniform(0, 2 * np.pi)
     shade = 1.0 + 0.12 * (np.cos(light) * u + np.sin(light) * v)[..., None]
     patch = np.clip((c0 * (1.0 - t) + c1 * t) * shade, 0, 255)
@@ -371,9 +392,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     for _ in range(int(rng.integers(2, 6))):
         centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         axes = (int(rng.integers(w // 12, w // 4)), int(rng.integers(h // 12, h // 4)))
-        cv2.ellipse(
-            overlay, centre, axes, float(rng.uniform(0, 180)), 0, 360, rng.uniform(0, 255, 3).tolist(), -1
-        )
+        cv2.ellipse(overlay, centre, axes, float(rng.uniform(0, 180)), 0, 360, rng.uniform(0, 255, 3).tolist(), -1)
     alpha = rng.uniform(0.25, 0.5)
     return np.clip((1 - alpha) * img + alpha * overlay, 0, 255)
 
@@ -404,6 +423,10 @@ def _random_placement(
 def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     ys, xs = np.nonzero(mask)
     return int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _class_hue(spec: SyntheticSpec, name: str) -> float | None:
+    return CLASS_HUES[name] if spec.class_colours else None
 
 
 def render_sample(spec: SyntheticSpec, split: str, index: int) -> SyntheticSample:
@@ -445,15 +468,14 @@ def render_sample(spec: SyntheticSpec, split: str, index: int) -> SyntheticSampl
         kind = DISTRACTOR_SHAPES[int(rng.integers(len(DISTRACTOR_SHAPES)))]
         place = _random_placement(rng, h, w, (0.6 * spec.object_scale[0], 0.8 * spec.object_scale[1]), 0.0)
         mask, _, _ = _rasterise(_distractor_polygons(kind, rng), place, (h, w))
-        textures = list(CLASS_TEXTURES.values())
-        texture = (
-            textures[int(rng.integers(len(textures)))]
-            if rng.random() < spec.distractor_class_texture_prob
-            else ["flat", "noise"][int(rng.integers(2))]
-        )
-        _paint(image, mask, place, texture, rng)
+        if rng.random() < spec.distractor_class_texture_prob:  # a hard negative: a class's look, no class shape
+            mimic = CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]
+            texture, hue = CLASS_TEXTURES[mimic], _class_hue(spec, mimic)
+        else:
+            texture, hue = ["flat", "noise"][int(rng.integers(2))], None
+        _paint(image, mask, place, texture, rng, hue)
     for k in keep:
-        _paint(image, shapes[k][0], places[k], CLASS_TEXTURES[names[k]], rng)
+        _paint(image, shapes[k][0], places[k], CLASS_TEXTURES[names[k]], rng, _class_hue(spec, names[k]))
     image += rng.normal(0.0, 4.0, image.shape).astype(np.float32)  # sensor noise: no perfectly flat areas
     image_u8 = np.clip(np.round(image), 0, 255).astype(np.uint8)
 

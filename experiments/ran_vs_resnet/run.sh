@@ -9,7 +9,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 cd "$ROOT"
 PY="${PY:-$ROOT/.venv/bin/python}"
-EPOCHS="${EPOCHS:-10}"          # the equal budget: every job sees the same images for the same number of epochs
+EPOCHS="${EPOCHS:-6}"           # the equal budget: every job sees the same images for the same number of epochs
 SEEDS="${SEEDS:-0,1,2}"
 STAMP="${STAMP:-$(date +%Y-%m-%d_%H-%M-%S)}"
 RUNS="$HERE/runs/$STAMP"
@@ -18,7 +18,6 @@ export WANDB_MODE="${WANDB_MODE:-disabled}"
 
 COMMON=(
   data=synthetic
-  optimizer=sgd
   "trainer.max_epochs=$EPOCHS"
   logger=csv
   callbacks.progress_bar=none

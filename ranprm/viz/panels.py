@@ -25,11 +25,9 @@ panel at a few milliseconds.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 import cv2
@@ -39,6 +37,7 @@ import torch
 from matplotlib.colors import ListedColormap
 from torch import Tensor
 
+from ranprm.io_utils import write_bytes_atomic
 from ranprm.prm.instances import Instances
 
 RowKind = Literal["overview", "crm", "prm", "attention"]
@@ -318,21 +317,10 @@ def save_png(path: str | os.PathLike[str], panel: np.ndarray) -> None:
     """
     if panel.dtype != np.uint8 or panel.ndim != 3 or panel.shape[2] != 3:
         raise ValueError(f"panel must be (H, W, 3) uint8, got {panel.shape} {panel.dtype}")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(panel[..., ::-1]))  # OpenCV writes BGR
     if not ok:
-        raise OSError(f"could not encode a PNG for {target}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(encoded.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        raise OSError(f"could not encode a PNG for {path}")
+    write_bytes_atomic(path, encoded.tobytes())
 
 
 # ------------------------------------------------------------------------------------------------ internals

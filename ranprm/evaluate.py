@@ -144,7 +144,9 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    from ranprm.sweep import run_job
+
+    run_job(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ import json
 import logging
 import math
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ranprm.io_utils import write_json_atomic
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FAILED_FILE = "failed.json"
 METRICS_FILE = "metrics.json"
@@ -41,6 +43,22 @@ def record_failure(job_dir: Path, err: BaseException, overrides: list[str] | Non
         },
     )
     return path
+
+
+def run_job(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None:
+    """Run one Hydra job. In a multirun one failed job must not stop the others: record it and return None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return task(cfg)
+    try:
+        return task(cfg)
+    except Exception as err:
+        path = record_failure(Path(hydra_cfg.runtime.output_dir), err, list(hydra_cfg.overrides.task))
+        log.error("job %s failed: %s: %s (details in %s)", hydra_cfg.job.num, type(err).__name__, err, path)
+        return None
 
 
 def _read_overrides(job_dir: Path) -> list[str]:

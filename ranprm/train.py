@@ -146,20 +146,9 @@ def train(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+    from ranprm.sweep import run_job
 
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return train(cfg)
-    try:  # in a sweep one failed job must not stop the others: record it and return nothing
-        return train(cfg)
-    except Exception as err:
-        from ranprm.sweep import record_failure
-
-        path = record_failure(Path(hydra_cfg.runtime.output_dir), err, list(hydra_cfg.overrides.task))
-        log.error("job %s failed: %s: %s (details in %s)", hydra_cfg.job.num, type(err).__name__, err, path)
-        return None
+    return run_job(train, cfg)
 
 
 if __name__ == "__main__":

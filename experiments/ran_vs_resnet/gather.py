@@ -3,8 +3,10 @@
     python experiments/ran_vs_resnet/gather.py [RUNS_DIR ...] [--out DIR]
 
 RUNS_DIR: folders searched recursively for job folders (`metrics.json`, or `failed.json` for a failed job);
-default: the newest folder under experiments/ran_vs_resnet/runs/. Each job's variant is read from its
-`.hydra/config.yaml` (backbone.name, backbone.mask_grad, threshold.name, seed), falling back to metrics.json.
+default: the newest folder under experiments/ran_vs_resnet/runs/. The table's cells are the evaluation jobs
+(`ranprm.evaluate ckpt=...`: backbone and seed from the training job that wrote the checkpoint, threshold and
+`backbone_overrides.mask_grad` from the evaluation's `.hydra/config.yaml`); where a run has no evaluations, the
+training jobs' own instance metrics fill it (backbone.name, backbone.mask_grad, threshold.name, seed).
 """
 
 from __future__ import annotations
@@ -45,8 +47,17 @@ def _variant(backbone: str, mask_grad: str | None) -> str:
     return backbone
 
 
+def _training_job_of(ckpt: str) -> Path:
+    """An evaluated checkpoint `<training job>/checkpoints/last.ckpt` -> its training job folder."""
+    return Path(ckpt).parent.parent
+
+
 def load_jobs(roots: list[Path]) -> list[dict[str, Any]]:
-    """One record per job: variant, threshold, seed, status, the instance metrics (ok jobs)."""
+    """One record per job folder: kind (train | eval), variant, threshold, seed, status, the instance metrics.
+
+    An evaluation job (`ranprm.evaluate ckpt=...`) takes backbone and seed from the training job that wrote the
+    checkpoint, and threshold and mask gradient path from its own config.
+    """
     jobs = []
     dirs = sorted({p.parent for root in roots for name in ("metrics.json", "failed.json") for p in root.rglob(name)})
     for job_dir in dirs:
@@ -54,25 +65,66 @@ def load_jobs(roots: list[Path]) -> list[dict[str, Any]]:
         summary = {}
         if (job_dir / "metrics.json").is_file():
             summary = json.loads((job_dir / "metrics.json").read_text())
-        backbone_cfg = cfg.get("backbone") or {}
+        if cfg.get("ckpt"):
+            kind, train_cfg = "eval", _job_config(_training_job_of(cfg["ckpt"]))
+            instance = summary
+            mask_grad = (cfg.get("backbone_overrides") or {}).get("mask_grad")
+        else:
+            kind, train_cfg = "train", cfg
+            instance = summary.get("instance_metrics") or {}
+            mask_grad = None
+        backbone_cfg = train_cfg.get("backbone") or {}
         backbone = backbone_cfg.get("name") or summary.get("backbone", "?")
-        threshold = (cfg.get("threshold") or {}).get("name") or summary.get("threshold", "?")
+        threshold = (
+            (cfg.get("threshold") or {}).get("name")
+            or (train_cfg.get("threshold") or {}).get("name")
+            or summary.get("threshold", "?")
+        )
         record = {
             "dir": job_dir,
-            "variant": _variant(backbone, backbone_cfg.get("mask_grad")),
-            "threshold": threshold,
-            "seed": cfg.get("seed"),
+            "kind": kind,
+            "backbone": backbone,
+            "variant": _variant(backbone, mask_grad or backbone_cfg.get("mask_grad")),
+            "threshold": threshold if isinstance(threshold, str) else threshold.get("name", "?"),
+            "seed": train_cfg.get("seed"),
             "status": "ok" if summary else "failed",
             "wall_s": summary.get("wall_s"),
+            "cls_map": instance.get("cls_map", (summary.get("metrics") or {}).get("val/cls_map")),
             "metrics": {},
         }
-        instance = summary.get("instance_metrics") or {}
         for key, _ in METRICS:
             value = instance.get(key, (summary.get("metrics") or {}).get(f"val/{key}"))
             if value is not None:
                 record["metrics"][key] = float(value)
         jobs.append(record)
     return jobs
+
+
+def grid_cells(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs that fill the table: the evaluations where there are any, else the training jobs themselves."""
+    return [j for j in jobs if j["kind"] == "eval"] or jobs
+
+
+def training_lines(jobs: list[dict[str, Any]]) -> list[str]:
+    """A small table of the trained models (present when the grid comes from evaluations of them)."""
+    trained = [j for j in jobs if j["kind"] == "train"]
+    if not trained or len(grid_cells(jobs)) == len(jobs):
+        return []
+    lines = [
+        "Trained models (each is evaluated under every threshold and gradient path below):",
+        "",
+        "| backbone | trained | failed | val cls mAP | training wall time |",
+        "|---|---|---|---|---|",
+    ]
+    for backbone in _order({j["backbone"] for j in trained}, VARIANT_ORDER):
+        members = [j for j in trained if j["backbone"] == backbone]
+        ok = [j for j in members if j["status"] == "ok"]
+        maps = [float(j["cls_map"]) for j in ok if j["cls_map"] is not None]
+        walls = [float(j["wall_s"]) for j in ok if j["wall_s"] is not None]
+        cls_map = _cell((statistics.fmean(maps), statistics.stdev(maps) if len(maps) > 1 else 0.0, len(maps)))
+        wall = f"{statistics.fmean(walls) / 60:.1f} min per model" if walls else "–"
+        lines.append(f"| {backbone} | {len(ok)} | {len(members) - len(ok)} | {cls_map if maps else '–'} | {wall} |")
+    return [*lines, ""]
 
 
 def _order(values: set[str], preferred: tuple[str, ...]) -> list[str]:
@@ -127,10 +179,12 @@ def write_results(table: dict, jobs: list[dict[str, Any]], roots: list[Path], ou
             ]
         else:
             lines.append(f"- Runs from `{root}` (no run_info.json)")
-    n_failed = sum(j["status"] != "ok" for j in jobs)
+    cells = grid_cells(jobs)
+    n_failed = sum(j["status"] != "ok" for j in cells)
     lines += [
-        f"- {len(jobs)} jobs, {n_failed} failed. Values in %, mean ± sample std over seeds (n per row).",
+        f"- {len(cells)} jobs, {n_failed} failed. Values in %, mean ± sample std over seeds (n per row).",
         "",
+        *training_lines(jobs),
         "| backbone | threshold | n | " + " | ".join(label for _, label in METRICS) + " |",
         "|---|---|---|" + "---|" * len(METRICS),
     ]
@@ -194,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = load_jobs(roots)
     if not jobs:
         parser.error(f"no metrics.json or failed.json under {', '.join(map(str, roots))}")
-    table = aggregate(jobs)
+    table = aggregate(grid_cells(jobs))
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"wrote {write_results(table, jobs, roots, args.out)}")
     print(f"wrote {plot(table, args.out)}")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The RAN-PRM vs ResNet-PRM study on the embedded dataset (see README.md in this folder).
 #   experiments/ran_vs_resnet/run.sh                 # the full grid: 27 jobs, hours on a 2-core CPU
-#   EPOCHS=1 SEEDS=0 experiments/ran_vs_resnet/run.sh trainer=gpu   # extra args go to every job
-# Writes experiments/ran_vs_resnet/runs/<stamp>/{full,detached}/<job>/metrics.json, run_info.json, then gathers
-# RESULTS.md and results.png into this folder.
+#   EPOCHS=1 SEEDS=0 experiments/ran_vs_resnet/run.sh trainer=gpu   # extra args go to every training job
+# Writes experiments/ran_vs_resnet/runs/<stamp>/train/<backbone>/<job>/ (checkpoints, metrics.json),
+# runs/<stamp>/eval/<backbone>/<job>/metrics.json (one per checkpoint x threshold [x mask gradient path]) and
+# run_info.json, then gathers RESULTS.md and results.png into this folder.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -14,25 +15,34 @@ SEEDS="${SEEDS:-0,1,2}"
 STAMP="${STAMP:-$(date +%Y-%m-%d_%H-%M-%S)}"
 RUNS="$HERE/runs/$STAMP"
 mkdir -p "$RUNS"
+EVAL_ARGS="${EVAL_ARGS:-}"     # extra overrides for the evaluations, e.g. device=cuda
 export WANDB_MODE="${WANDB_MODE:-disabled}"
 
-COMMON=(
+# Threshold strategy and the mask gradient path are inference-time choices (peak selection and peak backprop), so
+# each (backbone, seed) is trained once and its checkpoint is evaluated under every inference variant: every cell of
+# the grid then rests on the same trained models, and training with a detached mask would freeze the masks instead.
+TRAIN=(
   data=synthetic
   "trainer.max_epochs=$EPOCHS"
   logger=csv
   callbacks.progress_bar=none
   callbacks.panels.num_images=0
-  optimized_metric=val/map_r_50
   "seed=$SEEDS"
 )
 
+# A Hydra choice list of quoted checkpoint paths: 'a','b',...
+ckpt_list() { local out="" p; for p in "$@"; do [ -f "$p" ] && out+="${out:+,}'$p'"; done; echo "$out"; }
+
 started=$(date +%s)
-# backbone {ran (full mask gradient), resnet50} x threshold {fixed, mean, q3} x seeds
-"$PY" -m ranprm.train -m backbone=ran,resnet50 threshold=fixed,mean,q3 "${COMMON[@]}" "$@" \
-  "hydra.sweep.dir=$RUNS/full"
-# the detached-mask gradient path exists only for RAN
-"$PY" -m ranprm.train -m backbone=ran backbone.mask_grad=detached threshold=fixed,mean,q3 "${COMMON[@]}" "$@" \
-  "hydra.sweep.dir=$RUNS/detached"
+for backbone in ran resnet50; do
+  "$PY" -m ranprm.train -m "backbone=$backbone" "${TRAIN[@]}" "$@" "hydra.sweep.dir=$RUNS/train/$backbone"
+  ckpts=$(ckpt_list "$RUNS/train/$backbone"/*/checkpoints/last.ckpt)
+  if [ -z "$ckpts" ]; then echo "no $backbone checkpoint was written; see $RUNS/train/$backbone" >&2; continue; fi
+  variants=()
+  [ "$backbone" = ran ] && variants=(backbone_overrides.mask_grad=full,detached)  # RAN only
+  "$PY" -m ranprm.evaluate -m "ckpt=$ckpts" threshold=fixed,mean,q3 "${variants[@]}" data=synthetic $EVAL_ARGS \
+    "hydra.sweep.dir=$RUNS/eval/$backbone"
+done
 finished=$(date +%s)
 
 "$PY" - "$RUNS/run_info.json" "$started" "$finished" "$EPOCHS" "$SEEDS" "$*" <<'PY'

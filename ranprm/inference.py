@@ -20,6 +20,7 @@ from ranprm.prm.instances import Instances
 from ranprm.prm.peaks import find_peaks, to_image_coordinates, upsample_crm
 from ranprm.prm.retrieval import retrieve_instances
 from ranprm.prm.thresholds import Thresholds, select_classes, select_peaks
+from ranprm.timing import stage
 
 
 @dataclass(frozen=True)
@@ -98,24 +99,45 @@ def predict_batch(
     cfg: InferenceConfig,
     score_fn: Callable[[Tensor], Tensor],
     raw_images: Sequence[np.ndarray | None] | None = None,
+    stage_times: dict[str, float] | None = None,
 ) -> list[ImagePrediction]:
     """Instances for a batch of network inputs `images (B, 3, S, S)` whose originals had `orig_sizes`.
 
     `model` maps images to CRMs; `score_fn` maps CRMs to class logits (the training head). `raw_images` are the
-    original uint8 RGB images, needed only by proposal-based retrieval.
+    original uint8 RGB images, needed only by proposal-based retrieval. `stage_times`, when given, receives the
+    seconds spent in `forward`, `select` (valid classes and peaks), `prm` (peak backprop) and `retrieval`.
     """
-    with torch.no_grad():
+    device = images.device
+    with stage(stage_times, "forward", device), torch.no_grad():
         crms = model(images)
         class_logits = score_fn(crms)
-    peaks, values, valid_classes = select_valid_peaks(crms, class_logits, cfg)
-    prms = peak_response_maps(
-        model,
-        images,
-        peaks,
-        sub_pixel_factor=cfg.sub_pixel_factor,
-        mode=cfg.prm_mode,
-        chunk_size=cfg.chunk_size,
-    )
+    with stage(stage_times, "select", device):
+        peaks, values, valid_classes = select_valid_peaks(crms, class_logits, cfg)
+    with stage(stage_times, "prm", device):
+        prms = peak_response_maps(
+            model,
+            images,
+            peaks,
+            sub_pixel_factor=cfg.sub_pixel_factor,
+            mode=cfg.prm_mode,
+            chunk_size=cfg.chunk_size,
+        )
+    with stage(stage_times, "retrieval", device):
+        return _retrieve(orig_sizes, cfg, raw_images, crms, class_logits, peaks, values, valid_classes, prms)
+
+
+def _retrieve(
+    orig_sizes: Sequence[tuple[int, int]],
+    cfg: InferenceConfig,
+    raw_images: Sequence[np.ndarray | None] | None,
+    crms: Tensor,
+    class_logits: Tensor,
+    peaks: Tensor,
+    values: Tensor,
+    valid_classes: Tensor,
+    prms: Tensor,
+) -> list[ImagePrediction]:
+    """Per image: peaks to image coordinates, PRMs and CRMs to the original size, instances by `cfg.retrieval`."""
     predictions = []
     for b, size in enumerate(orig_sizes):
         size = (int(size[0]), int(size[1]))

@@ -37,6 +37,7 @@ class PRMModule(L.LightningModule):
         eval: dict[str, Any] | None = None,  # noqa: A002  (the config group's name)
         image_size: int | None = None,  # the training input size, so predict can use the same one
         channels_last: bool = False,  # NHWC weights and inputs (faster convolutions); results are unchanged
+        compile: bool = False,  # noqa: A002  torch.compile the network for the training/validation forward
     ) -> None:
         super().__init__()
         # Everything needed to rebuild the model from a checkpoint alone (ranprm-predict / ranprm-evaluate).
@@ -46,6 +47,10 @@ class PRMModule(L.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # Later .to(device) and load_state_dict keep this layout, so checkpoints need no conversion.
         self.model.to(memory_format=self.memory_format)
+        # The compiled wrapper shares the network's parameters. It lives in a plain dict, not as a submodule, so
+        # checkpoints keep the network's own keys, and peak backprop (which patches convolutions) keeps using the
+        # eager network.
+        self._compiled: dict[str, nn.Module] = {"model": torch.compile(self.model)} if compile else {}
         self.loss_fn = nn.MultiLabelSoftMarginLoss()
         self.val_cls_map = MultilabelAveragePrecision(num_labels=len(class_names), average="macro")
         self.instance_evaluator = InstanceEvaluator(self.class_names)
@@ -54,7 +59,8 @@ class PRMModule(L.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         """Class response maps (B, C, h, w)."""
-        return self.model(images.contiguous(memory_format=self.memory_format))
+        network = self._compiled.get("model", self.model)
+        return network(images.contiguous(memory_format=self.memory_format))
 
     def class_logits(self, crms: Tensor) -> Tensor:
         head = self.hparams.head
@@ -72,7 +78,11 @@ class PRMModule(L.LightningModule):
         return InferenceConfig.from_config(hp.threshold, hp.head, hp.prm, hp.retrieval)
 
     def predict_images(
-        self, images: Tensor, orig_sizes: list[tuple[int, int]], raw_images: list[Any] | None = None
+        self,
+        images: Tensor,
+        orig_sizes: list[tuple[int, int]],
+        raw_images: list[Any] | None = None,
+        stage_times: dict[str, float] | None = None,
     ) -> list[ImagePrediction]:
         """Instances at the original sizes for network inputs `images (B, 3, S, S)`; see `ranprm.inference`."""
         self.eval()
@@ -86,6 +96,7 @@ class PRMModule(L.LightningModule):
                 self.inference_config(),
                 self.class_logits,
                 raw_images,
+                stage_times,
             )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:

@@ -10,8 +10,12 @@ import importlib
 import sys
 
 CASES: dict[str, str] = {
-    "prm": "ranprm.bench.prm",  # batched vs looped peak backpropagation
+    "gemm": "ranprm.bench.gemm",  # the machine's dense matmul rate: the reference for efficiency
+    "train": "ranprm.bench.train",  # training-step throughput, memory and efficiency per backbone
+    "loader": "ranprm.bench.loader",  # data-loader throughput against the training step's consumption
+    "predict": "ranprm.bench.predict",  # end-to-end predict latency per image, by stage
     "backbones": "ranprm.bench.backbones",  # forward / forward+backward time and memory per backbone
+    "prm": "ranprm.bench.prm",  # batched vs looped peak backpropagation
 }
 
 

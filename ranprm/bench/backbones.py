@@ -28,25 +28,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ranprm.bench.common import PeakMemory, median_seconds, run_isolated
+from ranprm.bench.common import machine as bench_machine
+
 MODES = ("fwd", "fwdbwd")
 _QUICK_DEFAULTS = {"sizes": "64", "batch": 2, "repeats": 1, "warmup": 1}
 _FULL_DEFAULTS = {"sizes": "448,160", "batch": 8, "repeats": 3, "warmup": 1}
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -93,51 +86,6 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _cpu_rss_kb(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
-    if match is None:
-        raise OSError(f"{_STATUS} has no {field}")
-    return int(match.group(1))
-
-
-class _PeakMemory:
-    """Peak memory above the current level, in MiB, for one device; see the module docstring."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            self.kind = "cuda_max_allocated"
-            self.base = torch.cuda.memory_allocated(device)
-            return
-        try:
-            _CLEAR_REFS.write_text("5")  # resets this process's VmHWM to its current resident set
-            self.kind = "rss_hwm"
-            self.base = _cpu_rss_kb("VmRSS") * 1024
-        except OSError:
-            self.kind = "ru_maxrss"
-            self.base = self._rss_bytes_fallback()
-
-    @staticmethod
-    def _rss_bytes_fallback() -> int:
-        try:
-            return _cpu_rss_kb("VmRSS") * 1024
-        except OSError:
-            return 0  # no /proc (macOS): the figure becomes the whole process's peak
-
-    def peak_mb(self) -> float:
-        if self.kind == "cuda_max_allocated":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.kind == "rss_hwm":
-            peak = _cpu_rss_kb("VmHWM") * 1024
-        else:
-            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-        return round(max(peak - self.base, 0) / 2**20, 1)
-
-
 def measure(backbone: str, size: int, batch: int, mode: str, device: str, repeats: int, warmup: int) -> dict[str, Any]:
     """Median seconds per batch and peak memory (MiB above model + input) of one backbone in one mode."""
     import ranprm.models.backbones  # noqa: F401  (fills the registry)
@@ -148,10 +96,6 @@ def measure(backbone: str, size: int, batch: int, mode: str, device: str, repeat
     model = build_backbone(backbone).to(dev)
     images = torch.randn(batch, 3, size, size, device=dev)
     params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
 
     def forward() -> None:
         with torch.no_grad():
@@ -169,18 +113,10 @@ def measure(backbone: str, size: int, batch: int, mode: str, device: str, repeat
         model.train()
         step = forward_backward
 
-    memory = _PeakMemory(dev)
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+    memory = PeakMemory(dev)
+    seconds = median_seconds(step, dev, repeats, warmup)
     return {
-        "time_s": round(statistics.median(times), 4),
+        "time_s": round(seconds, 4),
         "peak_mem_mb": memory.peak_mb(),
         "mem_measure": memory.kind,
         "params_m": params_m,
@@ -188,29 +124,13 @@ def measure(backbone: str, size: int, batch: int, mode: str, device: str, repeat
     }
 
 
-def _machine(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        cpu = match.group(1).strip() if match else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores"
-
-
 def _measure_in_subprocess(args: argparse.Namespace, backbone: str, size: int, mode: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "ranprm.bench.backbones", "--child", mode, "--backbones", backbone]
+    cmd = ["--child", mode, "--backbones", backbone]
     cmd += ["--sizes", str(size), "--batch", str(args.batch), "--repeats", str(args.repeats)]
     cmd += ["--warmup", str(args.warmup), "--device", args.device]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_isolated("ranprm.bench.backbones", cmd)
 
 
 def main(argv: list[str]) -> None:
@@ -224,7 +144,7 @@ def main(argv: list[str]) -> None:
         print(json.dumps(result), flush=True)
         return
 
-    machine = _machine(args.device)
+    machine = bench_machine(args.device)
     for backbone in args.backbones:
         for size in args.sizes:
             row: dict[str, Any] = {

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ranprm.bench.backbones import _machine
+from ranprm.bench.common import machine as bench_machine
+from ranprm.bench.common import median_seconds
 
 MODES = ("probability", "gradient")
 _QUICK_DEFAULTS = {"backbones": "tiny", "peaks": "1,4", "size": 64, "repeats": 1}
@@ -101,17 +100,9 @@ def _random_peaks(k: int, grid: tuple[int, int, int], generator: torch.Generator
 
 def _timed(fn: Callable[[], Tensor], repeats: int, device: torch.device) -> tuple[float, Tensor]:
     """Median seconds of `repeats` calls (after the caller's warm-up) and the last result."""
-    times, result = [], None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    assert result is not None
-    return statistics.median(times), result
+    results: list[Tensor] = []
+    seconds = median_seconds(lambda: results.append(fn()), device, repeats, warmup=0)
+    return seconds, results[-1]
 
 
 def run_backbone(backbone: str, args: argparse.Namespace, machine: str) -> list[dict[str, Any]]:
@@ -178,7 +169,7 @@ def main(argv: list[str]) -> None:
     import ranprm.models.backbones  # noqa: F401  (fills the registry)
     from ranprm.models.registry import available_backbones
 
-    machine = _machine(args.device)
+    machine = bench_machine(args.device)
     for backbone in args.backbones:
         if backbone not in available_backbones():
             print(

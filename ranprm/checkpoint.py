@@ -58,6 +58,7 @@ def load_module(
         {k: v for k, v in (backbone_overrides or {}).items() if k not in ("name", "pretrained") and v is not None}
     )
     hparams["backbone"] = backbone_cfg
+    hparams["compile"] = False  # inference runs the eager network (peak backprop patches its convolutions)
     module = PRMModule(**hparams)
     try:
         missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)

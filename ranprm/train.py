@@ -92,6 +92,7 @@ def build_module(cfg: DictConfig, class_names: tuple[str, ...]) -> PRMModule:
         eval=_plain(cfg.eval),
         image_size=int(cfg.data.image_size),
         channels_last=bool(cfg.get("channels_last", False)),
+        compile=bool(cfg.get("compile", False)),
     )
 
 

@@ -58,3 +58,28 @@ def test_channels_last_changes_layout_not_results():
     images = torch.randn(2, 3, 48, 40)
     with torch.no_grad():
         torch.testing.assert_close(nhwc(images), plain(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_network_gives_the_eager_results_and_plain_checkpoint_keys():
+    backbone = {"name": "tiny", "width": 8}
+    optimizer = {"name": "sgd", "lr": 0.01}
+    torch.manual_seed(0)
+    eager = PRMModule(list(CLASSES), backbone, HEAD, optimizer).eval()
+    compiled = PRMModule(list(CLASSES), backbone, HEAD, optimizer, compile=True).eval()
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # no `_orig_mod.` copies
+    compiled.load_state_dict(eager.state_dict())
+    images = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), eager(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_true_trains_and_its_checkpoint_predicts(voc_root, tmp_path):
+    from ranprm.checkpoint import load_module
+
+    train(compose("train", tiny_overrides(voc_root, tmp_path) + ["compile=true", "trainer.max_epochs=1"]))
+    module = load_module(tmp_path / "checkpoints" / "last.ckpt")
+    assert module.hparams.compile is False  # inference runs the eager network
+    (prediction,) = module.predict_images(torch.randn(1, 3, 64, 64), [(64, 64)])
+    assert prediction.crms.shape[0] == len(CLASSES)

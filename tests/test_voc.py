@@ -60,3 +60,21 @@ def test_datamodule_fractions_holdout_and_batches(voc_root):
     assert batch["image"].shape == (4, 3, 32, 32) and batch["labels"].shape == (4, 2)
     val_batch = next(iter(dm.val_dataloader()))
     assert val_batch["targets"][0].masks.shape[-2:] == (64, 64)  # GT stays at the original size
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_read_image_gives_the_same_pixels_as_pil_for_every_jpeg_mode(tmp_path, mode):
+    """RGB and grayscale JPEGs take torchvision's decoder and CMYK takes PIL's: the pixels are PIL's either way."""
+    import numpy as np
+    from PIL import Image
+
+    from ranprm.data.voc import read_image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "x.jpg"
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).convert(mode).save(path, quality=90)
+    with Image.open(path) as img:
+        expected = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+    image = read_image(path)
+    assert image.dtype == torch.uint8 and image.shape == (3, 37, 53)
+    assert torch.equal(image, expected)

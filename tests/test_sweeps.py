@@ -276,3 +276,57 @@ def test_study_gather_on_fabricated_runs(tmp_path):
     mean, std, n = table[("ran", "mean")]["stats"]["abo"]
     assert n == 3 and abs(mean - sum(values) / 3) < 1e-12
     assert abs(std - (sum((v - mean) ** 2 for v in values) / 2) ** 0.5) < 1e-12
+
+
+def test_study_gather_reads_evaluations_of_trained_checkpoints(tmp_path):
+    """The study's layout: 6 trainings, each checkpoint evaluated per threshold (and mask gradient path for RAN)."""
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("gather", REPO / "experiments/ran_vs_resnet/gather.py")
+    gather = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gather)
+
+    rng = random.Random(1)
+    runs = tmp_path / "runs" / "2024-01-02_00-00-00"
+    n_eval = 0
+    for backbone in ("ran", "resnet50"):
+        for seed in (0, 1, 2):
+            job = runs / "train" / backbone / str(seed)
+            (job / ".hydra").mkdir(parents=True)
+            cfg = {"seed": seed, "backbone": {"name": backbone, "mask_grad": "full"}, "threshold": {"name": "mean"}}
+            (job / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+            if backbone == "resnet50" and seed == 2:
+                record_failure(job, RuntimeError("diverged"))
+                continue
+            summary = {"metrics": {"val/cls_map": 0.9 + seed / 100}, "instance_metrics": {"map_r_50": 0.0}}
+            (job / "metrics.json").write_text(json.dumps(summary | {"wall_s": 120.0}))
+            for threshold in ("fixed", "mean", "q3"):
+                for mask_grad in ("full", "detached") if backbone == "ran" else (None,):
+                    ev = runs / "eval" / backbone / str(n_eval)
+                    n_eval += 1
+                    (ev / ".hydra").mkdir(parents=True)
+                    ecfg = {
+                        "ckpt": str(job / "checkpoints" / "last.ckpt"),
+                        "threshold": {"name": threshold},
+                        "backbone_overrides": {"mask_grad": mask_grad},
+                    }
+                    (ev / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(ecfg))
+                    metrics = {
+                        k: rng.random() for k in ("map_r_25", "map_r_50", "map_r_75", "abo", "pointing_accuracy")
+                    }
+                    (ev / "metrics.json").write_text(json.dumps(metrics | {"mode": "ckpt", "wall_s": 40.0}))
+
+    out = tmp_path / "out"
+    assert gather.main([str(runs), "--out", str(out)]) == 0
+    md = (out / "RESULTS.md").read_text()
+    assert "24 jobs, 0 failed" in md  # 18 RAN + 6 ResNet evaluations; the failed training has none
+    assert "| resnet50 | 2 | 1 | 90.5 ± 0.7 | 2.0 min per model |" in md
+    rows = [line for line in md.splitlines() if line.startswith(("| ran", "| resnet50")) and "min per" not in line]
+    assert len(rows) == 9
+    assert any(r.startswith("| ran (detached mask) | q3 | 3 |") for r in rows)
+    assert any(r.startswith("| resnet50 | fixed | 2 |") for r in rows)
+    # the detached cells come from the evaluations with mask_grad=detached, seeds from the training jobs
+    jobs = gather.grid_cells(gather.load_jobs([runs]))
+    detached = [j for j in jobs if j["variant"] == "ran (detached mask)" and j["threshold"] == "mean"]
+    assert sorted(j["seed"] for j in detached) == [0, 1, 2]

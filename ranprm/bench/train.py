@@ -9,7 +9,8 @@ One JSON line per (backbone, size, precision):
 A step is what `ranprm.train` runs per batch, from the same pieces: `PRMModule`'s forward (with its memory
 format), its peak-stimulation head (`class_logits`), its loss, the backward, and the configured optimizer's step.
 Head and optimizer settings come from the shipped `conf/train.yaml` (Adam); images and labels are random.
-- `step_s`: median of `--repeats` steps after `--warmup` (which also absorbs `torch.compile`'s compilation).
+- `step_s`: median of `--repeats` steps after `--warmup` (which also absorbs `torch.compile`'s compilation);
+  `first_step_s`: the first step alone (with `--compile`, the compilation's one-off cost).
 - `gflop_per_step`: counted by `torch.utils.flop_counter.FlopCounterMode` over one forward and backward
   (convolutions and matmuls, 2 FLOPs per multiply-add); the optimizer's elementwise work is not counted.
 - `gemm_tflops`: this machine's dense matmul rate in the step's compute dtype (`ranprm.bench.gemm`).
@@ -90,7 +91,13 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def build_step(backbone: str, args: argparse.Namespace, size: int, precision: str) -> tuple[Any, Any]:
+def build_step(
+    backbone: str,
+    args: argparse.Namespace,
+    size: int,
+    precision: str,
+    compile: bool,  # noqa: A002
+) -> tuple[Any, Any]:
     """(step, forward_backward): one optimizer step, and the forward+backward alone (for the FLOP count)."""
     from ranprm.config import compose
     from ranprm.module import PRMModule
@@ -104,7 +111,7 @@ def build_step(backbone: str, args: argparse.Namespace, size: int, precision: st
         head=dict(cfg.head),
         optimizer=dict(cfg.optimizer),
         channels_last=args.channels_last,
-        compile=args.compile,
+        compile=compile,
     ).to(device)
     module.train()
     optimizer = torch.optim.Adam(module.parameters(), lr=float(cfg.optimizer.lr))
@@ -126,14 +133,25 @@ def build_step(backbone: str, args: argparse.Namespace, size: int, precision: st
 
 
 def measure(backbone: str, size: int, precision: str, args: argparse.Namespace) -> dict[str, Any]:
-    step, forward_backward = build_step(backbone, args, size, precision)
+    step, _ = build_step(backbone, args, size, precision, compile=args.compile)
+    memory = PeakMemory(args.device)
+    # The first step alone: with --compile it includes the compilation, the price paid once per run.
+    first = median_seconds(step, args.device, repeats=1, warmup=0)
+    seconds = median_seconds(step, args.device, args.repeats, max(0, args.warmup - 1))
+    peak_mb = memory.peak_mb()
+    del step
+    # FLOPs are counted on an eager copy, built after the memory was read: the model's FLOPs whatever compile fuses.
+    _, eager_forward_backward = build_step(backbone, args, size, precision, compile=False)
     counter = FlopCounterMode(display=False)
     with counter:
-        forward_backward()
+        eager_forward_backward()
     flops = counter.get_total_flops()
-    memory = PeakMemory(args.device)
-    seconds = median_seconds(step, args.device, args.repeats, args.warmup)
-    return {"step_s": _sig(seconds), "gflop_per_step": _sig(flops / 1e9), "peak_mem_mb": memory.peak_mb()}
+    return {
+        "step_s": _sig(seconds),
+        "first_step_s": _sig(first),
+        "gflop_per_step": _sig(flops / 1e9),
+        "peak_mem_mb": peak_mb,
+    }
 
 
 def _sig(value: float, digits: int = 4) -> float:

@@ -50,9 +50,17 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
             auto_insert_metric_name=False,
             monitor=ckpt.monitor,
             mode=ckpt.mode,
-            save_last=True,
             save_top_k=ckpt.save_top_k,
+        ),
+        # last.ckpt as its own unmonitored top-1 checkpoint, overwritten every epoch (and every N steps): Lightning's
+        # `save_last=True` refreshes it only when a new best is saved, leaving it stale after the best epoch.
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
+            monitor=None,
+            save_top_k=1,
             every_n_train_steps=ckpt.get("every_n_train_steps"),
+            enable_version_counter=False,
         ),
         SaveOnSigterm(run_dir / "checkpoints"),
         SkippedImagesReport(),
@@ -128,7 +136,7 @@ def train(cfg: DictConfig) -> float | None:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
-        "last_checkpoint": getattr(checkpoint, "last_model_path", None) or None,
+        "last_checkpoint": str(last) if (last := run_dir / "checkpoints" / "last.ckpt").is_file() else None,
         "wall_s": round(time.perf_counter() - started, 1),
         "backbone": cfg.backbone.name,
         "threshold": cfg.threshold.name,

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ranprm.config import compose, config_dir
 from ranprm.train import train
@@ -55,3 +56,16 @@ def test_short_training_run_writes_metrics_and_checkpoints(backbone, voc_root, t
     assert summary["global_step"] == 4  # 6 train images, batch 4, 2 epochs
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert Path(summary["best_checkpoint"]).is_file()
+
+
+def test_last_checkpoint_holds_the_final_epoch_even_when_an_earlier_one_was_best(voc_root, tmp_path):
+    """Lightning >= 2.5 refreshes `save_last` only when a top-k checkpoint is saved; ours must not go stale.
+
+    mode=min on cls mAP makes an early epoch the 'best' one, so a stale last.ckpt would hold that epoch.
+    """
+    overrides = tiny_overrides(voc_root, tmp_path) + ["trainer.max_epochs=3", "callbacks.checkpoint.mode=min"]
+    train(compose("train", overrides))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, 6)  # 6 train images, batch 4: 2 steps an epoch
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["last_checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")

@@ -128,3 +128,24 @@ def test_callback_is_silent_in_sanity_check_and_off_rank_zero(tmp_path, override
 def test_num_images_zero_turns_the_callback_off(voc_root, tmp_path):
     cfg = compose("train", [*panel_overrides(voc_root, tmp_path, epochs=1), "callbacks.panels.num_images=0"])
     assert not any(isinstance(c, PanelCallback) for c in train_mod.build_callbacks(cfg, tmp_path, False))
+
+
+def test_wandb_panels_are_stepped_by_epoch():
+    """The panels' row carries `epoch`, and W&B is told to plot `val/panels` against it."""
+    from types import SimpleNamespace
+
+    from ranprm.viz.callback import PANEL_KEY, PanelCallback
+
+    calls: list[tuple] = []
+    experiment = SimpleNamespace(
+        define_metric=lambda *a, **k: calls.append(("define_metric", a, k)),
+        log=lambda *a, **k: calls.append(("log", a, k)),
+    )
+    logger = SimpleNamespace(experiment=experiment, log_image=lambda **k: calls.append(("log_image", (), k)))
+    trainer = SimpleNamespace(current_epoch=3, global_step=120)
+    PanelCallback._log_to_wandb(logger, ["p1", "p2"], ["c1", "c2"], trainer)
+    assert calls[0] == ("define_metric", (PANEL_KEY,), {"step_metric": "epoch"})
+    assert calls[1] == ("log", ({"epoch": 3},), {"commit": False})  # pending: joins the row log_image commits
+    name, _, kwargs = calls[2]
+    assert name == "log_image" and kwargs["key"] == PANEL_KEY and kwargs["images"] == ["p1", "p2"]
+    assert kwargs["caption"] == ["c1", "c2"]

@@ -21,6 +21,7 @@ from ranprm.data.voc import read_image
 from ranprm.viz.panels import PanelInputs, panel_caption, render_panel, save_png
 
 log = logging.getLogger(__name__)
+PANEL_KEY = "val/panels"
 
 
 class PanelCallback(Callback):
@@ -64,10 +65,18 @@ class PanelCallback(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 try:
-                    logger.log_image(key="val/panels", images=panels, step=trainer.global_step, caption=captions)
+                    self._log_to_wandb(logger, panels, captions, trainer)
                 except Exception as err:  # W&B must never cost the run
                     log.warning("could not log panels to W&B (%s: %s); the PNGs are in %s", type(err).__name__,
                                 err, out_dir)  # fmt: skip
+
+    @staticmethod
+    def _log_to_wandb(logger: WandbLogger, panels: list[Any], captions: list[str], trainer: L.Trainer) -> None:
+        """`log_image` in a row that also holds `epoch`, W&B's x-axis for the panels (the slider shows epochs)."""
+        experiment = logger.experiment
+        experiment.define_metric(PANEL_KEY, step_metric="epoch")  # idempotent; Lightning's default is global_step
+        experiment.log({"epoch": trainer.current_epoch}, commit=False)  # joins the row log_image commits
+        logger.log_image(key=PANEL_KEY, images=panels, step=trainer.global_step, caption=captions)
 
     def render(self, pl_module: Any, dataset: Any, batch: dict[str, Any]) -> tuple[list[Any], list[str]]:
         """Panels (H', W', 3) uint8 and captions for a collated batch of validation samples."""

@@ -156,6 +156,39 @@ def aggregate(jobs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any
     return out
 
 
+def paired_lines(jobs: list[dict[str, Any]], a: str = "ran", b: str = "ran (detached mask)") -> list[str]:
+    """Per-seed differences a - b where both variants were evaluated on the same trained models (same seed)."""
+    cells = {(j["variant"], j["threshold"], j["seed"]): j["metrics"] for j in grid_cells(jobs) if j["status"] == "ok"}
+    if not any(key[0] == b for key in cells) or all(j["kind"] == "train" for j in jobs):
+        return []
+    lines = [
+        f"Paired on the same models: `{a}` − `{b}`, in points, per seed (mean ± sample std; `k/n` = seeds where "
+        "the full gradient path is higher):",
+        "",
+        "| threshold | " + " | ".join(label for _, label in METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
+    for threshold in _order({k[1] for k in cells}, THRESHOLD_ORDER):
+        seeds = sorted({k[2] for k in cells if k[1] == threshold and (a, threshold, k[2]) in cells
+                        and (b, threshold, k[2]) in cells}, key=str)  # fmt: skip
+        if not seeds:
+            continue
+        row = []
+        for metric, _ in METRICS:
+            diffs = [
+                100 * (cells[(a, threshold, s)][metric] - cells[(b, threshold, s)][metric])
+                for s in seeds
+                if metric in cells[(a, threshold, s)] and metric in cells[(b, threshold, s)]
+            ]
+            if not diffs:
+                row.append("–")
+                continue
+            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            row.append(f"{statistics.fmean(diffs):+.1f} ± {std:.1f} ({sum(d > 0 for d in diffs)}/{len(diffs)})")
+        lines.append(f"| {threshold} | " + " | ".join(row) + " |")
+    return [*lines, ""]
+
+
 def _cell(stat: tuple[float, float, int] | None) -> str:
     if stat is None:
         return "–"
@@ -196,7 +229,8 @@ def write_results(table: dict, jobs: list[dict[str, Any]], roots: list[Path], ou
             n = f"{row['n_ok']}" + (f" ({row['n_failed']} failed)" if row["n_failed"] else "")
             cells = [_cell(row["stats"].get(metric)) for metric, _ in METRICS]
             lines.append(f"| {variant} | {threshold} | {n} | " + " | ".join(cells) + " |")
-    lines += ["", "![results](results.png)", ""]
+    lines += ["", *paired_lines(jobs), "![results](results.png)", ""]
+    lines += ["What these numbers do and do not show: [README.md](README.md#results) in this folder.", ""]
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines))
     return path

@@ -76,18 +76,9 @@ def test_predict_case_splits_latency_by_stage(voc_root, capsys) -> None:
 
 def test_stage_times_change_nothing_in_the_predictions() -> None:
     from ranprm.config import compose
-    from ranprm.module import PRMModule
+    from ranprm.train import build_module
 
-    cfg = compose("train", ["backbone=tiny"])
-    module = PRMModule(
-        class_names=list(CLASSES),
-        backbone=dict(cfg.backbone),
-        head=dict(cfg.head),
-        optimizer=dict(cfg.optimizer),
-        threshold=dict(cfg.threshold),
-        prm=dict(cfg.prm),
-        retrieval=dict(cfg.retrieval),
-    ).eval()
+    module = build_module(compose("train", ["backbone=tiny"]), CLASSES).eval()
     images = torch.randn(2, 3, 64, 64)
     times: dict[str, float] = {}
     timed = module.predict_images(images, [(64, 64), (50, 70)], stage_times=times)

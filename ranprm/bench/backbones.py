@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ranprm.bench.common import PeakMemory, median_seconds, run_isolated
+from ranprm.bench.common import PeakMemory, check_device_and_backbones, median_seconds, run_isolated
 from ranprm.bench.common import machine as bench_machine
 
 MODES = ("fwd", "fwdbwd")
@@ -74,15 +74,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("give at least one size and one backbone")
     if min(args.batch, args.repeats) < 1 or args.warmup < 0:
         parser.error("--batch and --repeats must be >= 1 and --warmup >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available here; use --device cpu")
-
-    import ranprm.models.backbones  # noqa: F401  (fills the registry)
-    from ranprm.models.registry import available_backbones
-
-    unknown = [b for b in args.backbones if b not in available_backbones()]
-    if unknown:
-        parser.error(f"--backbones: unknown {unknown}; choose from {available_backbones()}")
+    check_device_and_backbones(parser, args.device, args.backbones)
     return args
 
 

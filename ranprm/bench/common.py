@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -107,3 +108,15 @@ def run_isolated(module: str, argv: list[str]) -> dict[str, Any]:
         lines = proc.stderr.strip().splitlines()
         return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_device_and_backbones(parser: argparse.ArgumentParser, device: str, backbones: list[str]) -> None:
+    """A usage error (exit 2) for `--device cuda` without CUDA or a backbone the registry does not know."""
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here; use --device cpu")
+    import ranprm.models.backbones  # noqa: F401  (fills the registry)
+    from ranprm.models.registry import available_backbones
+
+    unknown = [b for b in backbones if b not in available_backbones()]
+    if unknown:
+        parser.error(f"--backbones: unknown {unknown}; choose from {available_backbones()}")

@@ -56,23 +56,14 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 def _model(args: argparse.Namespace, cfg: Any, class_names: tuple[str, ...]) -> tuple[Any, int]:
     """(PRMModule in eval mode, network input side)."""
     from ranprm.checkpoint import load_module, read_checkpoint
-    from ranprm.module import PRMModule
     from ranprm.predict import checkpoint_image_size
+    from ranprm.train import build_module
 
     if args.ckpt:
         size = args.size or checkpoint_image_size(read_checkpoint(args.ckpt)) or int(cfg.data.image_size)
         return load_module(args.ckpt), size
     torch.manual_seed(0)
-    module = PRMModule(
-        class_names=list(class_names),
-        backbone=dict(cfg.backbone),
-        head=dict(cfg.head),
-        optimizer=dict(cfg.optimizer),
-        threshold=dict(cfg.threshold),
-        prm=dict(cfg.prm),
-        retrieval=dict(cfg.retrieval),
-        channels_last=bool(cfg.channels_last),
-    )
+    module = build_module(cfg, class_names)
     return module.eval(), args.size or int(cfg.data.image_size)
 
 

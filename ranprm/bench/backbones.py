@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ranprm.bench.common import PeakMemory, check_device_and_backbones, median_seconds, run_isolated
+from ranprm.bench.common import PeakMemory, check_device_and_backbones, int_list, median_seconds, run_isolated
 from ranprm.bench.common import machine as bench_machine
 
 MODES = ("fwd", "fwdbwd")
@@ -65,10 +65,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    try:
-        args.sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"--sizes={args.sizes!r}: give comma-separated integers, e.g. 448,160")
+    args.sizes = int_list(args.sizes, "--sizes", parser)
     args.backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     if not args.sizes or not args.backbones:
         parser.error("give at least one size and one backbone")

@@ -110,6 +110,18 @@ def run_isolated(module: str, argv: list[str]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def int_list(text: str, option: str, parser: argparse.ArgumentParser, minimum: int = 1) -> list[int]:
+    """`"1,4,16"` -> `[1, 4, 16]`, or a usage error (exit 2) naming `option` for non-integers, an empty list
+    or a value under `minimum`."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"{option}={text!r}: give comma-separated integers, e.g. 1,4,16")
+    if not values or min(values) < minimum:
+        parser.error(f"{option}={text!r}: give at least one value, all >= {minimum}")
+    return values
+
+
 def check_device_and_backbones(parser: argparse.ArgumentParser, device: str, backbones: list[str]) -> None:
     """A usage error (exit 2) for `--device cuda` without CUDA or a backbone the registry does not know."""
     if device == "cuda" and not torch.cuda.is_available():

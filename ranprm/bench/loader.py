@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ranprm.bench.common import machine
+from ranprm.bench.common import int_list, machine
 from ranprm.timing import sync
 
 
@@ -44,12 +44,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     if args.batches < 1:
         parser.error("--batches must be >= 1")
     if args.workers is not None:
-        try:
-            args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
-        except ValueError:
-            parser.error(f"--workers={args.workers!r}: give comma-separated integers, e.g. 0,2,4")
-        if not args.workers or min(args.workers) < 0:
-            parser.error("--workers: give at least one count, all >= 0")
+        args.workers = int_list(args.workers, "--workers", parser, minimum=0)
     return args
 
 

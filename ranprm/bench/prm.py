@@ -28,22 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ranprm.bench.common import int_list, median_seconds
 from ranprm.bench.common import machine as bench_machine
-from ranprm.bench.common import median_seconds
 
 MODES = ("probability", "gradient")
 _QUICK_DEFAULTS = {"backbones": "tiny", "peaks": "1,4", "size": 64, "repeats": 1}
 _FULL_DEFAULTS = {"backbones": "resnet50,ran", "peaks": "1,4,16,64", "size": 448, "repeats": 3}
-
-
-def _int_list(text: str, option: str, parser: argparse.ArgumentParser) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        parser.error(f"{option}={text!r}: give comma-separated integers, e.g. 1,4,16")
-    if not values or min(values) < 1:
-        parser.error(f"{option}={text!r}: give at least one value, all >= 1")
-    return values
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -69,7 +59,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.peaks = _int_list(str(args.peaks), "--peaks", parser)
+    args.peaks = int_list(args.peaks, "--peaks", parser)
     args.backbones = [b.strip() for b in str(args.backbones).split(",") if b.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.backbones:

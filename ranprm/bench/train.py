@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ranprm.bench.common import PeakMemory, check_device_and_backbones, median_seconds, run_isolated
+from ranprm.bench.common import PeakMemory, check_device_and_backbones, int_list, median_seconds, run_isolated
 from ranprm.bench.common import machine as bench_machine
 from ranprm.bench.gemm import gemm_tflops
 
@@ -67,14 +67,11 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     for key, value in (_QUICK_DEFAULTS if args.quick else _FULL_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    try:
-        args.sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"--sizes={args.sizes!r}: give comma-separated integers, e.g. 448,128")
+    args.sizes = int_list(args.sizes, "--sizes", parser, minimum=32)
     args.backbones = [b.strip() for b in str(args.backbones).split(",") if b.strip()]
     args.precisions = [p.strip() for p in str(args.precisions).split(",") if p.strip()]
-    if not args.sizes or not args.backbones or min(args.sizes) < 32:
-        parser.error("give at least one backbone and one size, every size >= 32")
+    if not args.backbones:
+        parser.error("give at least one backbone")
     if not args.precisions or any(p not in PRECISIONS for p in args.precisions):
         parser.error(f"--precisions={','.join(args.precisions)!r}: choose from {','.join(PRECISIONS)}")
     if min(args.batch, args.repeats, args.classes) < 1 or args.warmup < 0:

@@ -162,11 +162,12 @@ class PRMModule(L.LightningModule):
         self.instance_evaluator.reset()
         self._instance_images_seen = 0
 
-    def configure_optimizers(self) -> Any:
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer over two groups (backbone at `lr * backbone_lr_mult`, classifier at `lr`)."""
         cfg = dict(self.hparams.optimizer)
         name = cfg.pop("name")
         mult = float(cfg.pop("backbone_lr_mult", 1.0))
-        schedule = cfg.pop("scheduler", None) or "none"
+        cfg.pop("scheduler", None)
         lr = float(cfg["lr"])
         groups = [
             {"params": self.model.backbone.parameters(), "lr": lr * mult},
@@ -175,7 +176,11 @@ class PRMModule(L.LightningModule):
         optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         if name not in optimizers:
             raise ConfigError(f"optimizer.name={name!r} is unknown; choose sgd, adam or adamw")
-        optimizer = optimizers[name](groups, **cfg)
+        return optimizers[name](groups, **cfg)
+
+    def configure_optimizers(self) -> Any:
+        schedule = self.hparams.optimizer.get("scheduler") or "none"
+        optimizer = self.build_optimizer()
         if schedule == "none":
             return optimizer
         if schedule != "cosine":

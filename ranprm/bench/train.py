@@ -6,9 +6,10 @@ One JSON line per (backbone, size, precision):
      "compile": false, "step_s": ..., "images_per_s": ..., "peak_mem_mb": ..., "gflop_per_step": ...,
      "achieved_tflops": ..., "gemm_tflops": ..., "efficiency": ..., ...}
 
-A step is what `ranprm.train` runs per batch, from the same pieces: `PRMModule`'s forward (with its memory
-format), its peak-stimulation head (`class_logits`), its loss, the backward, and the configured optimizer's step.
-Head and optimizer settings come from the shipped `conf/train.yaml` (Adam); images and labels are random.
+A step is what `ranprm.train` runs per batch, from the same pieces: the module `ranprm.train` builds, its
+forward (with its memory format), its peak-stimulation head (`class_logits`), its loss, the backward, and its
+optimizer's step (`PRMModule.build_optimizer`). Settings come from the shipped `conf/train.yaml` (Adam); images and
+labels are random.
 - `step_s`: median of `--repeats` steps after `--warmup` (which also absorbs `torch.compile`'s compilation);
   `first_step_s`: the first step alone (with `--compile`, the compilation's one-off cost).
 - `gflop_per_step`: counted by `torch.utils.flop_counter.FlopCounterMode` over one forward and backward
@@ -89,21 +90,14 @@ def build_step(
 ) -> tuple[Any, Any]:
     """(step, forward_backward): one optimizer step, and the forward+backward alone (for the FLOP count)."""
     from ranprm.config import compose
-    from ranprm.module import PRMModule
+    from ranprm.train import build_module
 
-    cfg = compose("train", [f"backbone={backbone}"])
+    cfg = compose("train", [f"backbone={backbone}", f"channels_last={args.channels_last}", f"compile={compile}"])
     device = torch.device(args.device)
     torch.manual_seed(0)
-    module = PRMModule(
-        class_names=[f"class{i}" for i in range(args.classes)],
-        backbone=dict(cfg.backbone),
-        head=dict(cfg.head),
-        optimizer=dict(cfg.optimizer),
-        channels_last=args.channels_last,
-        compile=compile,
-    ).to(device)
+    module = build_module(cfg, tuple(f"class{i}" for i in range(args.classes))).to(device)
     module.train()
-    optimizer = torch.optim.Adam(module.parameters(), lr=float(cfg.optimizer.lr))
+    optimizer = module.build_optimizer()
     images = torch.randn(args.batch, 3, size, size, device=device)
     labels = (torch.rand(args.batch, args.classes, device=device) < 0.2).float()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()

@@ -123,45 +123,30 @@ def predict_batch(
             chunk_size=cfg.chunk_size,
         )
     with stage(stage_times, "retrieval", device):
-        return _retrieve(orig_sizes, cfg, raw_images, crms, class_logits, peaks, values, valid_classes, prms)
-
-
-def _retrieve(
-    orig_sizes: Sequence[tuple[int, int]],
-    cfg: InferenceConfig,
-    raw_images: Sequence[np.ndarray | None] | None,
-    crms: Tensor,
-    class_logits: Tensor,
-    peaks: Tensor,
-    values: Tensor,
-    valid_classes: Tensor,
-    prms: Tensor,
-) -> list[ImagePrediction]:
-    """Per image: peaks to image coordinates, PRMs and CRMs to the original size, instances by `cfg.retrieval`."""
-    predictions = []
-    for b, size in enumerate(orig_sizes):
-        size = (int(size[0]), int(size[1]))
-        rows = (peaks[:, 0] == b).nonzero(as_tuple=True)[0]
-        peaks_yx = to_image_coordinates(peaks[rows, 2:], crms.shape[2:], cfg.sub_pixel_factor, size)
-        labels = peaks[rows, 1]
-        crms_up = _resize_maps(crms[b].float(), size)
-        instances = retrieve_instances(
-            cfg.retrieval,
-            prms=_renormalise(_resize_maps(prms[rows].float(), size)),
-            peaks_yx=peaks_yx,
-            labels=labels,
-            peak_values=values[rows],
-            class_logits=class_logits[b],
-            crms=crms_up,
-            image=raw_images[b] if raw_images is not None else None,
-        )
-        predictions.append(
-            ImagePrediction(
-                instances=instances.to("cpu"),
-                class_logits=class_logits[b].cpu(),
-                valid_classes=valid_classes[b].nonzero(as_tuple=True)[0].cpu(),
-                peaks=torch.cat([labels[:, None].float(), peaks_yx], 1).cpu(),
-                crms=crms[b].cpu(),
+        predictions = []
+        for b, size in enumerate(orig_sizes):
+            size = (int(size[0]), int(size[1]))
+            rows = (peaks[:, 0] == b).nonzero(as_tuple=True)[0]
+            peaks_yx = to_image_coordinates(peaks[rows, 2:], crms.shape[2:], cfg.sub_pixel_factor, size)
+            labels = peaks[rows, 1]
+            crms_up = _resize_maps(crms[b].float(), size)
+            instances = retrieve_instances(
+                cfg.retrieval,
+                prms=_renormalise(_resize_maps(prms[rows].float(), size)),
+                peaks_yx=peaks_yx,
+                labels=labels,
+                peak_values=values[rows],
+                class_logits=class_logits[b],
+                crms=crms_up,
+                image=raw_images[b] if raw_images is not None else None,
             )
-        )
-    return predictions
+            predictions.append(
+                ImagePrediction(
+                    instances=instances.to("cpu"),
+                    class_logits=class_logits[b].cpu(),
+                    valid_classes=valid_classes[b].nonzero(as_tuple=True)[0].cpu(),
+                    peaks=torch.cat([labels[:, None].float(), peaks_yx], 1).cpu(),
+                    crms=crms[b].cpu(),
+                )
+            )
+        return predictions

@@ -231,13 +231,20 @@ def test_ddp_on_two_cpu_processes(voc_root, tmp_path):
 # ------------------------------------------------------------------------------------- the study's gather script
 
 
-def test_study_gather_on_fabricated_runs(tmp_path):
+def _load_gather():
+    """experiments/ran_vs_resnet/gather.py as a module (it is a script, not part of the package)."""
     import importlib.util
-    import random
 
     spec = importlib.util.spec_from_file_location("gather", REPO / "experiments/ran_vs_resnet/gather.py")
     gather = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gather)
+    return gather
+
+
+def test_study_gather_on_fabricated_runs(tmp_path):
+    import random
+
+    gather = _load_gather()
 
     rng = random.Random(0)
     runs = tmp_path / "runs" / "2024-01-01_00-00-00"
@@ -280,12 +287,9 @@ def test_study_gather_on_fabricated_runs(tmp_path):
 
 def test_study_gather_reads_evaluations_of_trained_checkpoints(tmp_path):
     """The study's layout: 6 trainings, each checkpoint evaluated per threshold (and mask gradient path for RAN)."""
-    import importlib.util
     import random
 
-    spec = importlib.util.spec_from_file_location("gather", REPO / "experiments/ran_vs_resnet/gather.py")
-    gather = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gather)
+    gather = _load_gather()
 
     rng = random.Random(1)
     runs = tmp_path / "runs" / "2024-01-02_00-00-00"

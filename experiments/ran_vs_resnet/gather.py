@@ -100,15 +100,20 @@ def load_jobs(roots: list[Path]) -> list[dict[str, Any]]:
     return jobs
 
 
+def has_evaluations(jobs: list[dict[str, Any]]) -> bool:
+    """True for the study's layout (checkpoints evaluated per variant), False for training-only runs."""
+    return any(j["kind"] == "eval" for j in jobs)
+
+
 def grid_cells(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The jobs that fill the table: the evaluations where there are any, else the training jobs themselves."""
-    return [j for j in jobs if j["kind"] == "eval"] or jobs
+    return [j for j in jobs if j["kind"] == "eval"] if has_evaluations(jobs) else jobs
 
 
 def training_lines(jobs: list[dict[str, Any]]) -> list[str]:
     """A small table of the trained models (present when the grid comes from evaluations of them)."""
     trained = [j for j in jobs if j["kind"] == "train"]
-    if not trained or len(grid_cells(jobs)) == len(jobs):
+    if not trained or not has_evaluations(jobs):
         return []
     lines = [
         "Trained models (each is evaluated under every threshold and gradient path below):",
@@ -159,7 +164,7 @@ def aggregate(jobs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any
 def paired_lines(jobs: list[dict[str, Any]], a: str = "ran", b: str = "ran (detached mask)") -> list[str]:
     """Per-seed differences a - b where both variants were evaluated on the same trained models (same seed)."""
     cells = {(j["variant"], j["threshold"], j["seed"]): j["metrics"] for j in grid_cells(jobs) if j["status"] == "ok"}
-    if not any(key[0] == b for key in cells) or all(j["kind"] == "train" for j in jobs):
+    if not has_evaluations(jobs) or not any(key[0] == b for key in cells):
         return []
     lines = [
         f"Paired on the same models: `{a}` − `{b}`, in points, per seed (mean ± sample std; `k/n` = seeds where "

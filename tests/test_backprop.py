@@ -9,7 +9,7 @@ from torch import Tensor, nn
 import ranprm.models.backbones  # noqa: F401  (fills the registry)
 from ranprm.errors import ConfigError
 from ranprm.models.registry import build_backbone
-from ranprm.prm.backprop import peak_backprop, peak_response_maps, peak_response_maps_looped
+from ranprm.prm.backprop import default_chunk_size, peak_backprop, peak_response_maps, peak_response_maps_looped
 from ranprm.prm.peaks import upsample_crm
 
 MODES = ("probability", "gradient")
@@ -135,6 +135,12 @@ def test_batched_equals_looped_on_the_tiny_backbone(mode: str, chunk_size: int |
     assert _max_diff(batched, looped) < 1e-5
     assert torch.equal(batched[0], batched[3])  # the same peak twice gives the same map
     assert torch.allclose(batched.amax(dim=(1, 2)), torch.ones(5))
+
+
+def test_the_default_chunk_grows_as_images_shrink_on_cpu_only() -> None:
+    """CPU: about two 448 px images per pass (2 at 448, 8 at 224), at most 16 and at least 2; CUDA: 32."""
+    assert [default_chunk_size("cpu", s * s) for s in (1024, 448, 224, 128, 16)] == [2, 2, 8, 16, 16]
+    assert default_chunk_size("cuda", 128 * 128) == default_chunk_size("cuda", 448 * 448) == 32
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")

@@ -10,7 +10,7 @@ class conv, random weights: the cost does not depend on them):
 - `loop_s`: `peak_response_maps_looped`, PRM's official procedure (one forward, one `.backward()` per peak,
   weights requiring grad);
 - `batched_s`: `peak_response_maps` (one forward, vmap-ed backward w.r.t. the image only), with `--chunk-size`
-  (default: `default_chunk_size(device)`);
+  (default: `default_chunk_size(device, size**2)`);
 - both include their forward; each is the median of `--repeats` runs after one untimed warm-up of each path;
 - `max_abs_diff`: the largest difference between the two paths' PRMs (values in [0, 1]).
 Peaks are distinct random (class, y, x) cells of the CRM, the same for both paths. A backbone that is not
@@ -109,7 +109,7 @@ def run_backbone(backbone: str, args: argparse.Namespace, machine: str) -> list[
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         crm_shape = tuple(model.eval()(images).shape[1:])
-    chunk = args.chunk_size if args.chunk_size is not None else default_chunk_size(device)
+    chunk = args.chunk_size if args.chunk_size is not None else default_chunk_size(device, args.size**2)
     generator = torch.Generator().manual_seed(args.seed)
 
     rows = []

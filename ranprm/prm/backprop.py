@@ -390,14 +390,23 @@ def _image_groups(counts: list[int], max_images: int) -> list[list[int]]:
     return groups
 
 
-def default_chunk_size(device: torch.device | str) -> int:
-    """Backward passes to vectorise at once when the caller does not say.
+# A CPU pass is sized to about two 448 px images: larger passes leave the caches, smaller ones pay per-op
+# overhead that the small feature maps of small images do not hide.
+_CPU_PASS_PIXELS = 2 * 448 * 448
+_CPU_MAX_CHUNK = 16
 
-    CPU: 2. A CPU convolution costs the same per sample at any batch size, and larger batches leave the caches
-    (measured on ResNet-50 at 448 with 2 threads, 16 peaks: chunks of 2 beat 1, 4, 8 and 16, and 16 was slower
-    than the per-peak loop). CUDA: 32, where batching fills the device; bounded for memory.
+
+def default_chunk_size(device: torch.device | str, image_pixels: int = 448 * 448) -> int:
+    """Backward passes to vectorise at once when the caller does not say, for images of `image_pixels` each.
+
+    CUDA: 32, where batching fills the device; bounded for memory. CPU: as many as fit `_CPU_PASS_PIXELS`,
+    between 2 and 16. Measured with 2 threads and channels_last (BENCHMARKS.md, "Panels"): at 448 px chunks
+    of 2 beat 4 and 8 on ResNet-50 (6.8 / 7.4 / 8.3 s for 11 peaks); at 128 px, RAN with 17 peaks on 8
+    images took 2.22 s with chunks of 2 and 1.70-1.79 s with 8 to 24.
     """
-    return 32 if torch.device(device).type == "cuda" else 2
+    if torch.device(device).type == "cuda":
+        return 32
+    return max(2, min(_CPU_MAX_CHUNK, _CPU_PASS_PIXELS // max(1, image_pixels)))
 
 
 def peak_response_maps(
@@ -414,7 +423,7 @@ def peak_response_maps(
     images: (B, 3, H, W); its memory format is kept (channels_last is faster on CPU)
     peaks:  (K, 4) long `[batch, class, y, x]` on the CRM grid up-sampled by `sub_pixel_factor`
     chunk_size: the most per-peak backward passes vectorised at once (peaks x images sharing a forward); it
-        bounds memory, since each pass holds its own gradient tensors. None: `default_chunk_size(device)`.
+        bounds memory, since each pass holds its own gradient tensors. None: `default_chunk_size(device, H * W)`.
 
     Images are grouped (all of them when their peak counts are alike, see `_image_groups`); per group, one
     forward builds the graph, and each chunk of peaks is one `vmap`-ed backward w.r.t. the images only: no
@@ -423,7 +432,9 @@ def peak_response_maps(
     loop).
     """
     mode = check_mode(mode)
-    chunk_size = default_chunk_size(images.device) if chunk_size is None else int(chunk_size)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(images.device, images.shape[-2] * images.shape[-1])
+    chunk_size = int(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_peaks(images, peaks)
@@ -457,12 +468,14 @@ def peak_response_maps(
             crm_up, vjp_fn = torch.func.vjp(crm_up_of, x)
             _check_on_grid(peaks, crm_up)
             members = (local[peaks[:, 0]] >= 0).nonzero(as_tuple=True)[0]  # this group's peaks
+            most = max(counts[b] for b in group)
             step = max(1, chunk_size // len(group))
-            for start in range(0, max(counts[b] for b in group), step):
-                rows = members[(ranks[members] >= start) & (ranks[members] < start + step)]
+            for start in range(0, most, step):
+                width = min(step, most - start)  # the last pass runs only the slots that are left
+                rows = members[(ranks[members] >= start) & (ranks[members] < start + width)]
                 slot, image = ranks[rows] - start, local[peaks[rows, 0]]
                 # Slot j of image i seeds that image's j-th peak of the chunk; slots past its count stay zero.
-                seeds = crm_up.new_zeros(step, *crm_up.shape)
+                seeds = crm_up.new_zeros(width, *crm_up.shape)
                 seeds[slot, image, peaks[rows, 1], peaks[rows, 2], peaks[rows, 3]] = 1.0
                 (grads,) = torch.func.vmap(vjp_fn)(seeds)  # (step, images, 3, H, W)
                 out[rows] = _finish(grads[slot, image]).to(out.dtype)

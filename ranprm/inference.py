@@ -7,7 +7,7 @@ disagree. It depends on torch and the pure `ranprm.prm` stages only.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,7 @@ class ImagePrediction:
     valid_classes: Tensor  # (V,) long
     peaks: Tensor  # (K, 3) float [class, y, x] in original-image pixels, every valid peak
     crms: Tensor  # (C, h, w) raw class response maps
+    attention: list[Tensor] = field(default_factory=list)  # (h_i, w_i) per attention module, when asked for
 
 
 def select_valid_peaks(crms: Tensor, class_logits: Tensor, cfg: InferenceConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -100,16 +101,20 @@ def predict_batch(
     score_fn: Callable[[Tensor], Tensor],
     raw_images: Sequence[np.ndarray | None] | None = None,
     stage_times: dict[str, float] | None = None,
+    with_attention: bool = False,
 ) -> list[ImagePrediction]:
     """Instances for a batch of network inputs `images (B, 3, S, S)` whose originals had `orig_sizes`.
 
     `model` maps images to CRMs; `score_fn` maps CRMs to class logits (the training head). `raw_images` are the
     original uint8 RGB images, needed only by proposal-based retrieval. `stage_times`, when given, receives the
     seconds spent in `forward`, `select` (valid classes and peaks), `prm` (peak backprop) and `retrieval`.
+    `with_attention`: also fill `ImagePrediction.attention` from the same forward, for models that have
+    `forward_with_attention` (RAN); a second forward just for the masks would cost as much as this one.
     """
     device = images.device
     with stage(stage_times, "forward", device), torch.no_grad():
-        crms = model(images)
+        forward_with_attention = getattr(model, "forward_with_attention", None) if with_attention else None
+        crms, attention = forward_with_attention(images) if forward_with_attention else (model(images), [])
         class_logits = score_fn(crms)
     with stage(stage_times, "select", device):
         peaks, values, valid_classes = select_valid_peaks(crms, class_logits, cfg)
@@ -147,6 +152,7 @@ def predict_batch(
                     valid_classes=valid_classes[b].nonzero(as_tuple=True)[0].cpu(),
                     peaks=torch.cat([labels[:, None].float(), peaks_yx], 1).cpu(),
                     crms=crms[b].cpu(),
+                    attention=[maps[b].float().cpu() for maps in attention],
                 )
             )
         return predictions

@@ -83,6 +83,7 @@ class PRMModule(L.LightningModule):
         orig_sizes: list[tuple[int, int]],
         raw_images: list[Any] | None = None,
         stage_times: dict[str, float] | None = None,
+        with_attention: bool = False,
     ) -> list[ImagePrediction]:
         """Instances at the original sizes for network inputs `images (B, 3, S, S)`; see `ranprm.inference`."""
         self.eval()
@@ -97,6 +98,7 @@ class PRMModule(L.LightningModule):
                 self.class_logits,
                 raw_images,
                 stage_times,
+                with_attention,
             )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 import ranprm.train as train_mod
+import ranprm.viz.callback as callback_mod
 from ranprm.config import compose
 from ranprm.train import train
 from ranprm.viz.callback import PanelCallback
@@ -18,9 +19,9 @@ from tests.test_train import tiny_overrides
 VAL_IDS = ["2024_000006", "2024_000007"]  # write_voc(8 images): the last quarter is val
 
 
-def panel_overrides(voc_root: Path, out: Path, epochs: int = 2) -> list[str]:
+def panel_overrides(voc_root: Path, out: Path, epochs: int = 2, backbone: str = "tiny") -> list[str]:
     return [
-        *tiny_overrides(voc_root, out),
+        *tiny_overrides(voc_root, out, backbone),
         f"trainer.max_epochs={epochs}",
         "logger=none",
         "callbacks.panels.num_images=2",
@@ -92,6 +93,23 @@ def test_every_n_epochs_skips_epochs_but_renders_the_last(voc_root, tmp_path, re
     train(cfg)
     assert sorted(p.name for p in (tmp_path / "panels").iterdir()) == ["epoch_001", "epoch_002"]
     assert len(rendered) == 2
+
+
+def test_ran_panels_show_every_attention_modules_mask(voc_root, tmp_path, monkeypatch):
+    """RAN's masks reach each panel, one (h, w) map per attention module, from the prediction's forward."""
+    seen = []
+    render_panel = callback_mod.render_panel
+
+    def spy(inputs, **kwargs):
+        seen.append(inputs)
+        return render_panel(inputs, **kwargs)
+
+    monkeypatch.setattr(callback_mod, "render_panel", spy)
+    train(compose("train", [*panel_overrides(voc_root, tmp_path, epochs=1, backbone="ran"), "backbone.width=8"]))
+    assert len(seen) == len(VAL_IDS)
+    for inputs in seen:
+        assert inputs.attention is not None and len(inputs.attention) == 3  # Attention-56: 1 module per stage
+        assert all(mask.ndim == 2 and 0 <= mask.min() <= mask.max() <= 1 for mask in inputs.attention)
 
 
 class _Untouchable:

@@ -184,3 +184,35 @@ def test_tiny_ran_trains_and_its_mask_grad_switches_afterwards() -> None:
     assert images.grad is not None and images.grad.abs().sum() > 0
     assert all(p.grad is None for name, p in backbone.named_parameters() if _is_mask_param(name))
     assert len(maps) == 3
+
+
+def test_predictions_carry_each_images_attention_maps_from_the_same_forward() -> None:
+    """`predict_batch(with_attention=True)` gives image b the b-th row of every module's mask; without it,
+    and for backbones without attention, the list is empty."""
+    from ranprm.inference import InferenceConfig, predict_batch
+    from ranprm.models.prm_net import PRMNet
+    from ranprm.prm.thresholds import Thresholds
+
+    torch.manual_seed(0)
+    model = PRMNet(tiny_ran(), num_classes=3).eval()
+    images = torch.randn(2, 3, 64, 64)
+    mean = {"kind": "mean"}
+    cfg = InferenceConfig(Thresholds.from_config({"classes": mean, "peaks": mean}), peak_filter="none",
+                          retrieval={"name": "prm_only"})  # fmt: skip
+
+    def scores(crms: torch.Tensor) -> torch.Tensor:
+        return crms.mean(dim=(2, 3))
+
+    with torch.no_grad():
+        _, expected = model.forward_with_attention(images)
+    with_maps = predict_batch(model, images, [(64, 64)] * 2, cfg, scores, with_attention=True)
+    assert len(expected) == 3
+    for b, prediction in enumerate(with_maps):
+        assert len(prediction.attention) == 3
+        for got, want in zip(prediction.attention, expected, strict=True):
+            torch.testing.assert_close(got, want[b])
+    assert all(p.attention == [] for p in predict_batch(model, images, [(64, 64)] * 2, cfg, scores))
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, stride=32, padding=1))
+    assert all(
+        p.attention == [] for p in predict_batch(plain, images, [(64, 64)] * 2, cfg, scores, with_attention=True)
+    )

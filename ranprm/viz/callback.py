@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -85,10 +84,8 @@ class PanelCallback(Callback):
         was_training = pl_module.training
         try:
             predictions = pl_module.predict_images(
-                images, batch["orig_size"], [r.permute(1, 2, 0).numpy() for r in raw]
+                images, batch["orig_size"], [r.permute(1, 2, 0).numpy() for r in raw], with_attention=True
             )
-            with torch.no_grad():
-                _, attention = pl_module.model.forward_with_attention(images)
         finally:
             pl_module.train(was_training)
         panels, captions = [], []
@@ -103,7 +100,7 @@ class PanelCallback(Callback):
                 instances=pred.instances,
                 gt_masks=targets.masks if targets is not None else None,
                 gt_labels=targets.labels if targets is not None else None,
-                attention=[a[b].detach().float().cpu() for a in attention] or None,
+                attention=pred.attention or None,
                 class_scores=pred.class_logits,
             )
             panels.append(render_panel(inputs, max_prms=self.max_prms, tile_size=self.tile_size))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ranprm.prm.backprop import peak_response_maps
+from ranprm.prm.backprop import check_mode, peak_response_maps, precision_dtype
 from ranprm.prm.instances import Instances
 from ranprm.prm.peaks import find_peaks, to_image_coordinates, upsample_crm
 from ranprm.prm.retrieval import retrieve_instances
@@ -33,6 +33,7 @@ class InferenceConfig:
     sub_pixel_factor: int = 1
     prm_mode: str = "probability"
     chunk_size: int | None = None
+    prm_dtype: torch.dtype = torch.float32  # bf16: faster, maps within ~1e-3 on average (the panels use it)
     retrieval: dict[str, Any] | None = None
 
     @classmethod
@@ -44,8 +45,9 @@ class InferenceConfig:
             window=int(head["window"]),
             peak_filter=head["peak_filter"],
             sub_pixel_factor=int(prm.get("sub_pixel_factor", 1)),
-            prm_mode=str(prm.get("mode", "probability")),
+            prm_mode=check_mode(str(prm.get("mode", "probability"))),
             chunk_size=prm.get("chunk_size"),
+            prm_dtype=precision_dtype(str(prm.get("precision") or "fp32")),  # checkpoints before it: fp32
             retrieval=dict(retrieval),
         )
 
@@ -126,6 +128,7 @@ def predict_batch(
             sub_pixel_factor=cfg.sub_pixel_factor,
             mode=cfg.prm_mode,
             chunk_size=cfg.chunk_size,
+            dtype=cfg.prm_dtype,
         )
     with stage(stage_times, "retrieval", device):
         predictions = []

@@ -6,6 +6,7 @@ It holds no algorithm of its own: peaks and scores come from `ranprm.prm.peaks`,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning as L
@@ -84,17 +85,23 @@ class PRMModule(L.LightningModule):
         raw_images: list[Any] | None = None,
         stage_times: dict[str, float] | None = None,
         with_attention: bool = False,
+        prm_dtype: torch.dtype | None = None,
     ) -> list[ImagePrediction]:
-        """Instances at the original sizes for network inputs `images (B, 3, S, S)`; see `ranprm.inference`."""
+        """Instances at the original sizes for network inputs `images (B, 3, S, S)`; see `ranprm.inference`.
+        `prm_dtype` replaces `prm.precision` for this call (the panels backpropagate in bf16)."""
         self.eval()
-        # Peak backprop runs in fp32 even inside a bf16-mixed validation step: PRM's custom backward mixes the
-        # saved activations with fp32 weights, and instance maps should not depend on the training precision.
+        cfg = self.inference_config()
+        if prm_dtype is not None:
+            cfg = dataclasses.replace(cfg, prm_dtype=prm_dtype)
+        # Autocast is off even inside a bf16-mixed validation step: PRM's custom backward would mix bf16
+        # activations with fp32 weights, and instance maps should not depend on the training precision. A bf16
+        # backprop is asked for explicitly (`prm.precision`), and then runs on bf16 weights throughout.
         with torch.autocast(device_type=images.device.type, enabled=False):
             return predict_batch(
                 self.model,
                 images.float().contiguous(memory_format=self.memory_format),
                 orig_sizes,
-                self.inference_config(),
+                cfg,
                 self.class_logits,
                 raw_images,
                 stage_times,

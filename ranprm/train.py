@@ -83,13 +83,14 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
                 max_prms=panels.max_prms,
                 tile_size=panels.tile_size,
                 output_dir=run_dir,
+                precision=panels.precision,
             )
         )
     return callbacks
 
 
 def build_module(cfg: DictConfig, class_names: tuple[str, ...]) -> PRMModule:
-    return PRMModule(
+    module = PRMModule(
         class_names=list(class_names),
         backbone=_plain(cfg.backbone),
         head=_plain(cfg.head),
@@ -102,6 +103,8 @@ def build_module(cfg: DictConfig, class_names: tuple[str, ...]) -> PRMModule:
         channels_last=bool(cfg.get("channels_last", False)),
         compile=bool(cfg.get("compile", False)),
     )
+    module.inference_config()  # a bad threshold or prm setting fails now, not at the last epoch's evaluation
+    return module
 
 
 def train(cfg: DictConfig) -> float | None:

@@ -137,6 +137,25 @@ def test_batched_equals_looped_on_the_tiny_backbone(mode: str, chunk_size: int |
     assert torch.allclose(batched.amax(dim=(1, 2)), torch.ones(5))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_backprop_is_close_to_fp32_and_leaves_the_model_in_fp32(mode: str) -> None:
+    """`dtype=torch.bfloat16` runs on bf16 copies of the weights: fp32 maps come back, near the fp32 ones, and
+    the model's own parameters and buffers keep their dtype and values. The model's own dtype changes nothing."""
+    model = _crm_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(2, 3, 48, 48)
+    peaks = torch.tensor([[0, 0, 1, 2], [1, 2, 11, 0], [0, 2, 7, 7]])
+    exact = peak_response_maps(model, images, peaks, sub_pixel_factor=2, mode=mode)
+    bf16 = peak_response_maps(model, images, peaks, sub_pixel_factor=2, mode=mode, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.float32 and bf16.shape == exact.shape
+    assert float((bf16 - exact).abs().mean()) < 0.02
+    assert torch.allclose(bf16.amax(dim=(1, 2)), torch.ones(3))
+    for key, value in model.state_dict().items():
+        assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
+    same = peak_response_maps(model, images, peaks, sub_pixel_factor=2, mode=mode, dtype=torch.float32)
+    assert torch.equal(same, exact)
+
+
 def test_the_default_chunk_grows_as_images_shrink_on_cpu_only() -> None:
     """CPU: about two 448 px images per pass (2 at 448, 8 at 224), at most 16 and at least 2; CUDA: 32."""
     assert [default_chunk_size("cpu", s * s) for s in (1024, 448, 224, 128, 16)] == [2, 2, 8, 16, 16]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from PIL import Image
 from ranprm.checkpoint import load_module
 from ranprm.config import compose
 from ranprm.data.voc import check_root, read_annotation, read_image, read_instance_masks, read_split
-from ranprm.errors import CheckpointError, DataError
+from ranprm.errors import CheckpointError, ConfigError, DataError
 from ranprm.module import NonFiniteLossError, PRMModule
 from ranprm.train import train
 from tests.helpers import CLASSES
@@ -245,6 +246,19 @@ def test_unknown_option_is_named(tmp_path):
     proc = _run_cli(["data.no_such_key=1"], tmp_path)
     assert proc.returncode != 0
     assert "no_such_key" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("prm.mode=exact", "prm.mode='exact'"), ("prm.precision=fp16", "prm.precision='fp16'"),
+     ("callbacks.panels.precision=fp8", "callbacks.panels.precision='fp8'")],
+)  # fmt: skip
+def test_bad_inference_settings_stop_training_before_the_first_step(voc_root, tmp_path, override, named):
+    """They are used only at the last epoch's evaluation and in the panels: checked when the run is built."""
+    cfg = compose("train", [*tiny_overrides(voc_root, tmp_path), override])
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_cli_user_error_is_one_line_and_exit_2(tmp_path):

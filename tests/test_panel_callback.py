@@ -6,9 +6,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
+import ranprm.inference as inference_mod
 import ranprm.train as train_mod
 import ranprm.viz.callback as callback_mod
 from ranprm.config import compose
@@ -39,8 +41,8 @@ def rendered(monkeypatch):
     calls: list[tuple[list[str], list[tuple[int, ...]]]] = []
     original = PanelCallback.render
 
-    def spy(self, pl_module, dataset, batch):
-        panels, captions = original(self, pl_module, dataset, batch)
+    def spy(self, pl_module, dataset, batch, *args):
+        panels, captions = original(self, pl_module, dataset, batch, *args)
         calls.append((list(batch["image_id"]), [p.shape for p in panels]))
         assert [c.split(":")[0] for c in captions] == list(batch["image_id"])
         return panels, captions
@@ -95,8 +97,10 @@ def test_every_n_epochs_skips_epochs_but_renders_the_last(voc_root, tmp_path, re
     assert len(rendered) == 2
 
 
-def test_ran_panels_show_every_attention_modules_mask(voc_root, tmp_path, monkeypatch):
-    """RAN's masks reach each panel, one (h, w) map per attention module, from the prediction's forward."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ran_panels_show_every_attention_modules_mask(voc_root, tmp_path, monkeypatch, precision):
+    """RAN's masks reach each panel, one (h, w) map per attention module, from the prediction's forward. The
+    panels backpropagate in the precision asked for, while the instance evaluation keeps prm.precision (fp32)."""
     seen = []
     render_panel = callback_mod.render_panel
 
@@ -105,11 +109,32 @@ def test_ran_panels_show_every_attention_modules_mask(voc_root, tmp_path, monkey
         return render_panel(inputs, **kwargs)
 
     monkeypatch.setattr(callback_mod, "render_panel", spy)
-    train(compose("train", [*panel_overrides(voc_root, tmp_path, epochs=1, backbone="ran"), "backbone.width=8"]))
+    dtypes = []
+    backprop = inference_mod.peak_response_maps
+
+    def dtype_spy(*args, **kwargs):
+        dtypes.append(kwargs["dtype"])
+        return backprop(*args, **kwargs)
+
+    monkeypatch.setattr(inference_mod, "peak_response_maps", dtype_spy)
+    overrides = [*panel_overrides(voc_root, tmp_path, epochs=1, backbone="ran"), "backbone.width=8"]
+    train(compose("train", [*overrides, f"callbacks.panels.precision={precision}"]))
     assert len(seen) == len(VAL_IDS)
     for inputs in seen:
         assert inputs.attention is not None and len(inputs.attention) == 3  # Attention-56: 1 module per stage
         assert all(mask.ndim == 2 and 0 <= mask.min() <= mask.max() <= 1 for mask in inputs.attention)
+    panel_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    assert dtypes[-1] == panel_dtype  # the panels render after the epoch's evaluation
+    assert set(dtypes[:-1]) == {torch.float32}  # the evaluation's validation batches
+
+
+@pytest.mark.parametrize(
+    ("setting", "trainer_precision", "expected"),
+    [("auto", "bf16-mixed", torch.bfloat16), ("auto", "bf16-true", torch.bfloat16), ("auto", "32-true", torch.float32),
+     ("auto", "16-mixed", torch.float32), ("fp32", "bf16-mixed", torch.float32), ("bf16", "32-true", torch.bfloat16)],
+)  # fmt: skip
+def test_panel_backprop_precision_follows_the_training_precision_on_auto(setting, trainer_precision, expected):
+    assert PanelCallback(precision=setting).prm_dtype(trainer_precision) == expected
 
 
 class _Untouchable:

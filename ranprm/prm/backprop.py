@@ -54,6 +54,17 @@ _GROUP_SLACK = 1.25
 ConvForward = Callable[[nn.Conv2d, Tensor, Tensor, Tensor | None], Tensor]
 
 
+# `prm.precision`: the dtype peak backprop runs in (see `peak_response_maps`' `dtype`).
+PRM_PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype of a `prm.precision` name, else a `ConfigError` naming the option."""
+    if precision not in PRM_PRECISIONS:
+        raise ConfigError(f"prm.precision={precision!r} is not valid; choose one of {list(PRM_PRECISIONS)}")
+    return PRM_PRECISIONS[precision]
+
+
 def check_mode(mode: str) -> PRMMode:
     """`mode` if it is a known PRM mode, else a `ConfigError` naming the option."""
     if mode not in PRM_MODES:
@@ -363,6 +374,15 @@ def _check_on_grid(peaks: Tensor, crm_up: Tensor) -> None:
         )
 
 
+def _cast_state(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The model's floating parameters and buffers cast to `dtype`, by name, for `torch.func.functional_call`;
+    empty when they already have it (then the model runs as it is)."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    if all(t.dtype == dtype for _, t in named if t.is_floating_point()):
+        return {}
+    return {name: t.detach().to(dtype) for name, t in named if t.is_floating_point()}
+
+
 def _finish(grads: Tensor) -> Tensor:
     """Input gradients (..., 3, H, W) -> PRMs (..., H, W): RGB summed, clamped at 0, divided by the max."""
     maps = grads.sum(dim=-3).clamp_min(0)
@@ -416,6 +436,7 @@ def peak_response_maps(
     sub_pixel_factor: int = 1,
     mode: PRMMode | str = "probability",
     chunk_size: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """PRMs of all peaks, batched: `(K, H, W)` float in [0, 1], row k for `peaks[k]`.
 
@@ -424,6 +445,10 @@ def peak_response_maps(
     peaks:  (K, 4) long `[batch, class, y, x]` on the CRM grid up-sampled by `sub_pixel_factor`
     chunk_size: the most per-peak backward passes vectorised at once (peaks x images sharing a forward); it
         bounds memory, since each pass holds its own gradient tensors. None: `default_chunk_size(device, H * W)`.
+    dtype: the floating dtype to backpropagate in; None: the images' own. `torch.bfloat16` runs the network on
+        bf16 copies of its floating parameters and buffers (the model is not touched): about 1.7x faster on a
+        CPU with AVX512-BF16 and on tensor cores, with maps that differ from fp32 by ~1e-3 on average and up to
+        ~0.1 at single pixels (BENCHMARKS.md). The maps are returned in the images' dtype.
 
     Images are grouped (all of them when their peak counts are alike, see `_image_groups`); per group, one
     forward builds the graph, and each chunk of peaks is one `vmap`-ed backward w.r.t. the images only: no
@@ -452,8 +477,11 @@ def peak_response_maps(
         counts[b] += 1
     ranks = torch.tensor(rank, device=images.device)
 
+    state = _cast_state(model, dtype) if dtype is not None else {}
+
     def crm_up_of(x: Tensor) -> Tensor:  # (b, 3, H, W) -> (b, C, h * f, w * f)
-        return upsample_crm(model(x), sub_pixel_factor)
+        crms = torch.func.functional_call(model, state, (x,)) if state else model(x)
+        return upsample_crm(crms, sub_pixel_factor)
 
     conv_forward = _probability_conv_forward if mode == "probability" else None
     # inference_mode(False): under inference mode no graph can be built. no_grad: the ordinary autograd
@@ -464,7 +492,7 @@ def peak_response_maps(
         for group in _image_groups(counts, max_images=chunk_size):
             local = torch.full((num_images,), -1, dtype=torch.long, device=images.device)
             local[group] = torch.arange(len(group), device=images.device)
-            x = images[group].clone()  # a normal tensor even if `images` is an inference tensor
+            x = images[group].to(dtype=dtype or images.dtype, copy=True)  # not an inference tensor, even if `images` is
             crm_up, vjp_fn = torch.func.vjp(crm_up_of, x)
             _check_on_grid(peaks, crm_up)
             members = (local[peaks[:, 0]] >= 0).nonzero(as_tuple=True)[0]  # this group's peaks
@@ -478,7 +506,7 @@ def peak_response_maps(
                 seeds = crm_up.new_zeros(width, *crm_up.shape)
                 seeds[slot, image, peaks[rows, 1], peaks[rows, 2], peaks[rows, 3]] = 1.0
                 (grads,) = torch.func.vmap(vjp_fn)(seeds)  # (step, images, 3, H, W)
-                out[rows] = _finish(grads[slot, image]).to(out.dtype)
+                out[rows] = _finish(grads[slot, image].to(out.dtype))
                 del grads, seeds
     return out
 

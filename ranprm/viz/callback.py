@@ -8,19 +8,27 @@ images, runs inference and hands the results over. A logging failure is a warnin
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from ranprm.data.dataset import collate
 from ranprm.data.voc import read_image
+from ranprm.errors import ConfigError
 from ranprm.viz.panels import PanelInputs, panel_caption, render_panel, save_png
 
 log = logging.getLogger(__name__)
 PANEL_KEY = "val/panels"
+
+
+# The panels' peak backprop: `auto` is bf16 when the run trains in bf16 (the hardware has it; the maps
+# differ from fp32 by ~1e-3 on average, invisible in a panel, at about 0.6x the cost), fp32 otherwise.
+PANEL_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class PanelCallback(Callback):
@@ -33,7 +41,13 @@ class PanelCallback(Callback):
         max_prms: int = 8,
         tile_size: int | None = None,
         output_dir: str | Path | None = None,
+        precision: str = "auto",
     ) -> None:
+        if precision not in PANEL_PRECISIONS:
+            raise ConfigError(
+                f"callbacks.panels.precision={precision!r} is not valid; choose one of {list(PANEL_PRECISIONS)}"
+            )
+        self.precision = precision
         self.num_images = num_images
         self.every_n_epochs = max(1, every_n_epochs)
         self.max_prms = max_prms
@@ -49,6 +63,7 @@ class PanelCallback(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_render(trainer):
             return
+        started = time.perf_counter()
         dataset = getattr(trainer.datamodule, "val_set", None) if trainer.datamodule is not None else None
         if dataset is None or len(dataset) == 0:
             return
@@ -57,7 +72,7 @@ class PanelCallback(Callback):
         batch = collate(samples)
         if "image" not in batch:
             return
-        panels, captions = self.render(pl_module, dataset, batch)
+        panels, captions = self.render(pl_module, dataset, batch, self.prm_dtype(str(trainer.precision)))
         out_dir = (self.output_dir or Path(trainer.default_root_dir)) / "panels" / f"epoch_{trainer.current_epoch:03d}"
         for image_id, panel in zip(batch["image_id"], panels, strict=True):
             save_png(out_dir / f"{image_id}.png", panel)
@@ -68,6 +83,9 @@ class PanelCallback(Callback):
                 except Exception as err:  # W&B must never cost the run
                     log.warning("could not log panels to W&B (%s: %s); the PNGs are in %s", type(err).__name__,
                                 err, out_dir)  # fmt: skip
+        # The cost is logged so that it can be weighed against the epoch's (BENCHMARKS.md, "Panels").
+        log.info("panels of epoch %d: %d images in %.2f s, in %s", trainer.current_epoch, len(panels),
+                 time.perf_counter() - started, out_dir)  # fmt: skip
 
     @staticmethod
     def _log_to_wandb(logger: WandbLogger, panels: list[Any], captions: list[str], trainer: L.Trainer) -> None:
@@ -77,14 +95,25 @@ class PanelCallback(Callback):
         experiment.log({"epoch": trainer.current_epoch}, commit=False)  # joins the row log_image commits
         logger.log_image(key=PANEL_KEY, images=panels, step=trainer.global_step, caption=captions)
 
-    def render(self, pl_module: Any, dataset: Any, batch: dict[str, Any]) -> tuple[list[Any], list[str]]:
+    def prm_dtype(self, trainer_precision: str) -> torch.dtype:
+        """The dtype of the panels' peak backprop for a run that trains in `trainer_precision` ("bf16-mixed")."""
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and trainer_precision.startswith("bf16"))
+        return torch.bfloat16 if bf16 else torch.float32
+
+    def render(
+        self, pl_module: Any, dataset: Any, batch: dict[str, Any], prm_dtype: torch.dtype = torch.float32
+    ) -> tuple[list[Any], list[str]]:
         """Panels (H', W', 3) uint8 and captions for a collated batch of validation samples."""
         images = batch["image"].to(pl_module.device)
         raw = [read_image(dataset.root / "JPEGImages" / f"{i}.jpg") for i in batch["image_id"]]
         was_training = pl_module.training
         try:
             predictions = pl_module.predict_images(
-                images, batch["orig_size"], [r.permute(1, 2, 0).numpy() for r in raw], with_attention=True
+                images,
+                batch["orig_size"],
+                [r.permute(1, 2, 0).numpy() for r in raw],
+                with_attention=True,
+                prm_dtype=prm_dtype,
             )
         finally:
             pl_module.train(was_training)

@@ -186,9 +186,15 @@ def test_wandb_panels_are_stepped_by_epoch():
     )
     logger = SimpleNamespace(experiment=experiment, log_image=lambda **k: calls.append(("log_image", (), k)))
     trainer = SimpleNamespace(current_epoch=3, global_step=120)
-    PanelCallback._log_to_wandb(logger, ["p1", "p2"], ["c1", "c2"], trainer)
+    PanelCallback._log_to_wandb(
+        logger, ["run/panels/epoch_003/a.png", "run/panels/epoch_003/b.png"], ["c1", "c2"], trainer
+    )
     assert calls[0] == ("define_metric", (PANEL_KEY,), {"step_metric": "epoch"})
     assert calls[1] == ("log", ({"epoch": 3},), {"commit": False})  # pending: joins the row log_image commits
     name, _, kwargs = calls[2]
-    assert name == "log_image" and kwargs["key"] == PANEL_KEY and kwargs["images"] == ["p1", "p2"]
+    assert (
+        name == "log_image"
+        and kwargs["key"] == PANEL_KEY
+        and kwargs["images"] == ["run/panels/epoch_003/a.png", "run/panels/epoch_003/b.png"]
+    )
     assert kwargs["caption"] == ["c1", "c2"]

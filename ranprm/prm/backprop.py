@@ -420,9 +420,9 @@ def default_chunk_size(device: torch.device | str, image_pixels: int = 448 * 448
     """Backward passes to vectorise at once when the caller does not say, for images of `image_pixels` each.
 
     CUDA: 32, where batching fills the device; bounded for memory. CPU: as many as fit `_CPU_PASS_PIXELS`,
-    between 2 and 16. Measured with 2 threads and channels_last (BENCHMARKS.md, "Panels"): at 448 px chunks
-    of 2 beat 4 and 8 on ResNet-50 (6.8 / 7.4 / 8.3 s for 11 peaks); at 128 px, RAN with 17 peaks on 8
-    images took 2.22 s with chunks of 2 and 1.70-1.79 s with 8 to 24.
+    between 2 and 16. Measured with 2 threads and channels_last (BENCHMARKS.md, "Peak backpropagation"): at
+    448 px chunks of 2 beat 4 and 8 on ResNet-50 (6.8 / 7.4 / 8.3 s for 11 peaks); at 128 px, RAN with 17
+    peaks on 8 images took 2.22 s with chunks of 2 and 1.70-1.79 s with 8 to 24.
     """
     if torch.device(device).type == "cuda":
         return 32
@@ -505,7 +505,7 @@ def peak_response_maps(
                 # Slot j of image i seeds that image's j-th peak of the chunk; slots past its count stay zero.
                 seeds = crm_up.new_zeros(width, *crm_up.shape)
                 seeds[slot, image, peaks[rows, 1], peaks[rows, 2], peaks[rows, 3]] = 1.0
-                (grads,) = torch.func.vmap(vjp_fn)(seeds)  # (step, images, 3, H, W)
+                (grads,) = torch.func.vmap(vjp_fn)(seeds)  # (width, images, 3, H, W)
                 out[rows] = _finish(grads[slot, image].to(out.dtype))
                 del grads, seeds
     return out

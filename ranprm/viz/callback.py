@@ -20,15 +20,16 @@ from lightning.pytorch.loggers import WandbLogger
 from ranprm.data.dataset import collate
 from ranprm.data.voc import read_image
 from ranprm.errors import ConfigError
+from ranprm.prm.backprop import PRM_PRECISIONS
 from ranprm.viz.panels import PanelInputs, panel_caption, render_panel, save_png
 
 log = logging.getLogger(__name__)
 PANEL_KEY = "val/panels"
 
 
-# The panels' peak backprop: `auto` is bf16 when the run trains in bf16 (the hardware has it; the maps
-# differ from fp32 by ~1e-3 on average, invisible in a panel, at about 0.6x the cost), fp32 otherwise.
-PANEL_PRECISIONS = ("auto", "fp32", "bf16")
+# The panels' peak backprop: a `prm.precision` name, or `auto`: bf16 when the run trains in bf16 (the hardware
+# has it; the maps differ from fp32 by ~1e-3 on average, invisible in a panel, at about 0.6x the cost), else fp32.
+AUTO_PRECISION = "auto"
 
 
 class PanelCallback(Callback):
@@ -43,10 +44,9 @@ class PanelCallback(Callback):
         output_dir: str | Path | None = None,
         precision: str = "auto",
     ) -> None:
-        if precision not in PANEL_PRECISIONS:
-            raise ConfigError(
-                f"callbacks.panels.precision={precision!r} is not valid; choose one of {list(PANEL_PRECISIONS)}"
-            )
+        if precision != AUTO_PRECISION and precision not in PRM_PRECISIONS:
+            choices = [AUTO_PRECISION, *PRM_PRECISIONS]
+            raise ConfigError(f"callbacks.panels.precision={precision!r} is not valid; choose one of {choices}")
         self.precision = precision
         self.num_images = num_images
         self.every_n_epochs = max(1, every_n_epochs)
@@ -102,8 +102,9 @@ class PanelCallback(Callback):
 
     def prm_dtype(self, trainer_precision: str) -> torch.dtype:
         """The dtype of the panels' peak backprop for a run that trains in `trainer_precision` ("bf16-mixed")."""
-        bf16 = self.precision == "bf16" or (self.precision == "auto" and trainer_precision.startswith("bf16"))
-        return torch.bfloat16 if bf16 else torch.float32
+        if self.precision != AUTO_PRECISION:
+            return PRM_PRECISIONS[self.precision]
+        return PRM_PRECISIONS["bf16" if trainer_precision.startswith("bf16") else "fp32"]
 
     def render(
         self, pl_module: Any, dataset: Any, batch: dict[str, Any], prm_dtype: torch.dtype = torch.float32

@@ -19,21 +19,16 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from ranprm.checkpoint import load_module
-from ranprm.config import config_dir, report_user_errors
+from ranprm.cli.config import config_dir, report_user_errors, to_plain
+from ranprm.cli.inference import inference_settings, load_for_inference, resolve_device
 from ranprm.data.datamodule import DataConfig, VOCDataModule
-from ranprm.data.voc import read_instance_masks
+from ranprm.data.voc import image_path, read_instance_masks
 from ranprm.errors import ConfigError, DataError
 from ranprm.eval import GroundTruth, InstanceEvaluator, Peaks, per_class_table, read_results, summary
-from ranprm.io_utils import write_json_atomic, write_text_atomic
-from ranprm.predict import apply_inference_overrides, resolve_device
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+from ranprm.utils.io import write_json_atomic, write_text_atomic
 
 
 def _cap(ids: list[str], max_images: Any) -> list[str]:
@@ -57,9 +52,8 @@ def image_size_of(path: Path) -> tuple[int, int]:
 
 
 def _evaluate_checkpoint(cfg: DictConfig, datamodule: VOCDataModule, evaluator: InstanceEvaluator) -> dict[str, Any]:
-    module = load_module(cfg.ckpt, datamodule.class_names, _plain(cfg.backbone_overrides))
-    settings = apply_inference_overrides(module, cfg)
-    module = module.to(resolve_device(str(cfg.device)))
+    module = load_for_inference(cfg, resolve_device(str(cfg.device)), datamodule.class_names)
+    settings = inference_settings(module)
     _, val_ids = datamodule.split_ids()
     # Only the evaluated images are read (setup() would read every training annotation too).
     datamodule.val_set = datamodule._dataset(_cap(val_ids, cfg.eval.max_images), train=False)
@@ -92,7 +86,7 @@ def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluator:
     root = datamodule.root
     _, val_ids = datamodule.split_ids()
     ids = _cap(val_ids, cfg.eval.max_images)
-    sizes = {i: image_size_of(root / "JPEGImages" / f"{i}.jpg") for i in ids}
+    sizes = {i: image_size_of(image_path(root, i)) for i in ids}
     results = read_results(Path(cfg.predictions).expanduser(), datamodule.class_names, sizes)
     skipped = 0
     for image_id, entries in results.items():
@@ -115,7 +109,7 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
     out_dir = Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output={str(out_dir)!r} is a file; give a folder")
-    data_cfg = dict(_plain(cfg.data))
+    data_cfg = dict(to_plain(cfg.data))
     if cfg.get("predictions") is not None:
         data_cfg["num_workers"] = 0
     datamodule = VOCDataModule(DataConfig.from_config(data_cfg))
@@ -144,7 +138,7 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    from ranprm.sweep import run_job
+    from ranprm.cli.sweep import run_job
 
     run_job(evaluate, cfg)
 

@@ -18,80 +18,23 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import cv2
 import hydra
-import numpy as np
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ranprm.checkpoint import load_module, read_checkpoint
-from ranprm.config import config_dir, report_user_errors
+from ranprm.cli.config import config_dir, report_user_errors
+from ranprm.cli.inference import load_for_inference, resolve_device
 from ranprm.data.transforms import build_transform
 from ranprm.data.voc import read_image
 from ranprm.errors import ConfigError, DataError
 from ranprm.eval.results_io import instances_to_results, write_results
-from ranprm.io_utils import write_bytes_atomic
-from ranprm.module import PRMModule
 from ranprm.viz.overlay import render_overlay
+from ranprm.viz.panels import save_png
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 DEFAULT_IMAGE_SIZE = 448
 PREDICTIONS_FILE = "predictions.json"
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r}: no CUDA device is available; use device=cpu or device=auto")
-    return device
-
-
-def apply_inference_overrides(module: PRMModule, cfg: DictConfig) -> dict[str, Any]:
-    """Replace the checkpoint's inference settings by those the command line gives; returns the settings used.
-
-    `cfg.threshold` / `cfg.retrieval` (a chosen config group) replace the whole group; each non-null key of
-    `cfg.prm` replaces that key of the checkpoint's prm settings.
-    """
-    hp = module.hparams
-    for group in ("threshold", "retrieval"):
-        chosen = cfg.get(group)
-        if chosen is not None:
-            hp[group] = _plain(chosen)
-        elif hp.get(group) is None:
-            raise ConfigError(f"ckpt has no {group} settings; choose one, e.g. {group}=<option>")
-    prm = dict(hp.get("prm") or {})
-    prm.update({k: v for k, v in (_plain(cfg.get("prm")) or {}).items() if v is not None})
-    hp["prm"] = prm
-    module.inference_config()  # a bad combination fails here, before any image is read
-    return {"threshold": dict(hp["threshold"]), "retrieval": dict(hp["retrieval"]), "prm": prm}
-
-
-def checkpoint_image_size(ckpt: dict[str, Any]) -> int | None:
-    """The training input side recorded in a checkpoint, or None when it records none."""
-    hparams = ckpt.get("hyper_parameters") or {}
-    candidates = [
-        (ckpt.get("ranprm") or {}).get("image_size") if isinstance(ckpt.get("ranprm"), dict) else None,
-        hparams.get("image_size"),
-        (hparams.get("data") or {}).get("image_size") if isinstance(hparams.get("data"), dict) else None,
-        (ckpt.get("datamodule_hyper_parameters") or {}).get("image_size")
-        if isinstance(ckpt.get("datamodule_hyper_parameters"), dict)
-        else None,
-    ]
-    for value in candidates:
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
 
 
 def list_images(path: str | Path) -> list[Path]:
@@ -137,13 +80,6 @@ def _check_outputs(images: list[Path], output: Path, overwrite: bool) -> None:
         )
 
 
-def save_png(path: Path, rgb: np.ndarray) -> None:
-    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise DataError(f"cannot encode the overlay {path}")
-    write_bytes_atomic(path, data.tobytes())
-
-
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run the model on every input image, write overlays and predictions.json; returns the result entries."""
     images = list_images(cfg.input)
@@ -153,18 +89,14 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     _check_outputs(images, output, bool(cfg.overwrite))
     device = resolve_device(str(cfg.device))
 
-    ckpt = read_checkpoint(cfg.ckpt)
-    image_size = cfg.image_size or checkpoint_image_size(ckpt)
-    del ckpt
+    module = load_for_inference(cfg, device)
+    image_size = cfg.image_size or module.hparams.get("image_size")
     if image_size is None:
         image_size = DEFAULT_IMAGE_SIZE
         log.warning("ckpt records no training image size; using image_size=%d (set image_size= to change)",
                     DEFAULT_IMAGE_SIZE)  # fmt: skip
     if int(image_size) < 32:
         raise ConfigError(f"image_size={image_size} is too small; give at least 32 pixels")
-    module = load_module(cfg.ckpt, backbone_overrides=_plain(cfg.backbone_overrides))
-    apply_inference_overrides(module, cfg)
-    module = module.to(device)
     class_names = list(module.class_names)
     transform = build_transform(int(image_size), train=False)
 

@@ -1,19 +1,37 @@
-"""Shared test set-up: W&B off, few threads (CI has 2 cores), deterministic seeds."""
+"""Shared test set-up: W&B off, few threads (CI has 2 cores), and every test starting from the same global state.
+
+Each test starts with every random generator seeded (torch, NumPy's legacy global, Python's `random`) and the
+torch settings a test or the code under test may change (threads, default dtype, grad mode, matmul precision) put
+back afterwards: no outcome may depend on which tests ran before.
+"""
 
 import os
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+TEST_THREADS = min(2, torch.get_num_threads())
+torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _same_global_state_for_every_test():
     torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    torch.set_num_threads(TEST_THREADS)
+    dtype, grad, precision = torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_float32_matmul_precision()
+    yield
+    torch.set_num_threads(TEST_THREADS)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+    torch.set_float32_matmul_precision(precision)
 
 
 @pytest.fixture

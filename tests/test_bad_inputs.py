@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ranprm.checkpoint import load_module
-from ranprm.config import compose
+from ranprm.cli.config import compose
 from ranprm.data.voc import check_root, read_annotation, read_image, read_instance_masks, read_split
 from ranprm.errors import CheckpointError, ConfigError, DataError
-from ranprm.module import NonFiniteLossError, PRMModule
+from ranprm.lightning.checkpoint import load_module
+from ranprm.lightning.module import NonFiniteLossError, PRMModule
 from ranprm.train import train
 from tests.helpers import CLASSES
 from tests.test_train import tiny_overrides
@@ -130,17 +130,46 @@ def test_skip_bad_images_skips_warns_and_counts(voc_root, tmp_path, caplog):
     assert "skipped 2 unreadable image loads" in text
 
 
+def _source_and_expected(mode: str) -> tuple[Image.Image, np.ndarray]:
+    """An image in `mode` and the RGB pixels it shows, computed without PIL's converters where they could hide
+    a wrong reading (palette lookup by hand, 16-bit grey scaled by 255 / 65535)."""
+    rgb_array = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+    rgb = Image.fromarray(rgb_array)
+    if mode == "I;16":
+        grey16 = (np.arange(20 * 30, dtype=np.float64).reshape(20, 30) * (65535 / 599)).round().astype(np.uint16)
+        grey8 = np.rint(grey16 * (255 / 65535)).astype(np.uint8)
+        return Image.fromarray(grey16), np.repeat(grey8[..., None], 3, axis=2)
+    if mode == "RGBA":
+        return Image.fromarray(np.dstack([rgb_array, np.full((20, 30), 255, np.uint8)])), rgb_array
+    if mode == "P":
+        img = rgb.quantize(colors=16)
+        palette = np.asarray(img.getpalette(), np.uint8).reshape(-1, 3)
+        return img, palette[np.asarray(img)]
+    if mode == "1":
+        bits = np.random.default_rng(1).random((20, 30)) > 0.5
+        return Image.fromarray(bits), np.repeat((bits * 255).astype(np.uint8)[..., None], 3, axis=2)
+    img = rgb.convert(mode)  # L, CMYK: the reference is the image's own channels
+    if mode == "L":
+        return img, np.repeat(np.asarray(img)[..., None], 3, axis=2)
+    cmyk = np.asarray(img).astype(np.float64)  # CMYK without a profile: RGB = 255 - C - K (PIL's naive rule)
+    return img, np.clip(255 - cmyk[..., :3] - cmyk[..., 3:], 0, 255).astype(np.uint8)
+
+
 @pytest.mark.parametrize(
     ("mode", "suffix"),
     [("L", "jpg"), ("CMYK", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "png"), ("I;16", "png"), ("1", "png")],
 )
-def test_grayscale_cmyk_rgba_images_are_converted(tmp_path, mode, suffix):
-    rgb = Image.fromarray((np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8))
-    img = rgb.convert(mode) if mode != "I;16" else Image.fromarray(np.full((20, 30), 300, np.uint16))
+def test_grayscale_cmyk_rgba_16bit_palette_images_give_their_pixels(tmp_path, mode, suffix):
+    img, expected = _source_and_expected(mode)
     path = tmp_path / f"x.{suffix}"
-    img.save(path)
+    img.save(path, **({"quality": 100} if suffix == "jpg" else {}))
     out = read_image(path)
     assert out.shape == (3, 20, 30) and out.dtype == torch.uint8
+    error = np.abs(out.permute(1, 2, 0).numpy().astype(int) - expected.astype(int))
+    if suffix == "png":
+        assert error.max() == 0  # lossless: every pixel exact
+    else:
+        assert error.mean() < 3, error.mean()  # JPEG at quality 100: small rounding only
 
 
 # --- annotations and masks ---------------------------------------------------------------------------------------
@@ -196,7 +225,7 @@ def test_rgb_mask_is_named(voc_root):
 
 def _module(backbone: dict, num_classes: int = 2) -> PRMModule:
     cfg = compose("train", ["backbone=tiny"])
-    from ranprm.train import _plain
+    from ranprm.cli.config import to_plain as _plain
 
     return PRMModule(
         class_names=list(CLASSES[:num_classes]) + [f"c{i}" for i in range(num_classes - 2)],
@@ -398,7 +427,7 @@ class _Evil:
 
 @pytest.mark.parametrize("where", ["top", "hyper_parameters", "state_dict"])
 def test_crafted_pickle_is_refused_without_running_code(tmp_path, where):
-    from ranprm.checkpoint import read_checkpoint
+    from ranprm.lightning.checkpoint import read_checkpoint
     from ranprm.models.weights import read_state_dict
 
     marker = tmp_path / "pwned"
@@ -412,7 +441,7 @@ def test_crafted_pickle_is_refused_without_running_code(tmp_path, where):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=r"evil\.ckpt: cannot be read safely"):
         read_checkpoint(path)
-    with pytest.raises(CheckpointError, match=r"evil\.ckpt: cannot be read as a weight file"):
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: cannot be read safely"):
         read_state_dict(path)
     with pytest.raises(CheckpointError):
         load_module(path)

@@ -75,8 +75,8 @@ def test_predict_case_splits_latency_by_stage(voc_root, capsys) -> None:
 
 
 def test_stage_times_change_nothing_in_the_predictions() -> None:
-    from ranprm.config import compose
-    from ranprm.train import build_module
+    from ranprm.cli.build import build_module
+    from ranprm.cli.config import compose
 
     module = build_module(compose("train", ["backbone=tiny"]), CLASSES).eval()
     images = torch.randn(2, 3, 64, 64)

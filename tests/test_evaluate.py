@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ranprm.config import compose
+from ranprm.cli.config import compose
 from ranprm.data.voc import read_instance_masks, read_split
 from ranprm.errors import ConfigError, PredictionsError
 from ranprm.eval import encode_mask, write_results

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ranprm.checkpoint import AtomicCheckpointIO
-from ranprm.config import compose
-from ranprm.io_utils import write_json_atomic, write_text_atomic
+from ranprm.cli.config import compose
+from ranprm.lightning.checkpoint import AtomicCheckpointIO
 from ranprm.train import train
+from ranprm.utils.io import write_json_atomic, write_text_atomic
 from tests.test_train import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]

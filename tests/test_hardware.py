@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from ranprm import hardware
-from ranprm.config import compose
-from ranprm.module import PRMModule
+from ranprm.lightning import hardware
+from ranprm.cli.config import compose
+from ranprm.lightning.module import PRMModule
 from ranprm.train import train
 from tests.helpers import CLASSES, HEAD
 from tests.test_train import tiny_overrides
@@ -76,7 +76,7 @@ def test_compiled_network_gives_the_eager_results_and_plain_checkpoint_keys():
 
 @pytest.mark.slow
 def test_compile_true_trains_and_its_checkpoint_predicts(voc_root, tmp_path):
-    from ranprm.checkpoint import load_module
+    from ranprm.lightning.checkpoint import load_module
 
     train(compose("train", tiny_overrides(voc_root, tmp_path) + ["compile=true", "trainer.max_epochs=1"]))
     module = load_module(tmp_path / "checkpoints" / "last.ckpt")

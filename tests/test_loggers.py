@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-import ranprm.loggers as loggers_mod
+import ranprm.lightning.loggers as loggers_mod
 import ranprm.train as train_mod
-from ranprm.config import compose
-from ranprm.loggers import build_logger, wandb_has_credentials
+from ranprm.cli.config import compose
+from ranprm.lightning.loggers import build_logger, wandb_has_credentials
 from ranprm.train import train
 from tests.test_train import tiny_overrides
 
@@ -69,7 +69,7 @@ def test_build_logger_falls_back_to_csv_when_wandb_init_raises(tmp_path, monkeyp
             raise RuntimeError("no service")
 
     monkeypatch.setattr(loggers_mod, "SafeWandbLogger", Broken)
-    with caplog.at_level(logging.WARNING, logger="ranprm.loggers"):
+    with caplog.at_level(logging.WARNING, logger="ranprm.lightning.loggers"):
         logger = build_logger({"name": "wandb", "mode": "offline"}, tmp_path)
     assert isinstance(logger, CSVLogger)
     assert "W&B could not start (RuntimeError: no service)" in caplog.text
@@ -82,7 +82,7 @@ def test_build_logger_falls_back_to_csv_when_the_run_cannot_start(tmp_path, monk
             raise OSError("wandb service did not start")
 
     monkeypatch.setattr(loggers_mod, "SafeWandbLogger", NoRun)
-    with caplog.at_level(logging.WARNING, logger="ranprm.loggers"):
+    with caplog.at_level(logging.WARNING, logger="ranprm.lightning.loggers"):
         logger = build_logger({"name": "wandb", "mode": "disabled"}, tmp_path)
     assert isinstance(logger, CSVLogger)
     assert "wandb service did not start" in caplog.text

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ranprm.errors import ConfigError
-from ranprm.module import PRMModule
+from ranprm.lightning.module import PRMModule
 from tests.helpers import CLASSES, HEAD
 
 

@@ -29,7 +29,7 @@ def test_installed_wheel_finds_configs_from_any_folder(tmp_path):
     assert (target / "ranprm" / "conf" / "train.yaml").is_file()
     env = {**os.environ, "PYTHONPATH": str(target)}
     code = (
-        "import ranprm, ranprm.config as c; print(ranprm.__file__); "
+        "import ranprm, ranprm.cli.config as c; print(ranprm.__file__); "
         "print(c.config_dir()); print(c.compose('train', ['backbone=tiny']).backbone.name)"
     )
     out = subprocess.run(

@@ -10,12 +10,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-import ranprm.inference as inference_mod
+import ranprm.lightning.panels as callback_mod
+import ranprm.prm.pipeline as inference_mod
 import ranprm.train as train_mod
-import ranprm.viz.callback as callback_mod
-from ranprm.config import compose
+from ranprm.cli.build import build_callbacks
+from ranprm.cli.config import compose
+from ranprm.lightning.panels import PanelCallback
 from ranprm.train import train
-from ranprm.viz.callback import PanelCallback
 from tests.test_train import tiny_overrides
 
 VAL_IDS = ["2024_000006", "2024_000007"]  # write_voc(8 images): the last quarter is val
@@ -170,14 +171,14 @@ def test_callback_is_silent_in_sanity_check_and_off_rank_zero(tmp_path, override
 
 def test_num_images_zero_turns_the_callback_off(voc_root, tmp_path):
     cfg = compose("train", [*panel_overrides(voc_root, tmp_path, epochs=1), "callbacks.panels.num_images=0"])
-    assert not any(isinstance(c, PanelCallback) for c in train_mod.build_callbacks(cfg, tmp_path, False))
+    assert not any(isinstance(c, PanelCallback) for c in build_callbacks(cfg, tmp_path, False))
 
 
 def test_wandb_panels_are_stepped_by_epoch():
     """The panels' row carries `epoch`, and W&B is told to plot `val/panels` against it."""
     from types import SimpleNamespace
 
-    from ranprm.viz.callback import PANEL_KEY, PanelCallback
+    from ranprm.lightning.panels import PANEL_KEY, PanelCallback
 
     calls: list[tuple] = []
     experiment = SimpleNamespace(

@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ranprm.checkpoint import load_module
-from ranprm.config import compose
+from ranprm.cli.config import compose
+from ranprm.cli.inference import apply_inference_overrides
 from ranprm.data.transforms import build_transform
 from ranprm.data.voc import read_image
 from ranprm.errors import ConfigError, DataError
 from ranprm.eval import decode_rle
-from ranprm.predict import apply_inference_overrides, predict
+from ranprm.lightning.checkpoint import load_module
+from ranprm.predict import predict
 from ranprm.train import train
 from tests.helpers import CLASSES, write_voc
 

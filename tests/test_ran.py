@@ -86,6 +86,13 @@ def _is_mask_param(name: str) -> bool:
     return ".mask." in name
 
 
+def _mask_grads(grads: dict[str, torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The gradients of the soft-mask branches' parameters; never empty, so `all(...)` over it means something."""
+    found = [g for name, g in grads.items() if _is_mask_param(name)]
+    assert found, "no parameter of a mask branch found: the name filter no longer matches the model"
+    return found
+
+
 def test_detached_masks_get_no_gradient_while_the_trunk_does() -> None:
     grads, _ = _grads_after_backward(tiny_ran(mask_grad="detached").train())
     mask_names = [n for n in grads if _is_mask_param(n)]
@@ -96,7 +103,7 @@ def test_detached_masks_get_no_gradient_while_the_trunk_does() -> None:
 
 def test_full_masks_get_a_gradient() -> None:
     grads, _ = _grads_after_backward(tiny_ran(mask_grad="full").train())
-    assert all(g is not None for n, g in grads.items() if _is_mask_param(n))
+    assert all(g is not None and g.abs().sum() > 0 for g in _mask_grads(grads))
 
 
 def test_mask_grad_switches_on_a_built_model_without_changing_the_output() -> None:
@@ -109,12 +116,12 @@ def test_mask_grad_switches_on_a_built_model_without_changing_the_output() -> No
     assert net.mask_grad == "detached"
     assert all(m.mask_grad == "detached" for m in net.attention_modules())
     grads, _ = _grads_after_backward(net)
-    assert all(g is None for n, g in grads.items() if _is_mask_param(n))
+    assert all(g is None for g in _mask_grads(grads))
     with torch.no_grad():
         torch.testing.assert_close(net(images), full_out)
     net.mask_grad = "full"  # the property setter reaches every module too
     grads, _ = _grads_after_backward(net)
-    assert all(g is not None for n, g in grads.items() if _is_mask_param(n))
+    assert all(g is not None and g.abs().sum() > 0 for g in _mask_grads(grads))
     with pytest.raises(ConfigError, match="mask_grad"):
         net.set_mask_grad("half")
 
@@ -159,7 +166,10 @@ def test_pretrained_file_round_trip(tmp_path: Path) -> None:
 
 
 def test_tiny_ran_trains_and_its_mask_grad_switches_afterwards() -> None:
-    """Smoke run: a few SGD steps of tiny RAN + class conv fit 4 images; then detach masks at inference."""
+    """30 SGD steps of tiny RAN + class conv fit 4 images; then detach masks at inference.
+
+    Measured with 1 and 2 threads: the loss falls from 0.698 to 0.0066 / 0.0058, so the 10x bar holds with a wide
+    margin whatever the kernels' summation order (12 steps gave 0.37 / 0.24: too close to a bar to be a test)."""
     backbone = tiny_ran().train()
     classifier = torch.nn.Conv2d(backbone.out_channels, 3, 1)
     params = [*backbone.parameters(), *classifier.parameters()]
@@ -168,13 +178,13 @@ def test_tiny_ran_trains_and_its_mask_grad_switches_afterwards() -> None:
     labels = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
     loss_fn = torch.nn.MultiLabelSoftMarginLoss()
     losses = []
-    for _ in range(12):
+    for _ in range(30):
         optimizer.zero_grad()
         loss = loss_fn(classifier(backbone(images)).mean(dim=(2, 3)), labels)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.1 * losses[0], losses
 
     backbone.eval().set_mask_grad("detached")
     optimizer.zero_grad(set_to_none=True)
@@ -182,15 +192,15 @@ def test_tiny_ran_trains_and_its_mask_grad_switches_afterwards() -> None:
     crm, maps = backbone.forward_with_attention(images)
     classifier(crm)[0, 0].max().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
-    assert all(p.grad is None for name, p in backbone.named_parameters() if _is_mask_param(name))
+    assert all(g is None for g in _mask_grads({n: p.grad for n, p in backbone.named_parameters()}))
     assert len(maps) == 3
 
 
 def test_predictions_carry_each_images_attention_maps_from_the_same_forward() -> None:
     """`predict_batch(with_attention=True)` gives image b the b-th row of every module's mask; without it,
     and for backbones without attention, the list is empty."""
-    from ranprm.inference import InferenceConfig, predict_batch
     from ranprm.models.prm_net import PRMNet
+    from ranprm.prm.pipeline import InferenceConfig, predict_batch
     from ranprm.prm.thresholds import Thresholds
 
     torch.manual_seed(0)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ranprm.config import compose
-from ranprm.sweep import SweepSummary, collect, record_failure, write_summary
+from ranprm.cli.config import compose
+from ranprm.cli.sweep import SweepSummary, collect, record_failure, write_summary
 from tests.test_train import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def test_slurm_launcher_composes_and_validates():
 
 def test_summary_callback_is_registered():
     cfg = compose("train", [], return_hydra_config=True)
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "ranprm.sweep.SweepSummary"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "ranprm.cli.sweep.SweepSummary"
 
 
 # ----------------------------------------------------------------------------------------- summary (no training)

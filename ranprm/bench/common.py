@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ranprm.timing import sync
+from ranprm.utils.timing import sync
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ranprm.bench.common import int_list, machine
-from ranprm.timing import sync
+from ranprm.utils.timing import sync
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
     args = _parse_args(argv)
     from omegaconf import OmegaConf
 
-    from ranprm.config import compose
+    from ranprm.cli.config import compose
 
     data_cfg = OmegaConf.to_container(compose("train", args.overrides).data, resolve=True)
     assert isinstance(data_cfg, dict)

@@ -55,13 +55,12 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _model(args: argparse.Namespace, cfg: Any, class_names: tuple[str, ...]) -> tuple[Any, int]:
     """(PRMModule in eval mode, network input side)."""
-    from ranprm.checkpoint import load_module, read_checkpoint
-    from ranprm.predict import checkpoint_image_size
-    from ranprm.train import build_module
+    from ranprm.cli.build import build_module
+    from ranprm.lightning.checkpoint import load_module
 
     if args.ckpt:
-        size = args.size or checkpoint_image_size(read_checkpoint(args.ckpt)) or int(cfg.data.image_size)
-        return load_module(args.ckpt), size
+        module = load_module(args.ckpt)
+        return module, args.size or module.hparams.get("image_size") or int(cfg.data.image_size)
     torch.manual_seed(0)
     module = build_module(cfg, class_names)
     return module.eval(), args.size or int(cfg.data.image_size)
@@ -71,10 +70,10 @@ def main(argv: list[str]) -> None:
     args = _parse_args(argv)
     from omegaconf import OmegaConf
 
-    from ranprm.config import compose
+    from ranprm.cli.config import compose
     from ranprm.data.datamodule import DataConfig, VOCDataModule
     from ranprm.data.transforms import build_transform
-    from ranprm.data.voc import read_image
+    from ranprm.data.voc import image_path, read_image
 
     cfg = compose("train", [f"backbone={args.backbone}", *args.overrides])
     data = VOCDataModule(DataConfig.from_config(OmegaConf.to_container(cfg.data, resolve=True)))
@@ -84,7 +83,7 @@ def main(argv: list[str]) -> None:
     _, val_ids = data.split_ids()
     samples = []
     for image_id in val_ids[: args.images + 1]:  # the first one is the untimed warm-up
-        image = read_image(data.root / "JPEGImages" / f"{image_id}.jpg")
+        image = read_image(image_path(data.root, image_id))
         raw = image.permute(1, 2, 0).numpy()
         samples.append((transform(image)[None].to(args.device), (int(image.shape[1]), int(image.shape[2])), raw))
 

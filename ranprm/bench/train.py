@@ -89,8 +89,8 @@ def build_step(
     compile: bool,  # noqa: A002
 ) -> tuple[Any, Any]:
     """(step, forward_backward): one optimizer step, and the forward+backward alone (for the FLOP count)."""
-    from ranprm.config import compose
-    from ranprm.train import build_module
+    from ranprm.cli.build import build_module
+    from ranprm.cli.config import compose
 
     cfg = compose("train", [f"backbone={backbone}", f"channels_last={args.channels_last}", f"compile={compile}"])
     device = torch.device(args.device)

@@ -7,12 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ranprm.data.voc import InstanceTargets, image_labels, read_annotation, read_image, read_instance_masks
+from ranprm.data.voc import (
+    InstanceTargets,
+    image_labels,
+    image_path,
+    read_annotation,
+    read_image,
+    read_instance_masks,
+)
 from ranprm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -59,7 +65,7 @@ class VOCDataset(Dataset[Sample | None]):
     def __getitem__(self, index: int) -> Sample | None:
         image_id = self.ids[index]
         try:
-            image = read_image(self.root / "JPEGImages" / f"{image_id}.jpg")
+            image = read_image(image_path(self.root, image_id))
         except DataError as err:
             if not self.skip_bad_images:
                 raise
@@ -91,34 +97,3 @@ def collate(samples: list[Sample | None]) -> dict[str, Any]:
     for key in ("image_id", "orig_size", "targets", "raw_image"):
         batch[key] = [s[key] for s in kept]
     return batch
-
-
-class SkippedImagesReport(Callback):
-    """Counts the images `data.skip_bad_images=true` dropped (collate's `skipped`) and reports them at the end."""
-
-    def __init__(self) -> None:
-        self.train_skipped = 0
-        self.val_skipped = 0
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.train_skipped += int(batch.get("skipped", 0)) if isinstance(batch, dict) else 0
-
-    def on_validation_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if not trainer.sanity_checking and isinstance(batch, dict):
-            self.val_skipped += int(batch.get("skipped", 0))
-
-    @property
-    def total(self) -> int:
-        return self.train_skipped + self.val_skipped
-
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.total:
-            log.warning(
-                "skipped %d unreadable image loads (%d in training, %d in validation, counted per epoch); "
-                "see the 'skipping' warnings for their names",
-                self.total,
-                self.train_skipped,
-                self.val_skipped,
-            )

@@ -61,12 +61,12 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from ranprm.data.voc import image_path
 from ranprm.errors import ConfigError, DataError
 
 try:  # POSIX advisory locks keep two processes (DDP ranks) from generating the same dataset twice
@@ -540,7 +540,7 @@ def _write_sample(job: tuple[SyntheticSpec, str, int, str]) -> tuple[str, list[t
     sample = render_sample(spec, split, index)
     h, w = sample.instances.shape
     Image.frombytes("RGB", (w, h), np.ascontiguousarray(sample.image).tobytes()).save(
-        root / "JPEGImages" / f"{image_id}.jpg", format="JPEG", quality=spec.jpeg_quality
+        image_path(root, image_id), format="JPEG", quality=spec.jpeg_quality
     )
     (root / "Annotations" / f"{image_id}.xml").write_bytes(annotation_xml(image_id, w, h, sample.objects))
     _save_palette_png(sample.instances, root / "SegmentationObject" / f"{image_id}.png")
@@ -684,12 +684,3 @@ def ensure_dataset(spec: SyntheticSpec, cache_dir: str | Path | None = None, wor
             raise
         log.info("synthetic dataset ready in %.1f s", time.perf_counter() - start)
     return root
-
-
-def read_spec(root: str | Path) -> dict[str, Any]:
-    """The `spec.json` manifest of a generated dataset folder."""
-    path = Path(root) / "spec.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path} is missing or unreadable; is {root} a generated synthetic dataset?") from err

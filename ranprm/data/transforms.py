@@ -16,10 +16,3 @@ def build_transform(image_size: int, train: bool, flip_prob: float = 0.5) -> v2.
         steps.append(v2.RandomHorizontalFlip(flip_prob))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(steps)
-
-
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Undo the ImageNet normalisation: (..., 3, H, W) normalised -> [0, 1] RGB, for display."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(3, 1, 1)
-    return (images * std + mean).clamp(0, 1)

@@ -28,6 +28,11 @@ VOID = 255  # VOC marks object borders and difficult regions with 255 in the seg
 REQUIRED_DIRS = ("JPEGImages", "Annotations", "ImageSets")
 
 
+def image_path(root: Path, image_id: str) -> Path:
+    """Where VOC keeps the image of `image_id`: `<root>/JPEGImages/<id>.jpg`."""
+    return root / "JPEGImages" / f"{image_id}.jpg"
+
+
 def check_root(root: str | Path) -> Path:
     """Return `root` as a Path, or raise a DataError that names what is missing."""
     path = Path(root).expanduser()
@@ -54,7 +59,7 @@ def read_split(root: Path, task: str, split: str) -> list[str]:
     ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
     if not ids:
         raise DataError(f"split file {split_file} lists no image ids; fill it or choose another split")
-    missing = [i for i in ids if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
+    missing = [i for i in ids if not image_path(root, i).is_file()]
     if missing:
         raise DataError(
             f"split file {split_file} lists {len(missing)} ids with no JPEGImages/<id>.jpg (first: {missing[0]!r}); "
@@ -129,7 +134,7 @@ def read_image(path: Path) -> Tensor:
                     fast = _decode_with_torchvision(path)
                     if fast is not None:
                         return fast
-                rgb = img.convert("RGB")
+                rgb = _to_rgb(img)
     except FileNotFoundError as err:
         raise DataError(f"image {path} does not exist") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -139,6 +144,18 @@ def read_image(path: Path) -> Tensor:
             f"image {path} is truncated or corrupt ({err}); replace it or set data.skip_bad_images=true"
         ) from err
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB. 16-bit grey (and PIL's 32-bit "I", which 16-bit PNGs can open as) is scaled from
+    0..65535 to 0..255: PIL's own conversion clips it instead, so any value above 255 would become white."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    return img.convert("RGB")
 
 
 def _decode_with_torchvision(path: Path) -> Tensor | None:

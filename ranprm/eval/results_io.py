@@ -28,8 +28,8 @@ from faster_coco_eval.core import mask as mask_utils
 from torch import Tensor
 
 from ranprm.errors import PredictionsError
-from ranprm.io_utils import write_bytes_atomic
 from ranprm.prm.instances import Instances
+from ranprm.utils.io import write_bytes_atomic
 
 _REQUIRED_KEYS = ("image_id", "category_id", "score", "segmentation")
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ranprm.errors import CheckpointError
+from ranprm.utils.io import load_torch_file
 
 # Keys that belong to a classifier on top of a backbone (torchvision's `fc`, a PRM class conv) and that a backbone
 # must not try to load.
@@ -16,14 +17,7 @@ _CLASSIFIER_PREFIXES = ("fc.", "classifier.")
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a plain weight file or from a Lightning checkpoint, without unpickling code."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"backbone.pretrained={str(path)!r}: no such file; give the path of a weight file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad or unsafe file
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot be read as a weight file ({first_line})") from err
+    obj = load_torch_file(path, "backbone.pretrained")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -52,18 +52,13 @@ class Instances:
         return len(self.labels)
 
     def __getitem__(self, index: int | slice | Tensor) -> Instances:
+        """The instances selected by `index` (an int keeps one; out of range raises IndexError, as a list does)."""
         if isinstance(index, int):
-            index = slice(index, index + 1) if index != -1 else slice(-1, None)
+            n = len(self)
+            if not -n <= index < n:
+                raise IndexError(f"instance index {index} is out of range for {n} instances")
+            index = slice(index % n, index % n + 1)
         return Instances(self.image_size, **{f: getattr(self, f)[index] for f in self._tensor_fields()})
 
     def to(self, device: torch.device | str) -> Instances:
         return Instances(self.image_size, **{f: getattr(self, f).to(device) for f in self._tensor_fields()})
-
-    @staticmethod
-    def cat(parts: list[Instances]) -> Instances:
-        if not parts:
-            raise ValueError("Instances.cat needs at least one part to know the image size")
-        size = parts[0].image_size
-        if any(p.image_size != size for p in parts):
-            raise ValueError("Instances.cat: parts have different image sizes")
-        return Instances(size, **{f: torch.cat([getattr(p, f) for p in parts]) for f in Instances._tensor_fields()})

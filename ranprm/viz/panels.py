@@ -37,8 +37,8 @@ import torch
 from matplotlib.colors import ListedColormap
 from torch import Tensor
 
-from ranprm.io_utils import write_bytes_atomic
 from ranprm.prm.instances import Instances
+from ranprm.utils.io import write_bytes_atomic
 
 RowKind = Literal["overview", "crm", "prm", "attention"]
 # A caption, or alternatives from most to least informative: the first that fits the tile is drawn.

@@ -20,7 +20,7 @@ from ranprm.prm.instances import Instances
 from ranprm.prm.peaks import find_peaks, to_image_coordinates, upsample_crm
 from ranprm.prm.retrieval import retrieve_instances
 from ranprm.prm.thresholds import Thresholds, select_classes, select_peaks
-from ranprm.timing import stage
+from ranprm.utils.timing import stage
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,10 @@ def build_logger(cfg: dict[str, Any], save_dir: Path, run_config: dict[str, Any]
     if name == "csv":
         return CSVLogger(save_dir=str(save_dir), name="csv", version="")
     if name == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ConfigError("logger=tensorboard needs the tensorboard package: pip install 'ranprm[tensorboard]'")
         return TensorBoardLogger(save_dir=str(save_dir), name="tensorboard", version="")
     if name == "wandb":
         try:

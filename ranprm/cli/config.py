@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from ranprm.errors import RanprmError
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the `ranprm` package folder
 T = TypeVar("T")
 
 
@@ -25,6 +25,13 @@ def config_dir() -> Path:
         if (candidate / "train.yaml").is_file():
             return candidate
     raise RanprmError(f"cannot find ranprm's configs next to {_PACKAGE_DIR}; reinstall ranprm")
+
+
+def to_plain(cfg: Any) -> Any:
+    """A resolved plain container (dict/list) of an OmegaConf node; anything else is returned as it is."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
 
 
 def compose(config_name: str = "train", overrides: list[str] | None = None, return_hydra_config: bool = False):

@@ -1,7 +1,7 @@
 """The LightningModule: wires the network, peak stimulation, loss, optimiser and validation metrics.
 
 It holds no algorithm of its own: peaks and scores come from `ranprm.prm.peaks`, instance inference from
-`ranprm.inference`, metrics from torchmetrics and `ranprm.eval`.
+`ranprm.prm.pipeline`, metrics from torchmetrics and `ranprm.eval`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from torchmetrics.classification import MultilabelAveragePrecision
 
 from ranprm.errors import ConfigError, RanprmError
 from ranprm.eval import GroundTruth, InstanceEvaluator, Peaks, scalar_metrics
-from ranprm.inference import ImagePrediction, InferenceConfig, predict_batch
+from ranprm.lightning.callbacks import due_this_epoch
 from ranprm.models.prm_net import PRMNet
 from ranprm.prm.peaks import class_scores
+from ranprm.prm.pipeline import ImagePrediction, InferenceConfig, predict_batch
 
 
 class NonFiniteLossError(RanprmError):
@@ -87,7 +88,7 @@ class PRMModule(L.LightningModule):
         with_attention: bool = False,
         prm_dtype: torch.dtype | None = None,
     ) -> list[ImagePrediction]:
-        """Instances at the original sizes for network inputs `images (B, 3, S, S)`; see `ranprm.inference`.
+        """Instances at the original sizes for network inputs `images (B, 3, S, S)`; see `ranprm.prm.pipeline`.
         `prm_dtype` replaces `prm.precision` for this call (the panels backpropagate in bf16)."""
         self.eval()
         cfg = self.inference_config()
@@ -134,13 +135,7 @@ class PRMModule(L.LightningModule):
 
     def _instance_eval_this_epoch(self) -> bool:
         """Instance metrics cost a PRM backward per peak: every `eval.every_n_epochs`, default the last epoch."""
-        trainer = self.trainer
-        if trainer.sanity_checking:
-            return False
-        every = (self.hparams.eval or {}).get("every_n_epochs")
-        epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        return last or bool(every and epoch % int(every) == 0)
+        return due_this_epoch(self.trainer, (self.hparams.eval or {}).get("every_n_epochs"))
 
     def _update_instance_metrics(self, batch: dict[str, Any]) -> None:
         cap = (self.hparams.eval or {}).get("max_images")

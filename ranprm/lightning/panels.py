@@ -18,8 +18,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from ranprm.data.dataset import collate
-from ranprm.data.voc import read_image
+from ranprm.data.voc import image_path, read_image
 from ranprm.errors import ConfigError
+from ranprm.lightning.callbacks import due_this_epoch
 from ranprm.prm.backprop import PRM_PRECISIONS
 from ranprm.viz.panels import PanelInputs, panel_caption, render_panel, save_png
 
@@ -55,10 +56,7 @@ class PanelCallback(Callback):
         self.output_dir = Path(output_dir) if output_dir is not None else None
 
     def _should_render(self, trainer: L.Trainer) -> bool:
-        if trainer.sanity_checking or not trainer.is_global_zero or self.num_images <= 0:
-            return False
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last_epoch
+        return trainer.is_global_zero and self.num_images > 0 and due_this_epoch(trainer, self.every_n_epochs)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_render(trainer):
@@ -111,7 +109,7 @@ class PanelCallback(Callback):
     ) -> tuple[list[Any], list[str]]:
         """Panels (H', W', 3) uint8 and captions for a collated batch of validation samples."""
         images = batch["image"].to(pl_module.device)
-        raw = [read_image(dataset.root / "JPEGImages" / f"{i}.jpg") for i in batch["image_id"]]
+        raw = [read_image(image_path(dataset.root, i)) for i in batch["image_id"]]
         was_training = pl_module.training
         try:
             predictions = pl_module.predict_images(

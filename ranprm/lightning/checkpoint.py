@@ -8,27 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ranprm.errors import CheckpointError
-from ranprm.module import PRMModule
+from ranprm.lightning.module import PRMModule
+from ranprm.utils.io import load_torch_file
 
 log = logging.getLogger(__name__)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint dict, read with `weights_only=True` so a crafted file cannot run code."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"ckpt={str(path)!r}: no such file; give the path of a ranprm .ckpt file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling refused, truncated zip, not a torch file, ...
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise CheckpointError(f"ckpt={path}: cannot be read safely as a checkpoint ({reason})") from err
+    ckpt = load_torch_file(path, "ckpt")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise CheckpointError(f"ckpt={path}: not a ranprm training checkpoint (no state_dict/hyper_parameters)")
     return ckpt

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ranprm.io_utils import write_json_atomic
+from ranprm.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

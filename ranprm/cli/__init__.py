@@ -1,0 +1,1 @@
+"""What the entry points share: config discovery and composition, one-line user errors, sweeps, inference overrides."""

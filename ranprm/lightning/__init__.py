@@ -1,0 +1,1 @@
+"""Thin Lightning shells around the pure stages: the module, callbacks, checkpoint IO, loggers, hardware choices."""

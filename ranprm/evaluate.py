@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from ranprm.cli.config import config_dir, report_user_errors, to_plain
+from ranprm.cli.config import hydra_main, report_user_errors, to_plain
 from ranprm.cli.inference import inference_settings, load_for_inference, resolve_device
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.data.voc import image_path, read_instance_masks
@@ -135,7 +134,7 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
     return record
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
+@hydra_main("evaluate")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     from ranprm.cli.sweep import run_job

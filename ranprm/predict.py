@@ -18,10 +18,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from ranprm.cli.config import config_dir, report_user_errors
+from ranprm.cli.config import hydra_main, report_user_errors
 from ranprm.cli.inference import load_for_inference, resolve_device
 from ranprm.data.transforms import build_transform
 from ranprm.data.voc import read_image
@@ -117,7 +116,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="predict")
+@hydra_main("predict")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     predict(cfg)

@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from omegaconf import DictConfig
 
 from ranprm.cli.build import build_callbacks, build_module
-from ranprm.cli.config import config_dir, report_user_errors, to_plain
+from ranprm.cli.config import hydra_main, report_user_errors, to_plain
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.errors import ConfigError
 from ranprm.lightning.callbacks import SkippedImagesReport
@@ -77,7 +76,7 @@ def train(cfg: DictConfig) -> float | None:
     return metrics.get(target) if target else None
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@hydra_main("train")
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:
     from ranprm.cli.sweep import run_job

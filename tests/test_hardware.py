@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from ranprm.lightning import hardware
 from ranprm.cli.config import compose
+from ranprm.lightning import hardware
 from ranprm.lightning.module import PRMModule
 from ranprm.train import train
 from tests.helpers import CLASSES, HEAD

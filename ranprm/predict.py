@@ -26,8 +26,8 @@ from ranprm.data.transforms import build_transform
 from ranprm.data.voc import read_image
 from ranprm.errors import ConfigError, DataError
 from ranprm.eval.results_io import instances_to_results, write_results
+from ranprm.viz.draw import save_png
 from ranprm.viz.overlay import render_overlay
-from ranprm.viz.panels import save_png
 
 log = logging.getLogger(__name__)
 

@@ -1,22 +1,26 @@
-"""The panel callback on short real runs: PNGs per epoch, the same images each time, silent in the sanity check."""
+"""The panel callback: on short real runs (PNGs per epoch, the same images each time, silent in the sanity check),
+and on a model whose CRMs and PRMs are known, the PRM row shows the PRM of the peak each tile marks."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
+from torch import nn
 
 import ranprm.lightning.panels as callback_mod
 import ranprm.prm.pipeline as inference_mod
 import ranprm.train as train_mod
-from ranprm.cli.build import build_callbacks
+from ranprm.cli.build import build_callbacks, build_module
 from ranprm.cli.config import compose
 from ranprm.lightning.panels import PanelCallback
 from ranprm.train import train
+from ranprm.viz.layout import panel_layout
 from tests.test_train import tiny_overrides
 
 VAL_IDS = ["2024_000006", "2024_000007"]  # write_voc(8 images): the last quarter is val
@@ -42,8 +46,8 @@ def rendered(monkeypatch):
     calls: list[tuple[list[str], list[tuple[int, ...]]]] = []
     original = PanelCallback.render
 
-    def spy(self, pl_module, dataset, batch, *args):
-        panels, captions = original(self, pl_module, dataset, batch, *args)
+    def spy(self, pl_module, batch, *args):
+        panels, captions = original(self, pl_module, batch, *args)
         calls.append((list(batch["image_id"]), [p.shape for p in panels]))
         assert [c.split(":")[0] for c in captions] == list(batch["image_id"])
         return panels, captions
@@ -199,3 +203,104 @@ def test_wandb_panels_are_stepped_by_epoch():
         and kwargs["images"] == ["run/panels/epoch_003/a.png", "run/panels/epoch_003/b.png"]
     )
     assert kwargs["caption"] == ["c1", "c2"]
+
+
+# ------------------------------------------------------------------------------------ known CRMs and PRMs
+
+# A one-layer CRM model: a 16 x 16 convolution with stride 16, so the network input (64 px) is a 4 x 4 grid of
+# cells and each CRM cell sees its own cell only. "dog" reads the red channel, "chair" the green one, "cat" is
+# -40 everywhere (never valid). The PRM of a peak in cell (u, v) is then exactly that cell's block of pixels.
+KNOWN_CLASSES = ("cat", "dog", "chair")
+ORIG_HW = (48, 80)  # the original image: not the network input's 64 x 64, and not square
+# Cells (u, v) of the peaks and their CRM values: dog 100 and 90, chair 110 (the strongest class, yet second in
+# the CRM row, which is in class order).
+DOG_STRONG, DOG_WEAK, CHAIR = (3, 0), (3, 3), (0, 3)
+
+
+def _known_module() -> nn.Module:
+    module = build_module(
+        compose("train", ["backbone=tiny", "threshold=fixed", "retrieval=prm_only", "data.image_size=64"]),
+        KNOWN_CLASSES,
+    )
+    conv = nn.Conv2d(3, 3, 16, stride=16)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.copy_(torch.tensor([-40.0, 0.0, 0.0]))
+        conv.weight[1, 0] = 100 / 256  # the mean of the cell's red channel, times 100
+        conv.weight[2, 1] = 100 / 256
+    module.model = conv
+    return module
+
+
+def _known_batch() -> dict:
+    image = torch.zeros(1, 3, 64, 64)
+    for (u, v), channel, value in ((DOG_STRONG, 0, 1.0), (DOG_WEAK, 0, 0.9), (CHAIR, 1, 1.1)):
+        image[0, channel, 16 * u : 16 * (u + 1), 16 * v : 16 * (v + 1)] = value
+    raw = np.full((*ORIG_HW, 3), 128, np.uint8)
+    raw[:4, :4] = (200, 30, 60)  # a mark the input tile must show, away from every peak
+    return {"image": image, "raw_image": [raw], "orig_size": [ORIG_HW], "targets": [None], "image_id": ["known"]}
+
+
+def _block(cell: tuple[int, int], grow: int = 0) -> tuple[slice, slice]:
+    """The pixels of a network-input cell in the original image (48 / 4 = 12 rows by 80 / 4 = 20 columns),
+    grown by `grow` pixels on every side."""
+    u, v = cell
+    return slice(max(0, 12 * u - grow), 12 * (u + 1) + grow), slice(max(0, 20 * v - grow), 20 * (v + 1) + grow)
+
+
+def _centre(cell: tuple[int, int]) -> tuple[int, int]:
+    """Where the peak of a cell is drawn: the cell's centre, (u + 0.5) * 12 - 0.5 and (v + 0.5) * 20 - 0.5."""
+    u, v = cell
+    return round((u + 0.5) * 12 - 0.5), round((v + 0.5) * 20 - 0.5)
+
+
+def test_each_prm_tile_shows_the_prm_of_the_peak_it_marks_in_the_crm_rows_class_order() -> None:
+    module, batch = _known_module(), _known_batch()
+    (panel,), (caption,) = PanelCallback(max_prms=8).render(module, batch)
+    assert caption == "known: valid classes: dog, chair; 3 peaks; 3 instances"
+    layout = panel_layout(ORIG_HW, num_crms=2, num_prms=3, has_instances=True, num_attention=0)
+    assert panel.shape == (*layout.size, 3)
+
+    def tile(kind: str, n: int) -> np.ndarray:
+        y, x = layout.picture_origin(*layout.cells_of(kind)[n])
+        return panel[y : y + ORIG_HW[0], x : x + ORIG_HW[1]].astype(int)
+
+    # The input tile is the batch's own pixels, untouched (no GT here): no dataset was even given to read from.
+    np.testing.assert_array_equal(tile("overview", 0), batch["raw_image"][0])
+
+    yy, xx = np.mgrid[: ORIG_HW[0], : ORIG_HW[1]]
+    # Dog first (the CRM row's order), dog's peaks strongest first, chair's after dog's strongest.
+    expected = [DOG_STRONG, CHAIR, DOG_WEAK]
+    for n, cell in enumerate(expected):
+        brightness = tile("prm", n).sum(axis=2)
+        cy, cx = _centre(cell)
+        assert brightness[cy, cx] == 3 * 255, f"tile {n}: the white centre of its peak's cross"
+        for other in (DOG_STRONG, CHAIR, DOG_WEAK):
+            inside = np.zeros(ORIG_HW, bool)
+            inside[_block(other)] = True
+            oy, ox = _centre(other)
+            inside &= (np.abs(yy - oy) > 3) & (np.abs(xx - ox) > 3)  # off the marker's arms
+            if other == cell:  # its own block is hot: inferno's bright end over the dimmed grey
+                assert brightness[inside].min() > 350, f"tile {n}: its PRM is not under its peak"
+            else:  # another peak's block shows only the dimmed grey backdrop under inferno's darkest colour
+                assert brightness[inside].max() < 240, f"tile {n}: lit under the peak of {other}"
+                assert brightness[oy, ox] < 240, f"tile {n}: marks the peak of {other}"
+
+    # Each CRM tile marks the peaks of its own class.
+    for n, cells in enumerate([(DOG_STRONG, DOG_WEAK), (CHAIR,)]):
+        crm = tile("crm", n).sum(axis=2)
+        for cell in (DOG_STRONG, DOG_WEAK, CHAIR):
+            assert (crm[_centre(cell)] == 3 * 255) == (cell in cells)
+
+
+def test_predictions_keep_each_valid_peaks_prm_only_when_asked() -> None:
+    module, batch = _known_module(), _known_batch()
+    (plain,) = module.predict_images(batch["image"], batch["orig_size"])
+    assert plain.prms is None
+    (pred,) = module.predict_images(batch["image"], batch["orig_size"], with_prms=True)
+    assert pred.prms is not None and pred.prms.shape == (3, *ORIG_HW)
+    for (_, y, x), prm in zip(pred.peaks.tolist(), pred.prms, strict=True):
+        cell = next(c for c in (DOG_STRONG, DOG_WEAK, CHAIR) if _centre(c) == (round(y), round(x)))
+        outside = torch.ones(ORIG_HW, dtype=torch.bool)
+        outside[_block(cell, grow=1)] = False  # bilinear resizing from 64 x 64 blurs the edge by a pixel
+        assert prm.max() == 1.0 and prm[_block(cell)].min() > 0.4 and prm[outside].max() == 0.0

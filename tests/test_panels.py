@@ -10,19 +10,9 @@ import pytest
 import torch
 
 from ranprm.prm.instances import Instances
-from ranprm.viz.panels import (
-    PanelInputs,
-    PanelStyle,
-    _fit_text,
-    _pick_prms,
-    caption_height,
-    layout_for,
-    panel_caption,
-    panel_layout,
-    render_panel,
-    save_png,
-    tile_shape,
-)
+from ranprm.viz.draw import fit_text, save_png
+from ranprm.viz.layout import caption_height, panel_layout, tile_shape
+from ranprm.viz.panels import PanelInputs, PanelStyle, choose_prms, layout_for, panel_caption, render_panel
 
 NAMES = ["cat", "dog", "person", "car"]
 H, W = 64, 96  # not square, so a swapped height and width shows up
@@ -132,7 +122,8 @@ def test_tile_size_scales_the_longer_side_and_the_maps_follow() -> None:
         ({"instances": Instances.empty((H, W))}, (("overview", 2),)),
         ({"attention": []}, (("overview", 1),)),
         ({"valid_classes": torch.tensor([2])}, (("overview", 1), ("crm", 1))),
-        ({"instances": instances(2)}, (("overview", 2), ("prm", 2))),  # PRMs fall back to the instances'
+        # Instances alone give no PRM row: their maps are merged by NMS, not the PRM of the peak they mark.
+        ({"instances": instances(2)}, (("overview", 2),)),
     ],
 )
 def test_missing_parts_render_a_smaller_panel(changes: dict, rows: tuple) -> None:
@@ -228,23 +219,110 @@ def test_crm_and_prm_tiles_are_hot_where_the_maps_are_high() -> None:
     assert prm_tile[12, 12].sum() > prm_tile[50, 80].sum() + 150
 
 
-def test_prm_choice_takes_every_class_before_a_second_peak() -> None:
+def test_prm_choice_follows_the_crm_order_and_takes_every_class_before_a_second_peak() -> None:
     crms = torch.zeros(4, 2, 3)
     crms[0] = 5.0
     crms[0, 0, 0] = 9.0  # class 0's peak in the top-left cell is its strongest
     crms[1] = 1.0
-    sources = [
-        (0, 40.0, 80.0, np.zeros((H, W))),
-        (0, 5.0, 5.0, np.zeros((H, W))),
-        (0, 40.0, 10.0, np.zeros((H, W))),
-        (1, 20.0, 20.0, np.zeros((H, W))),
-    ]
-    picked = _pick_prms(sources, crms.numpy(), (H, W), max_prms=3)
-    assert [(c, y, x, k, n) for c, y, x, _, k, n in picked] == [
-        (0, 5.0, 5.0, 1, 3),
-        (1, 20.0, 20.0, 1, 1),
-        (0, 40.0, 80.0, 2, 3),
-    ]
+    crms[3] = 20.0  # class 3 is the strongest, but it is not a valid class: it comes after the CRM row's
+    peaks = np.array([[0, 40.0, 80.0], [0, 5.0, 5.0], [3, 10.0, 10.0], [0, 40.0, 10.0], [1, 20.0, 20.0]])
+    picked = choose_prms(peaks, crms.numpy(), (H, W), class_order=[1, 0], max_prms=4)
+    # (row of peaks, class, rank in class, peaks of the class): class 1 then 0 as in the CRM row, then class 3;
+    # class 0's second peak (row 0, the bottom-right cell at 5.0, ties with row 3: the peaks' order) comes last.
+    expected = [(4, 1, 1, 1), (1, 0, 1, 3), (2, 3, 1, 1), (0, 0, 2, 3)]
+    assert [(p.index, p.label, p.rank, p.of) for p in picked] == expected
+    assert (picked[1].y, picked[1].x) == (5.0, 5.0)
+    assert choose_prms(peaks, crms.numpy(), (H, W), [1, 0], max_prms=0) == []
+
+
+def test_prm_strength_is_read_in_the_crm_cell_under_the_peak() -> None:
+    """Pixel centres map to CRM cells as `to_image_coordinates` puts them: cell u's centre (u + 0.5) * s - 0.5."""
+    crms = np.zeros((1, 2, 2), np.float32)
+    crms[0, 0, 1] = 1.0  # top-right cell of a 64 x 96 image: rows 0-31, columns 48-95
+    peaks = np.array([[0, 31.0, 47.0], [0, 31.0, 48.0]])  # the last column of the left cell, the first of the right
+    picked = choose_prms(peaks, crms, (H, W), [0], max_prms=1)
+    assert picked[0].index == 1
+
+
+def _blob_prm(
+    peak_yx: tuple[float, float], image_hw: tuple[int, int], prm_hw: tuple[int, int], sigma: float
+) -> np.ndarray:
+    """A Gaussian blob of `sigma` image pixels at an image point, on a grid of `prm_hw` (e.g. the network input)
+    stretched over the image, with pixel centres mapped as the pipeline maps them ((i + 0.5) * H / h - 0.5)."""
+    ys = (np.arange(prm_hw[0]) + 0.5) * image_hw[0] / prm_hw[0] - 0.5
+    xs = (np.arange(prm_hw[1]) + 0.5) * image_hw[1] / prm_hw[1] - 0.5
+    d2 = (ys[:, None] - peak_yx[0]) ** 2 + (xs[None, :] - peak_yx[1]) ** 2
+    return np.exp(-d2 / (2 * sigma**2)).astype(np.float32)
+
+
+def test_each_prm_tile_shows_its_own_peaks_prm_in_the_crm_order_not_the_instances_merged_maps() -> None:
+    """A blob at each peak, at different places, on a 64 x 64 grid for a 60 x 100 image shown at 150 px tiles.
+
+    Class 0 is the stronger class, but the CRM row lists class 2 first, and so must the PRM row. The instance
+    seeded at (10, 15) carries a map merged by NMS with the class-2 peak's PRM (as `instance_nms` does when it
+    suppresses that instance): it is hot under the class-2 peak too, and must not be what the PRM tile shows.
+    """
+    hw, prm_hw, tile = (60, 100), (64, 64), 150
+    cat_a, cat_b, car = (10.0, 15.0), (45.0, 80.0), (40.0, 30.0)
+    peaks = torch.tensor([[0, *cat_a], [0, *cat_b], [2, *car]])
+    blobs = {p: _blob_prm(p, hw, prm_hw, sigma=5.0) for p in (cat_a, cat_b, car)}
+    crms = torch.zeros(4, 3, 5)
+    crms[0] = 5.0
+    crms[0, 0, 0] = 9.0  # cat_a's cell
+    crms[2] = 1.0
+    on_image = {p: torch.from_numpy(_blob_prm(p, hw, hw, sigma=5.0)) for p in (cat_a, cat_b, car)}
+    merged = on_image[cat_a] + on_image[car]
+    inst = Instances(
+        hw,
+        masks=torch.stack([box_mask(0, 25, 0, 35, *hw), box_mask(30, 60, 60, 100, *hw)]),
+        labels=torch.tensor([0, 0]),
+        scores=torch.tensor([0.9, 0.8]),
+        peaks=torch.tensor([cat_a, cat_b]),
+        prms=torch.stack([merged / merged.max(), on_image[cat_b]]),
+    )
+    inputs = PanelInputs(
+        image=torch.full((3, *hw), 0.5),
+        class_names=NAMES,
+        crms=crms,
+        valid_classes=torch.tensor([2, 0]),
+        peaks=peaks,
+        prms=torch.from_numpy(np.stack([blobs[cat_a], blobs[cat_b], blobs[car]])),
+        instances=inst,
+    )
+    panel = render_panel(inputs, tile_size=tile)
+    layout = layout_for(inputs, tile_size=tile)
+    assert layout.tile_hw == (90, 150) and layout.rows == (("overview", 2), ("crm", 2), ("prm", 3))
+    s = 1.5  # image pixels -> tile pixels
+
+    def brightness(row: int, col: int) -> np.ndarray:
+        return tile_of(panel, inputs, row, col, tile_size=tile).astype(int).sum(axis=2)
+
+    # The CRM row: class 2 (flat CRM: one colour) then class 0 (hot in cat_a's top-left cell).
+    crm_car, crm_cat = brightness(1, 0), brightness(1, 1)
+    assert crm_car[80, 140] == crm_car[5, 60]
+    assert crm_cat[5, 5] > crm_cat[80, 140] + 150
+
+    for col, own in enumerate([car, cat_a, cat_b]):  # class 2, then class 0's strongest, then its second
+        b = brightness(2, col)
+        py, px = round(own[0] * s), round(own[1] * s)
+        assert b[py, px] == 3 * 255  # the white centre of the cross: the tile marks its own peak
+        # 5 px along the diagonal (off the cross's arms; 4.7 image px away) the blob is at 0.64: about 360.
+        assert b[py + 5, px + 5] > 300, f"PRM tile {col} is not hot at its own peak"
+        for other in {cat_a, cat_b, car} - {own}:  # dark under every other peak, and no marker there
+            assert b[round(other[0] * s), round(other[1] * s)] < 240, f"PRM tile {col} is lit under {other}"
+
+
+@pytest.mark.parametrize("tile_size", [None, 48])
+def test_a_uint8_image_renders_like_the_same_float_image(tile_size: int | None) -> None:
+    inputs = full_inputs()
+    rgb = (inputs.image.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    as_float = PanelInputs(**{**inputs.__dict__, "image": torch.from_numpy(rgb).permute(2, 0, 1).float() / 255})
+    as_uint8 = PanelInputs(**{**inputs.__dict__, "image": rgb})
+    a = render_panel(as_float, tile_size=tile_size).astype(int)
+    b = render_panel(as_uint8, tile_size=tile_size).astype(int)
+    assert a.shape == b.shape and np.abs(a - b).max() == 0
+    with pytest.raises(ValueError, match="uint8"):
+        render_panel(PanelInputs(**{**inputs.__dict__, "image": rgb.transpose(2, 0, 1).copy()}))
 
 
 def test_attention_maps_accept_channels_and_a_batch_of_one() -> None:
@@ -320,8 +398,19 @@ def test_a_busy_192px_panel_renders_every_row() -> None:
 
 def test_captions_drop_detail_before_cutting_the_class_name() -> None:
     options = ("CRM pottedplant p=0.98 [-13.2,25.3]", "CRM pottedplant p=0.98", "CRM pottedplant")
-    assert _fit_text(options, 186, 0.4) == "CRM pottedplant p=0.98"
-    assert _fit_text(options, 1000, 0.4) == options[0]
-    short = _fit_text(options, 40, 0.4)
+    assert fit_text(options, 186, 0.4) == "CRM pottedplant p=0.98"
+    assert fit_text(options, 1000, 0.4) == options[0]
+    short = fit_text(options, 40, 0.4)
     assert short.endswith("..") and cv2.getTextSize(short, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0] <= 40
-    assert _fit_text("chaise \u00e9", 1000, 0.4) == "chaise ?"  # Hershey fonts draw ASCII only
+    assert fit_text("chaise \u00e9", 1000, 0.4) == "chaise ?"  # Hershey fonts draw ASCII only
+
+
+def test_bench_case_reports_the_render_time_of_a_panel_of_the_layouts_size(capsys) -> None:
+    import json
+
+    from ranprm.bench import panels as bench_panels
+
+    bench_panels.main(["--quick"])
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert row["case"] == "panels" and row["size"] == 64 and row["render_ms"] > 0
+    assert tuple(row["panel_hw"]) == layout_for(bench_panels.busy_inputs(64)).size

@@ -16,6 +16,7 @@ CASES: dict[str, str] = {
     "predict": "ranprm.bench.predict",  # end-to-end predict latency per image, by stage
     "backbones": "ranprm.bench.backbones",  # forward / forward+backward time and memory per backbone
     "prm": "ranprm.bench.prm",  # batched vs looped peak backpropagation
+    "panels": "ranprm.bench.panels",  # the time to render one CRM/PRM panel
 }
 
 

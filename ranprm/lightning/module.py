@@ -87,9 +87,11 @@ class PRMModule(L.LightningModule):
         stage_times: dict[str, float] | None = None,
         with_attention: bool = False,
         prm_dtype: torch.dtype | None = None,
+        with_prms: bool = False,
     ) -> list[ImagePrediction]:
         """Instances at the original sizes for network inputs `images (B, 3, S, S)`; see `ranprm.prm.pipeline`.
-        `prm_dtype` replaces `prm.precision` for this call (the panels backpropagate in bf16)."""
+        `prm_dtype` replaces `prm.precision` for this call (the panels backpropagate in bf16); `with_prms` keeps
+        each valid peak's PRM (the panels show them)."""
         self.eval()
         cfg = self.inference_config()
         if prm_dtype is not None:
@@ -107,6 +109,7 @@ class PRMModule(L.LightningModule):
                 raw_images,
                 stage_times,
                 with_attention,
+                with_prms,
             )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from ranprm.data.dataset import collate
-from ranprm.data.voc import image_path, read_image
+from ranprm.data.voc import InstanceTargets
 from ranprm.errors import ConfigError
 from ranprm.lightning.callbacks import due_this_epoch
 from ranprm.prm.backprop import PRM_PRECISIONS
-from ranprm.viz.panels import PanelInputs, panel_caption, render_panel, save_png
+from ranprm.prm.pipeline import ImagePrediction
+from ranprm.viz.draw import save_png
+from ranprm.viz.panels import PanelInputs, panel_caption, render_panel
 
 log = logging.getLogger(__name__)
 PANEL_KEY = "val/panels"
@@ -70,7 +74,7 @@ class PanelCallback(Callback):
         batch = collate(samples)
         if "image" not in batch:
             return
-        panels, captions = self.render(pl_module, dataset, batch, self.prm_dtype(str(trainer.precision)))
+        panels, captions = self.render(pl_module, batch, self.prm_dtype(str(trainer.precision)))
         out_dir = (self.output_dir or Path(trainer.default_root_dir)) / "panels" / f"epoch_{trainer.current_epoch:03d}"
         files = [out_dir / f"{image_id}.png" for image_id in batch["image_id"]]
         for file, panel in zip(files, panels, strict=True):
@@ -105,37 +109,52 @@ class PanelCallback(Callback):
         return PRM_PRECISIONS["bf16" if trainer_precision.startswith("bf16") else "fp32"]
 
     def render(
-        self, pl_module: Any, dataset: Any, batch: dict[str, Any], prm_dtype: torch.dtype = torch.float32
-    ) -> tuple[list[Any], list[str]]:
-        """Panels (H', W', 3) uint8 and captions for a collated batch of validation samples."""
-        images = batch["image"].to(pl_module.device)
-        raw = [read_image(image_path(dataset.root, i)) for i in batch["image_id"]]
+        self, pl_module: Any, batch: dict[str, Any], prm_dtype: torch.dtype = torch.float32
+    ) -> tuple[list[np.ndarray], list[str]]:
+        """Panels (H', W', 3) uint8 and captions for a collated batch of validation samples.
+
+        The samples carry their original pixels (`raw_image`), so nothing is read from disk again.
+        """
+        raw_images = batch["raw_image"]
+        if any(raw is None for raw in raw_images):
+            raise ValueError("panel samples must carry `raw_image` (the validation set is built with instances)")
         was_training = pl_module.training
         try:
             predictions = pl_module.predict_images(
-                images,
+                batch["image"].to(pl_module.device),
                 batch["orig_size"],
-                [r.permute(1, 2, 0).numpy() for r in raw],
+                raw_images,
                 with_attention=True,
                 prm_dtype=prm_dtype,
+                with_prms=True,
             )
         finally:
             pl_module.train(was_training)
         panels, captions = [], []
-        for b, (pred, image) in enumerate(zip(predictions, raw, strict=True)):
-            targets = batch["targets"][b]
-            inputs = PanelInputs(
-                image=image.float() / 255.0,
-                class_names=pl_module.class_names,
-                crms=pred.crms,
-                valid_classes=pred.valid_classes,
-                peaks=pred.peaks,
-                instances=pred.instances,
-                gt_masks=targets.masks if targets is not None else None,
-                gt_labels=targets.labels if targets is not None else None,
-                attention=pred.attention or None,
-                class_scores=pred.class_logits,
-            )
+        for b, prediction in enumerate(predictions):
+            inputs = panel_inputs(prediction, raw_images[b], batch["targets"][b], pl_module.class_names)
             panels.append(render_panel(inputs, max_prms=self.max_prms, tile_size=self.tile_size))
             captions.append(panel_caption(inputs, image_id=batch["image_id"][b]))
         return panels, captions
+
+
+def panel_inputs(
+    prediction: ImagePrediction, raw_image: np.ndarray, targets: InstanceTargets | None, class_names: Sequence[str]
+) -> PanelInputs:
+    """What one image's panel shows: its original pixels, the prediction's maps and peaks, its GT when known.
+
+    The PRM row gets every valid peak's own PRM (`prediction.prms`), not the instances' maps, which NMS merged.
+    """
+    return PanelInputs(
+        image=raw_image,
+        class_names=class_names,
+        crms=prediction.crms,
+        valid_classes=prediction.valid_classes,
+        peaks=prediction.peaks,
+        prms=prediction.prms,
+        instances=prediction.instances,
+        gt_masks=targets.masks if targets is not None else None,
+        gt_labels=targets.labels if targets is not None else None,
+        attention=prediction.attention or None,
+        class_scores=prediction.class_logits,
+    )

@@ -62,6 +62,9 @@ class ImagePrediction:
     peaks: Tensor  # (K, 3) float [class, y, x] in original-image pixels, every valid peak
     crms: Tensor  # (C, h, w) raw class response maps
     attention: list[Tensor] = field(default_factory=list)  # (h_i, w_i) per attention module, when asked for
+    # (K, H, W) float in [0, 1], the PRM of each row of `peaks` at the original size, as retrieval received it
+    # (before NMS merges the maps of suppressed instances into `instances.prms`); when asked for (the panels)
+    prms: Tensor | None = None
 
 
 def select_valid_peaks(crms: Tensor, class_logits: Tensor, cfg: InferenceConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,6 +107,7 @@ def predict_batch(
     raw_images: Sequence[np.ndarray | None] | None = None,
     stage_times: dict[str, float] | None = None,
     with_attention: bool = False,
+    with_prms: bool = False,
 ) -> list[ImagePrediction]:
     """Instances for a batch of network inputs `images (B, 3, S, S)` whose originals had `orig_sizes`.
 
@@ -112,6 +116,7 @@ def predict_batch(
     seconds spent in `forward`, `select` (valid classes and peaks), `prm` (peak backprop) and `retrieval`.
     `with_attention`: also fill `ImagePrediction.attention` from the same forward, for models that have
     `forward_with_attention` (RAN); a second forward just for the masks would cost as much as this one.
+    `with_prms`: also keep each valid peak's own PRM in `ImagePrediction.prms` (the panels show them).
     """
     device = images.device
     with stage(stage_times, "forward", device), torch.no_grad():
@@ -138,9 +143,10 @@ def predict_batch(
             peaks_yx = to_image_coordinates(peaks[rows, 2:], crms.shape[2:], cfg.sub_pixel_factor, size)
             labels = peaks[rows, 1]
             crms_up = _resize_maps(crms[b].float(), size)
+            image_prms = _renormalise(_resize_maps(prms[rows].float(), size))
             instances = retrieve_instances(
                 cfg.retrieval,
-                prms=_renormalise(_resize_maps(prms[rows].float(), size)),
+                prms=image_prms,
                 peaks_yx=peaks_yx,
                 labels=labels,
                 peak_values=values[rows],
@@ -156,6 +162,7 @@ def predict_batch(
                     peaks=torch.cat([labels[:, None].float(), peaks_yx], 1).cpu(),
                     crms=crms[b].cpu(),
                     attention=[maps[b].float().cpu() for maps in attention],
+                    prms=image_prms.cpu() if with_prms else None,
                 )
             )
         return predictions

@@ -74,6 +74,7 @@ def test_optuna_search_composes_and_searches_lr_wd_and_threshold():
     cfg = compose("train", ["hparams_search=optuna"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert "optuna" in sweeper._target_.lower()
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"  # a search is a multirun with or without -m
     assert sweeper.direction == "maximize"
     assert sweeper.n_trials > 0
     params = sweeper.params

@@ -317,3 +317,12 @@ def test_a_local_sweep_leaves_one_wandb_run_per_job_in_one_group(voc_root, tmp_p
     assert {r.run_group for r in records} == {sweep.as_posix()}
     assert {r.job_type for r in records} == {"train"}
     assert all(list(r.tags) == ["sweep-test"] for r in records)
+
+
+def test_tensorboard_logger_trains_and_writes_events(voc_root, tmp_path):
+    """logger=tensorboard works with the `tensorboard` extra (which `make` installs)."""
+    pytest.importorskip("tensorboard")
+    overrides = [*tiny_overrides(voc_root, tmp_path), "logger=tensorboard", "trainer.max_epochs=1",
+                 "callbacks.panels.num_images=0"]  # fmt: skip
+    assert train(compose("train", overrides)) is not None
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

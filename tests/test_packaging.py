@@ -113,7 +113,7 @@ def _fake_dist(site: Path, name: str, version: str, requires: tuple[str, ...] = 
     """An installed distribution as pip sees it (a dist-info folder), standing for a user's own build."""
     info = site / f"{name}-{version}.dist-info"
     info.mkdir(parents=True)
-    meta = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", *[f"Requires-Dist: {r}" for r in requires]]
+    meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", *[f"Requires-Dist: {r}" for r in requires]]
     (info / "METADATA").write_text("\n".join(meta) + "\n")
     (info / "INSTALLER").write_text("pip\n")
     (info / "RECORD").write_text("")

@@ -181,6 +181,17 @@ def test_multirun_writes_job_folders_and_summary(voc_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_optuna_search_is_a_multirun_without_dash_m(voc_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _run([*_sweep_overrides(voc_root, sweep), "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+                 "hydra.sweeper.sampler.n_startup_trials=2"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").is_file() and (sweep / "1" / "metrics.json").is_file()
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert results.name == "optuna" and "optimizer.lr" in results.best_params
+
+
+@pytest.mark.slow
 def test_one_failed_job_does_not_stop_the_sweep(voc_root, tmp_path):
     sweep = tmp_path / "sweep"
     proc = _run(["-m", *_sweep_overrides(voc_root, sweep), "data.train_fraction=5.0,1.0"])

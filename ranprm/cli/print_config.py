@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import IO
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 # The data's path first, then the run's machinery; anything else follows in the config's own order.
@@ -34,6 +35,7 @@ def config_tree_order(cfg: DictConfig, first: Sequence[str] = FIRST_KEYS) -> lis
     return keys + [k for k in cfg if k not in keys and k != "hydra"]
 
 
+@rank_zero_only  # once per run, not once per DDP process
 def print_config_tree(cfg: DictConfig, file: IO[str] | None = None) -> None:
     """Print `cfg` as a rich tree: a branch per group (YAML inside), the scalar keys as one last branch."""
     import rich

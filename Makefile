@@ -1,17 +1,24 @@
-# The whole set-up on a fresh machine: `make train` and `make test` create .venv and install everything.
+# The whole set-up on a fresh machine: `make train` and `make test` create .venv and install everything, at the
+# versions in constraints.txt.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 ARGS ?=
+EXTRAS := dev,sweep,tensorboard
+# The exact versions installed (constraints.txt); pyproject.toml only has the ranges users' installs accept.
+CONSTRAINTS := constraints.txt
+LOCK_VENV := .lock-venv
+# `make lock` keeps torch at this version unless told otherwise: make lock TORCH=2.14.0
+TORCH ?= $(shell sed -n 's/^torch==\([^,]*\).*/\1/p' $(CONSTRAINTS))
 
-.PHONY: install train test test-fast test-slow bench lint format study clean
+.PHONY: install train test test-fast test-slow bench lint format study lock clean
 
-# Re-installs only when pyproject.toml changed since the last install (or .venv is missing).
-$(STAMP): pyproject.toml
+# Re-installs only when pyproject.toml or constraints.txt changed since the last install (or .venv is missing).
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,sweep,tensorboard]"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,6 +49,19 @@ format: install
 	$(BIN)/ruff format ranprm tests experiments
 	$(BIN)/ruff check --fix ranprm tests experiments
 
+# Re-resolve every dependency at the newest version pyproject.toml allows (torch at $(TORCH)) in a scratch venv, and
+# write what got installed to constraints.txt (its comment header kept). Review the diff, run `make test`, commit.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet ".[$(EXTRAS)]" "torch==$(TORCH),!=$(TORCH)+cpu"
+	grep '^#' $(CONSTRAINTS) > $(CONSTRAINTS).new
+	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^ranprm' \
+		| sed 's/^torch==$(TORCH)$$/torch==$(TORCH),!=$(TORCH)+cpu/' >> $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) build dist *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

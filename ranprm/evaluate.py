@@ -21,12 +21,14 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
+from ranprm.cli.build import run_identity_of
 from ranprm.cli.config import hydra_main, report_user_errors, to_plain
 from ranprm.cli.inference import inference_settings, load_for_inference, resolve_device
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.data.voc import image_path, read_instance_masks
 from ranprm.errors import ConfigError, DataError
 from ranprm.eval import GroundTruth, InstanceEvaluator, Peaks, per_class_table, read_results, summary
+from ranprm.lightning.loggers import log_evaluation
 from ranprm.utils.io import write_json_atomic, write_text_atomic
 
 
@@ -131,6 +133,8 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
     write_text_atomic(out_dir / "per_class.md", per_class_table(metrics))
     print(summary(metrics))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'per_class.md'}")
+    if cfg.logger.name != "none":  # logger=wandb (or csv, tensorboard): the metrics and per-class table there too
+        log_evaluation(to_plain(cfg.logger), out_dir, record, run_config=cfg, identity=run_identity_of(cfg))
     return record
 
 

@@ -15,8 +15,9 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from ranprm.cli.build import build_callbacks, build_module
+from ranprm.cli.build import build_callbacks, build_module, run_identity_of
 from ranprm.cli.config import hydra_main, report_user_errors, to_plain
+from ranprm.cli.print_config import print_config_tree
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.errors import ConfigError
 from ranprm.lightning.callbacks import SkippedImagesReport
@@ -32,11 +33,13 @@ def train(cfg: DictConfig) -> float | None:
     """Train, write `metrics.json` into the run folder, and return `cfg.optimized_metric` for sweepers."""
     started = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
+    if cfg.get("print_config"):
+        print_config_tree(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = VOCDataModule(DataConfig.from_config(to_plain(cfg.data)))
     datamodule.setup("fit")  # reads every label now: a bad annotation stops the run before anything is written
     module = build_module(cfg, datamodule.class_names)
-    logger = build_logger(to_plain(cfg.logger), run_dir, run_config=to_plain(cfg))
+    logger = build_logger(to_plain(cfg.logger), run_dir, run_config=to_plain(cfg), identity=run_identity_of(cfg))
     trainer_args = to_plain(cfg.trainer)
     trainer_args["precision"] = resolve_precision(trainer_args.get("precision", "32-true"),
                                                   trainer_args.get("accelerator", "auto"))  # fmt: skip

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +16,21 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 import ranprm.lightning.loggers as loggers_mod
 import ranprm.train as train_mod
 from ranprm.cli.config import compose
-from ranprm.lightning.loggers import build_logger, wandb_has_credentials
+from ranprm.errors import ConfigError
+from ranprm.lightning.loggers import (
+    RunIdentity,
+    build_logger,
+    run_identity,
+    run_name,
+    sweep_group,
+    wandb_has_credentials,
+)
 from ranprm.train import train
+from tests.helpers import CLASSES
 from tests.test_train import tiny_overrides
+from tests.wandb_records import history, offline_runs, records_of_type, run_record
+
+REPO = Path(__file__).resolve().parents[1]
 
 VAL_IDS = ["2024_000006", "2024_000007"]
 
@@ -149,3 +165,164 @@ def test_offline_wandb_run_holds_the_logged_panel_images(voc_root, tmp_path, mon
     on_disk = sorted((tmp_path / "panels" / "epoch_000").glob("*.png"))
     assert sorted(p.read_bytes() for p in images) == sorted(p.read_bytes() for p in on_disk)
     assert any(runs[0].glob("*.wandb"))  # the run's record, for `wandb sync`
+
+
+# ------------------------------------------------------------------------------ one W&B run per job, named, grouped
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch, no_wandb_key):
+    """W&B offline (as for a user without a key), with every W&B folder inside the test's tmp_path."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data")):
+        monkeypatch.setenv(var, str(tmp_path / f"wandb-{sub}"))
+    return tmp_path
+
+
+def test_run_name_comes_from_the_overrides_without_the_paths():
+    overrides = ["backbone=ran", "data.root=/data/VOC2012", "threshold=q3", "paths.output_dir=/x", "+trainer.foo=1",
+                 "hydra.run.dir=/r", "logger=wandb", "tags=[a]", "data.num_workers=0", "seed=1"]  # fmt: skip
+    # group choices and top-level keys first (what a sweep varies), dotted keys after, in command-line order
+    assert run_name(overrides) == "backbone=ran,threshold=q3,seed=1,trainer.foo=1"
+    assert run_name(["data.root=/d", "paths.data_dir=/e"]) is None  # the defaults: W&B picks a name
+    long = run_name([f"optimizer.lr={i}" for i in range(40)])
+    assert long is not None and len(long) == 128 and long.endswith("...")
+
+
+def test_sweep_group_is_the_sweep_folder():
+    assert sweep_group("multirun/train/2026-01-01/12-00-00-000001") == "multirun/train/2026-01-01/12-00-00-000001"
+    assert sweep_group(None) is None
+    deep = sweep_group("/" + "d" * 200)
+    assert deep is not None and len(deep) == 128 and deep.startswith("...")
+    identity = run_identity("evaluate", ["threshold=q3"], "/s", ["voc", 3])
+    assert identity == RunIdentity(job_type="evaluate", name="threshold=q3", group="/s", tags=("voc", "3"))
+
+
+def test_log_model_must_be_false_true_or_all(tmp_path):
+    with pytest.raises(ConfigError, match="logger.log_model='best'"):
+        build_logger({"name": "wandb", "mode": "disabled", "log_model": "best"}, tmp_path)
+
+
+def test_an_open_run_is_finished_before_a_new_logger_starts(offline_wandb):
+    """Lightning's WandbLogger takes `wandb.run` when one is open: the next job would log into the last one's run."""
+    import wandb
+
+    leftover = wandb.init(project="ranprm", dir=str(offline_wandb), id="leftover1", mode="offline")
+    logger = build_logger({"name": "wandb"}, offline_wandb / "job", identity=RunIdentity(name="threshold=q3"))
+    assert isinstance(logger, WandbLogger)
+    assert logger.experiment.id != "leftover1" and wandb.run is logger.experiment
+    assert leftover._is_finished
+    stored = (offline_wandb / "job" / "wandb_run_id").read_text().strip()
+    assert logger.experiment.id == stored
+    logger.finalize("success")
+    assert wandb.run is None  # finalize finishes the job's run
+
+
+def test_resumed_run_continues_its_wandb_run(voc_root, tmp_path, offline_wandb):
+    """A run resumed in its folder (ckpt_path=last) logs into the same W&B run id as before."""
+    run_dir = tmp_path / "run"
+    first = [*wandb_overrides(voc_root, run_dir, epochs=1), "callbacks.panels.num_images=0"]
+    train(compose("train", first))
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    train(compose("train", [*first, "trainer.max_epochs=2", "ckpt_path=last"]))
+    runs = offline_runs(run_dir)
+    assert len(runs) == 2  # one offline folder per start (wandb sync merges them), both with the same id
+    assert [run_record(r).run_id for r in runs] == [run_id, run_id]
+    assert all(r.name.endswith(f"-{run_id}") for r in runs)
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    steps = [row["trainer/global_step"] for row in history(runs[1]) if "trainer/global_step" in row]
+    assert steps and min(steps) >= 2  # the second start goes on from the first's 2 steps, not from step 0
+
+
+def test_checkpoints_become_artifacts_with_best_and_latest(voc_root, tmp_path, offline_wandb):
+    """log_model=true: at the end, the best and the last checkpoint as versions of model-<run id>.
+
+    mode=min on cls mAP makes epoch 0 the best and epoch 1 the last, so the aliases must land on different files.
+    """
+    run_dir = tmp_path / "run"
+    overrides = [*wandb_overrides(voc_root, run_dir, epochs=2), "callbacks.panels.num_images=0",
+                 "logger.log_model=true", "callbacks.checkpoint.mode=min"]  # fmt: skip
+    train(compose("train", overrides))
+    (run,) = offline_runs(run_dir)
+    run_id = run_record(run).run_id
+    artifacts = records_of_type(run, "artifact")
+    assert {a.name for a in artifacts} == {f"model-{run_id}"} and {a.type for a in artifacts} == {"model"}
+    # W&B itself gives each newly logged version `latest`; the last one logged keeps it.
+    files = [(json.loads(a.metadata)["original_filename"], set(a.aliases)) for a in artifacts]
+    assert files == [("best-epoch000.ckpt", {"best", "latest"}), ("last.ckpt", {"latest"})]
+    assert all([e.path for e in a.manifest.contents] == ["model.ckpt"] for a in artifacts)
+
+
+def test_evaluate_logs_its_metrics_and_per_class_table_to_wandb(voc_root, tmp_path, offline_wandb):
+    from ranprm.eval import write_results
+    from ranprm.evaluate import evaluate
+    from tests.test_evaluate import _data, _gt_results
+
+    write_results(tmp_path / "gt.json", _gt_results(voc_root))
+    out = tmp_path / "eval"
+    cfg = compose("evaluate", [*_data(voc_root), f"predictions={tmp_path / 'gt.json'}", f"output={out}",
+                               f"paths.output_dir={out}", "logger=wandb", "tags=[gt]"])  # fmt: skip
+    evaluate(cfg)
+    (run,) = offline_runs(out)
+    record = run_record(run)
+    assert record.job_type == "evaluate" and list(record.tags) == ["gt"]
+    logged = {key: value for row in history(run) for key, value in row.items()}
+    assert logged["eval/map_r_50"] == pytest.approx(1.0)  # the ground truth scored against itself
+    assert logged["eval/per_class._type"] == "table-file"
+    table = json.loads(next(run.glob("files/media/table/eval/per_class_*.table.json")).read_text())
+    assert table["columns"][0] == "class" and sorted(row[0] for row in table["data"]) == sorted(CLASSES)
+
+
+def test_evaluate_logs_to_csv_too(voc_root, tmp_path):
+    from ranprm.eval import write_results
+    from ranprm.evaluate import evaluate
+    from tests.test_evaluate import _data, _gt_results
+
+    write_results(tmp_path / "gt.json", _gt_results(voc_root))
+    out = tmp_path / "eval"
+    evaluate(compose("evaluate", [*_data(voc_root), f"predictions={tmp_path / 'gt.json'}", f"output={out}",
+                                  f"paths.output_dir={out}", "logger=csv"]))  # fmt: skip
+    with (out / "csv" / "metrics.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert float(row["eval/map_r_50"]) == pytest.approx(1.0) and float(row["eval/abo"]) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_a_local_sweep_leaves_one_wandb_run_per_job_in_one_group(voc_root, tmp_path, no_wandb_key):
+    """The README's sweep with logger=wandb, offline: 3 jobs -> 3 W&B runs, one group, names from the overrides."""
+    from tests.test_sweeps import _sweep_overrides
+
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(REPO),
+               HOME=str(no_wandb_key), WANDB_CACHE_DIR=str(tmp_path / "wc"), WANDB_CONFIG_DIR=str(tmp_path / "wcf"),
+               WANDB_DATA_DIR=str(tmp_path / "wd"))  # fmt: skip
+    env.pop("WANDB_API_KEY", None)
+    args = [o for o in _sweep_overrides(voc_root, sweep) if o != "logger=csv"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ranprm.train", "-m", *args, "logger=wandb", "callbacks.panels.num_images=0",
+         "threshold=mean,median,q3", "tags=[sweep-test]"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = []
+    for num, threshold in enumerate(["mean", "median", "q3"]):
+        (run,) = offline_runs(sweep / str(num))  # exactly one W&B run in each job's folder
+        record = run_record(run)
+        assert record.run_id == (sweep / str(num) / "wandb_run_id").read_text().strip()
+        assert f"threshold={threshold}" in record.display_name
+        records.append(record)
+    assert len({r.run_id for r in records}) == 3
+    assert {r.run_group for r in records} == {sweep.as_posix()}
+    assert {r.job_type for r in records} == {"train"}
+    assert all(list(r.tags) == ["sweep-test"] for r in records)
+
+
+def test_tensorboard_logger_trains_and_writes_events(voc_root, tmp_path):
+    """logger=tensorboard works with the `tensorboard` extra (which `make` installs)."""
+    pytest.importorskip("tensorboard")
+    overrides = [*tiny_overrides(voc_root, tmp_path), "logger=tensorboard", "trainer.max_epochs=1",
+                 "callbacks.panels.num_images=0"]  # fmt: skip
+    assert train(compose("train", overrides)) is not None
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -74,6 +74,7 @@ def test_optuna_search_composes_and_searches_lr_wd_and_threshold():
     cfg = compose("train", ["hparams_search=optuna"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert "optuna" in sweeper._target_.lower()
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"  # a search is a multirun with or without -m
     assert sweeper.direction == "maximize"
     assert sweeper.n_trials > 0
     params = sweeper.params
@@ -177,6 +178,17 @@ def test_multirun_writes_job_folders_and_summary(voc_root, tmp_path):
     assert "threshold=mean" in rows[0]["overrides"] and "threshold=q3" in rows[1]["overrides"]
     assert float(rows[0]["val/cls_map"]) >= 0.0
     assert "2 jobs, 2 ok" in (sweep / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_optuna_search_is_a_multirun_without_dash_m(voc_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _run([*_sweep_overrides(voc_root, sweep), "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+                 "hydra.sweeper.sampler.n_startup_trials=2"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").is_file() and (sweep / "1" / "metrics.json").is_file()
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert results.name == "optuna" and "optimizer.lr" in results.best_params
 
 
 @pytest.mark.slow

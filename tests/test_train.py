@@ -16,7 +16,7 @@ def _groups() -> dict[str, list[str]]:
     return {
         d.name: sorted(p.stem for p in d.glob("*.yaml"))
         for d in root.iterdir()
-        if d.is_dir() and d.name not in ("hydra", "hparams_search", "experiment")
+        if d.is_dir() and d.name not in ("hydra", "hparams_search", "experiment", "local")  # local: the user's own
     }
 
 
@@ -53,6 +53,8 @@ def _build_what_the_group_configures(group: str, cfg, run_dir: Path) -> None:
         args = to_plain(cfg.trainer)
         if args.get("accelerator") == "gpu" and not torch.cuda.is_available():
             return  # needs a GPU; composing it is all a CPU machine can check
+        if args.get("accelerator") == "mps" and not torch.backends.mps.is_available():
+            return  # needs Apple silicon
         args["precision"] = resolve_precision(args.get("precision", "32-true"), args.get("accelerator", "auto"))
         L.Trainer(**args, logger=False, enable_checkpointing=False, default_root_dir=str(run_dir))
     elif group == "data":
@@ -63,6 +65,11 @@ def _build_what_the_group_configures(group: str, cfg, run_dir: Path) -> None:
         assert build_callbacks(cfg, run_dir, has_logger=True)
     elif group == "paths":
         assert cfg.paths.output_dir == str(run_dir)
+    elif group == "debug":  # a preset over the trainer, data and logger: each must still build
+        args = to_plain(cfg.trainer)
+        args["precision"] = resolve_precision(args.get("precision", "32-true"), args.get("accelerator", "auto"))
+        L.Trainer(**args, logger=False, enable_checkpointing=False, default_root_dir=str(run_dir))
+        assert cfg.data.num_workers == 0 and build_logger(to_plain(cfg.logger), run_dir) is not None
     else:
         raise AssertionError(f"config group {group!r} has no build check here; add one")
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.callbacks import (
     Callback,
+    EarlyStopping,
+    EMAWeightAveraging,
     LearningRateMonitor,
     ModelCheckpoint,
     RichProgressBar,
@@ -17,6 +20,7 @@ from ranprm.cli.config import to_plain
 from ranprm.errors import ConfigError
 from ranprm.lightning.callbacks import SkippedImagesReport
 from ranprm.lightning.checkpoint import SaveOnSigterm
+from ranprm.lightning.loggers import RunIdentity, run_identity
 from ranprm.lightning.module import PRMModule
 from ranprm.lightning.panels import PanelCallback
 
@@ -53,7 +57,31 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
     elif bar != "none":
         raise ConfigError(f"callbacks.progress_bar={bar!r} is unknown; choose rich, tqdm or none")
     if has_logger:
-        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        # per step: the cosine schedule steps per batch, so a per-epoch reading would hide its shape
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    stopping = cfg.callbacks.get("early_stopping")
+    if stopping is not None and stopping.get("enabled", False):
+        callbacks.append(
+            EarlyStopping(
+                monitor=stopping.monitor,
+                mode=stopping.mode,
+                patience=int(stopping.patience),
+                min_delta=float(stopping.get("min_delta", 0.0)),
+                verbose=True,
+            )
+        )
+    ema = cfg.callbacks.get("ema")
+    if ema is not None and ema.get("enabled", False):
+        if not 0.0 < float(ema.decay) < 1.0:
+            raise ConfigError(f"callbacks.ema.decay={ema.decay} must be between 0 and 1 (e.g. 0.999)")
+        # Lightning's EMA: validation (metrics, panels) and the saved checkpoints use the averaged weights.
+        callbacks.append(
+            EMAWeightAveraging(
+                decay=float(ema.decay),
+                update_every_n_steps=int(ema.get("update_every_n_steps", 1)),
+                update_starting_at_step=ema.get("update_starting_at_step"),
+            )
+        )
     panels = cfg.callbacks.get("panels")
     if panels is not None and panels.num_images > 0:
         callbacks.append(
@@ -85,3 +113,20 @@ def build_module(cfg: DictConfig, class_names: tuple[str, ...]) -> PRMModule:
     )
     module.inference_config()  # a bad threshold or prm setting fails now, not at the last epoch's evaluation
     return module
+
+
+def run_identity_of(cfg: DictConfig) -> RunIdentity:
+    """Who this job is for W&B: `task_name` as the job type, the name from the job's overrides and, in a multirun,
+    the sweep folder as the group (read from Hydra's runtime config; outside a Hydra app, none of those)."""
+    overrides: list[Any] = []
+    sweep_dir = None
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        overrides = list(hydra_cfg.overrides.task)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            sweep_dir = hydra_cfg.sweep.dir
+    return run_identity(str(cfg.get("task_name") or "train"), overrides, sweep_dir, list(cfg.get("tags") or []))

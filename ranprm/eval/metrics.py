@@ -1,6 +1,6 @@
 """Evaluation of predicted instances against VOC-style ground truth: mAP^r, ABO, pointing, classification mAP.
 
-Pure: torch, numpy and torchmetrics only (no Lightning, no Hydra). Conventions, after REFERENCE.md "Evaluation
+Pure: torch, numpy and torchmetrics only (no Lightning, no Hydra). Conventions, after docs/method.md "Evaluation
 conventions":
 
 - **Void.** VOC's 255 pixels are removed from every predicted and every ground-truth mask before any IoU, so a

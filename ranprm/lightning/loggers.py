@@ -1,18 +1,101 @@
-"""Experiment loggers from the `logger` config group; W&B goes offline by itself and never stops training."""
+"""Experiment loggers from the `logger` config group; W&B goes offline by itself and never stops training.
+
+W&B, the way its users expect it:
+- one W&B run per job: the run is finished when the job's `Trainer.fit` ends (`SafeWandbLogger.finalize`), and a
+  run left open in the same process (an earlier job of a local `-m` sweep that died before fitting) is finished
+  before a new one starts, so no job logs into another job's run;
+- `group` = the sweep (its folder, the same for every job of a local or SLURM multirun), `job_type` = the entry
+  point (train | evaluate), the run name from the job's overrides (`backbone=ran,threshold=q3`), `tags` from the
+  top-level `tags` key (`RunIdentity`);
+- the run id is kept in `<run dir>/wandb_run_id`, so a run resumed in its folder (`ckpt_path=last`) continues the
+  same W&B run (`resume="allow"`);
+- `logger.log_model`: checkpoints as W&B artifacts (`false`, `true`: best and last at the end of training, `all`:
+  every checkpoint as it is written);
+- any W&B failure is one warning: building it falls back to CSV, a failed logging call is skipped.
+"""
 
 from __future__ import annotations
 
 import logging
 import netrc
 import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
 
 from ranprm.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "wandb_run_id"
+LOGGER_NAMES = ("wandb", "csv", "tensorboard", "none")
+# Overrides that say where things are, not what the job does: left out of the run name.
+_NAME_SKIPPED_KEYS = re.compile(
+    r"^(hydra|paths|logger|callbacks\.progress_bar|data\.root|data\.num_workers|data\.cache_dir|ckpt_path|ckpt|"
+    r"resume|tags|print_config|output|predictions|input|overwrite|device)(\.|$)"
+)
+_MAX_NAME = 128  # W&B refuses a run whose name is longer
+_MAX_TAG = 64  # and one with a longer tag
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a W&B run is called and where it belongs: `job_type` (train | evaluate), a readable `name` (None: W&B
+    picks one), the `group` it shares with the other jobs of its sweep (None outside a sweep), and its `tags`."""
+
+    job_type: str = "train"
+    name: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+def run_name(overrides: Sequence[str]) -> str | None:
+    """A readable run name from a job's command-line overrides: `["backbone=ran", "threshold=q3"]` ->
+    `backbone=ran,threshold=q3`.
+
+    Overrides that only place files (paths, data.root, hydra.*, logger.*) are left out. Group choices and top-level
+    keys (`threshold=q3`, `seed=1`: what sweeps usually vary) come first, dotted keys (`optimizer.lr=0.1`) after, each
+    in command-line order, so that a name cut at W&B's 128 characters keeps them. None when nothing is left.
+    """
+    kept = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if not _NAME_SKIPPED_KEYS.match(key):
+            kept.append(override.lstrip("+~"))
+    kept.sort(key=lambda o: "." in o.split("=", 1)[0])  # stable: command-line order within each kind
+    name = ",".join(kept)
+    if not name:
+        return None
+    return name if len(name) <= _MAX_NAME else name[: _MAX_NAME - 3] + "..."
+
+
+def sweep_group(sweep_dir: str | Path | None) -> str | None:
+    """The W&B group of a multirun's jobs: its sweep folder (stable across the jobs, unique per sweep)."""
+    if not sweep_dir:
+        return None
+    text = Path(sweep_dir).as_posix()
+    return text if len(text) <= _MAX_NAME else "..." + text[-(_MAX_NAME - 3) :]
+
+
+def run_identity(
+    task_name: str,
+    overrides: Sequence[str] = (),
+    sweep_dir: str | Path | None = None,
+    tags: Sequence[str] = (),
+) -> RunIdentity:
+    """The identity of one job: `sweep_dir` only for the jobs of a multirun."""
+    return RunIdentity(
+        job_type=task_name,
+        name=run_name(overrides),
+        group=sweep_group(sweep_dir),
+        tags=tuple(str(t)[:_MAX_TAG] for t in tags),  # W&B refuses a run with a longer tag
+    )
 
 
 def wandb_has_credentials() -> bool:
@@ -26,11 +109,55 @@ def wandb_has_credentials() -> bool:
     return bool(auth and auth[2])
 
 
+def stored_run_id(run_dir: str | Path) -> str | None:
+    """The W&B run id kept in `<run_dir>/wandb_run_id` by an earlier start of this run, if any."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if not path.is_file():
+        return None
+    run_id = path.read_text().strip()
+    return run_id or None
+
+
+def _run_id_for(run_dir: Path) -> str | None:
+    """The id this run folder's W&B run has (resume), or a new one written there (rank zero only: other ranks
+    start no W&B run)."""
+    if rank_zero_only.rank != 0:
+        return None
+    existing = stored_run_id(run_dir)
+    if existing is not None:
+        return existing
+    import secrets
+    import string
+
+    from ranprm.utils.io import write_text_atomic
+
+    # W&B's own id format (8 of [a-z0-9]); wandb's generator has moved between modules across releases.
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    write_text_atomic(run_dir / RUN_ID_FILE, run_id + "\n")
+    return run_id
+
+
+def finish_open_wandb_run() -> None:
+    """Finish a W&B run still open in this process, so that the next job's logger starts its own run.
+
+    Lightning's `WandbLogger` reuses `wandb.run` when there is one; in a local multirun that made every job after
+    the first log into the first job's run.
+    """
+    import sys
+
+    wandb = sys.modules.get("wandb")  # not imported: no run can be open
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return
+    log.info("finishing the W&B run %s left open in this process (one W&B run per job)", wandb.run.id)
+    wandb.finish()
+
+
 class SafeWandbLogger(WandbLogger):
     """A `WandbLogger` whose logging calls turn any exception into a warning: W&B never stops training.
 
     Each kind of call warns the first time it fails and logs at debug level after that, so a W&B outage does not
-    flood the console with one warning per step.
+    flood the console with one warning per step. `finalize` (the end of `Trainer.fit`, or its failure) logs the
+    checkpoints when `log_model` asks for it and finishes the W&B run: one run per job.
     """
 
     def _guard(self, name: str, call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -59,18 +186,72 @@ class SafeWandbLogger(WandbLogger):
         self._guard("after_save_checkpoint", super().after_save_checkpoint, checkpoint_callback)
 
     def finalize(self, status: str) -> None:
-        self._guard("finalize", super().finalize, status)
+        self._guard("finalize", super().finalize, status)  # logs the checkpoints (log_model=true) on success
+        self._guard("finish", self._finish, status)
+
+    def _finish(self, status: str) -> None:
+        if self._experiment is not None and hasattr(self._experiment, "finish"):
+            # "finished": stopped by a signal (SLURM pre-emption) and checkpointed, to be resumed under this id.
+            self._experiment.finish(exit_code=0 if status in ("success", "finished") else 1)
+
+    def _scan_and_log_checkpoints(self, checkpoint_callback: Any) -> None:
+        """Log the callback's new checkpoint files as versions of the artifact `model-<run id>`.
+
+        Lightning's version calls every file the callback holds its `best`; ranprm's `last.ckpt` comes from an
+        unmonitored callback of its own, so that rule would move the `best` alias onto the last epoch. Here a
+        monitored callback's best file is `best`, an unmonitored callback's file is `latest`.
+        """
+        import wandb
+        from lightning.pytorch.loggers.utilities import _scan_checkpoints
+
+        monitored = checkpoint_callback.monitor is not None
+        for mtime, path, score, _tag in _scan_checkpoints(checkpoint_callback, self._logged_model_time):
+            is_best = monitored and path == checkpoint_callback.best_model_path
+            aliases = ["best"] if is_best else [] if monitored else ["latest"]
+            metadata = {
+                "score": score.item() if hasattr(score, "item") else score,
+                "original_filename": Path(path).name,
+                "monitor": checkpoint_callback.monitor,
+                "mode": getattr(checkpoint_callback, "mode", None),
+            }
+            if not self._checkpoint_name:
+                self._checkpoint_name = f"model-{self.experiment.id}"
+            artifact = wandb.Artifact(name=self._checkpoint_name, type="model", metadata=metadata)
+            artifact.add_file(path, name="model.ckpt", policy=self.add_file_policy)
+            self.experiment.log_artifact(artifact, aliases=aliases)
+            self._logged_model_time[path] = mtime
 
 
-def _wandb_logger(cfg: dict[str, Any], save_dir: Path, run_config: dict[str, Any] | None) -> Logger:
+def _log_model_option(value: Any) -> bool | str:
+    """`logger.log_model`: false | true (best and last checkpoints at the end of training) | all (every save)."""
+    if isinstance(value, str) and value.lower() in ("true", "false", "all"):
+        value = {"true": True, "false": False}.get(value.lower(), "all")
+    if value is None:
+        return False
+    if value is True or value is False or value == "all":
+        return value
+    raise ConfigError(f"logger.log_model={value!r} is not valid; choose false, true (at the end of training) or all")
+
+
+def _wandb_logger(
+    cfg: Mapping[str, Any], save_dir: Path, run_config: dict[str, Any] | None, identity: RunIdentity
+) -> Logger:
     mode = cfg.get("mode") or os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
     if mode == "offline":
         log.info("W&B: no API key configured, logging offline to %s (upload later with `wandb sync`)", save_dir)
+    if rank_zero_only.rank == 0:
+        finish_open_wandb_run()
+    save_dir.mkdir(parents=True, exist_ok=True)
     wandb_logger = SafeWandbLogger(
         project=cfg.get("project", "ranprm"),
         entity=cfg.get("entity"),
-        name=cfg.get("run_name"),
-        tags=list(cfg.get("tags") or []),
+        name=cfg.get("run_name") or identity.name,
+        group=cfg.get("group") or identity.group,
+        job_type=cfg.get("job_type") or identity.job_type,
+        tags=list(identity.tags),
+        id=_run_id_for(save_dir),
+        resume="allow",  # the id of this run folder: a resumed run continues its W&B run
+        log_model=_log_model_option(cfg.get("log_model", False)),
         save_dir=str(save_dir),
         mode=mode,
         config=run_config,
@@ -79,9 +260,15 @@ def _wandb_logger(cfg: dict[str, Any], save_dir: Path, run_config: dict[str, Any
     return wandb_logger
 
 
-def build_logger(cfg: dict[str, Any], save_dir: Path, run_config: dict[str, Any] | None = None) -> Logger | None:
+def build_logger(
+    cfg: Mapping[str, Any],
+    save_dir: Path,
+    run_config: dict[str, Any] | None = None,
+    identity: RunIdentity | None = None,
+) -> Logger | None:
     """The configured logger; when W&B cannot start, a warning and a CSV logger instead, never a dead run."""
     name = cfg.get("name", "none")
+    save_dir = Path(save_dir)
     if name == "none":
         return None
     if name == "csv":
@@ -93,8 +280,9 @@ def build_logger(cfg: dict[str, Any], save_dir: Path, run_config: dict[str, Any]
             raise ConfigError("logger=tensorboard needs the tensorboard package: pip install 'ranprm[tensorboard]'")
         return TensorBoardLogger(save_dir=str(save_dir), name="tensorboard", version="")
     if name == "wandb":
+        _log_model_option(cfg.get("log_model", False))  # a typo is a config error, not a silent CSV fallback
         try:
-            return _wandb_logger(cfg, save_dir, run_config)
+            return _wandb_logger(cfg, save_dir, run_config, identity or RunIdentity())
         except Exception as err:  # any W&B failure (network, auth, service) must not cost the run
             log.warning(
                 "W&B could not start (%s: %s); logging to CSV in %s instead",
@@ -103,4 +291,48 @@ def build_logger(cfg: dict[str, Any], save_dir: Path, run_config: dict[str, Any]
                 save_dir,
             )
             return CSVLogger(save_dir=str(save_dir), name="csv", version="")
-    raise ConfigError(f"logger.name={name!r} is unknown; choose wandb, csv, tensorboard or none")
+    raise ConfigError(f"logger.name={name!r} is unknown; choose one of {', '.join(LOGGER_NAMES)}")
+
+
+def _scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    return {
+        f"{prefix}/{key}": float(value)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+def log_evaluation(
+    cfg: Mapping[str, Any],
+    save_dir: str | Path,
+    metrics: Mapping[str, Any],
+    run_config: Mapping[str, Any] | DictConfig | None = None,
+    identity: RunIdentity | None = None,
+) -> Logger | None:
+    """Log an evaluation's results with the configured logger (`ranprm-evaluate logger=wandb`).
+
+    Every numeric entry of `metrics` becomes `eval/<key>` (in W&B also the run summary); `metrics["per_class"]`
+    (class name -> {column: value}) becomes the W&B table `eval/per_class`. The run is finished before returning.
+    Any logging failure is a warning: the evaluation's files are already written.
+    """
+    identity = identity or RunIdentity(job_type="evaluate")
+    try:
+        if isinstance(run_config, DictConfig):
+            run_config = OmegaConf.to_container(run_config, resolve=True)  # type: ignore[assignment]
+        logger = build_logger(cfg, Path(save_dir), run_config=run_config, identity=identity)
+        if logger is None:
+            return None
+        logger.log_metrics(_scalars(metrics, "eval"), step=0)
+        per_class = metrics.get("per_class")
+        if isinstance(logger, WandbLogger) and isinstance(per_class, Mapping) and per_class:
+            columns = ["class", *dict.fromkeys(k for row in per_class.values() for k in row)]
+            rows = [[name, *(row.get(c) for c in columns[1:])] for name, row in per_class.items()]
+            logger.log_table(key="eval/per_class", columns=columns, data=rows, step=0)
+        logger.save()
+        logger.finalize("success")
+        return logger
+    except ConfigError:
+        raise
+    except Exception as err:  # the metrics are on disk already: a logger problem must not turn into a failed run
+        log.warning("could not log the evaluation (%s: %s); the results are in %s", type(err).__name__, err, save_dir)
+        return None

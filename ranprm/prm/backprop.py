@@ -6,7 +6,7 @@ is a row `[batch, class, y, x]` of a `(K, 4)` long tensor, on the CRM grid after
 PRM is the gradient w.r.t. the input image, summed over RGB, clamped at 0 and divided by its maximum.
 
 Two modes:
-- `probability`, PRM's rule (REFERENCE.md, "Peak backpropagation"): the backward of every `nn.Conv2d` is
+- `probability`, PRM's rule (docs/method.md, "Peak backpropagation"): the backward of every `nn.Conv2d` is
   replaced, its forward is not. For input x, weights W and upstream gradient g, with `m = x.min()` and
   W+ = relu(W):
   `Z = conv(x - m, W+)` (no bias) and `grad_x = (x - m) * conv_transpose(g / Z, W+)`, with `g / Z := 0` where
@@ -215,7 +215,7 @@ class _DivideGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
         (z,) = ctx.saved_tensors
-        grad_z = grad / z  # the official adds 1e-10 to z here; REFERENCE.md's rule, which we follow, does not
+        grad_z = grad / z  # the official adds 1e-10 to z here; docs/method.md's rule, which we follow, does not
         grad_z[z < Z_EPS] = 0.0  # also clears the inf/nan of z == 0
         return None, grad_z
 

@@ -7,7 +7,7 @@ peaks' image coordinates, classes and raw CRM values, the image's class logits, 
 Background map (both methods)
     BG_c = CRM_c < bg_factor * mean(CRM_c), CRM_c at the image size (PRM's official rule, bg_factor 0.95).
 
-`proposals` (PRM, Zhou et al. 2018; REFERENCE.md "Instance retrieval")
+`proposals` (PRM, Zhou et al. 2018; docs/method.md "Instance retrieval")
     Segment proposals S come from selective search (`ranprm.prm.proposals`) or the caller. Peak k, class c:
 
         R(k, S) = balance * sum(PRM_k[S]) + sum(PRM_k[contour(S)]) - penalty * sum(BG_c[S])

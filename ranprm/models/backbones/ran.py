@@ -1,6 +1,6 @@
 """Residual Attention Network (Wang et al., CVPR 2017) as a fully convolutional PRM backbone.
 
-`ran` is Attention-56 and `ran92` is Attention-92, following the authors' Caffe graph (see REFERENCE.md):
+`ran` is Attention-56 and `ran92` is Attention-92, following the authors' Caffe graph (see docs/method.md):
 
     stem: conv7x7/2 (64) - BN - ReLU - maxpool3x3/2                       stride 4
     stage 1: unit -> 256,        attention modules (3 mask pools, 2 skips)  stride 4
@@ -44,7 +44,7 @@ MaskGrad = Literal["full", "detached"]
 MASK_GRAD_MODES: tuple[str, ...] = ("full", "detached")
 MIN_INPUT_SIZE = 32
 
-# Max-pools in the mask branch of each attention stage (REFERENCE.md, RAN); each stage has one skip unit
+# Max-pools in the mask branch of each attention stage (docs/method.md, RAN); each stage has one skip unit
 # fewer. The stages work at strides 4, 8 and 16, so 3 / 2 / 1 pools bring every mask bottom to stride 32.
 _MASK_POOLS: tuple[int, int, int] = (3, 2, 1)
 _STAGE_MULTIPLIERS: tuple[int, int, int, int] = (4, 8, 16, 32)  # stage channels = width * multiplier

@@ -78,6 +78,10 @@ def calibrate_classes(cfg: DictConfig, module: PRMModule, datamodule: VOCDataMod
                 "has none; name a split to compute it on, e.g. calibration.split=train"
             )
         return
+    if not needs:
+        log.warning("calibration.split=%s is ignored: threshold=%s takes no class calibration", split,
+                    module.hparams["threshold"].get("name"))  # fmt: skip
+        return
     task = str(calibration.get("task") or "Main")
     ids = _cap(read_split(datamodule.root, task, str(split)), calibration.get("max_images"))
     evaluated = set(ids) & set(datamodule.split_ids()[1])

@@ -15,8 +15,6 @@ from ranprm.prm.retrieval.selective_search import (
 )
 from ranprm.utils.typed_config import from_mapping
 
-ProposalConfig = SelectiveSearchConfig
-
 RED = (slice(10, 40), slice(8, 38))
 BLUE = (slice(44, 74), slice(50, 88))
 
@@ -41,7 +39,7 @@ def _best_iou(masks: np.ndarray, region: tuple[slice, slice]) -> float:
 
 @pytest.mark.parametrize("mode", ["fast", "single"])
 def test_masks_include_one_close_to_each_rectangle(scene, mode):
-    masks = proposal_masks(scene, ProposalConfig(mode=mode))
+    masks = proposal_masks(scene, SelectiveSearchConfig(mode=mode))
     assert masks.dtype == bool and masks.shape[1:] == scene.shape[:2] and len(masks) > 2
     assert _best_iou(masks, RED) > 0.5
     assert _best_iou(masks, BLUE) > 0.5
@@ -51,18 +49,18 @@ def test_masks_include_one_close_to_each_rectangle(scene, mode):
 
 @pytest.mark.parametrize("rank", ["opencv", "random"])
 def test_rank_order_is_reproducible_and_follows_the_seed(scene, rank):
-    cfg = ProposalConfig(rank=rank)
+    cfg = SelectiveSearchConfig(rank=rank)
     first = selective_search_boxes(scene, cfg)
     np.testing.assert_array_equal(first, selective_search_boxes(scene, cfg))
     np.testing.assert_array_equal(proposal_masks(scene, cfg), proposal_masks(scene, cfg))
-    other = selective_search_boxes(scene, ProposalConfig(rank=rank, seed=1))
+    other = selective_search_boxes(scene, SelectiveSearchConfig(rank=rank, seed=1))
     assert not np.array_equal(first, other)  # another seed, another order ...
     same_set = {tuple(b) for b in first}
     assert {tuple(b) for b in other} == same_set and len(same_set) == len(first)  # ... of the same unique boxes
 
 
 def test_random_rank_is_a_seeded_shuffle_of_the_sorted_boxes(scene):
-    boxes = selective_search_boxes(scene, ProposalConfig(rank="random", seed=3))
+    boxes = selective_search_boxes(scene, SelectiveSearchConfig(rank="random", seed=3))
     canonical = np.unique(boxes, axis=0)
     np.testing.assert_array_equal(boxes, canonical[np.random.default_rng(3).permutation(len(canonical))])
 
@@ -93,7 +91,7 @@ def test_boxes_to_masks_known_answer():
 
 
 def test_downscaled_search_returns_masks_at_image_size(scene):
-    masks = proposal_masks(scene, ProposalConfig(max_side=48))
+    masks = proposal_masks(scene, SelectiveSearchConfig(max_side=48))
     assert masks.shape[1:] == scene.shape[:2]
     assert _best_iou(masks, BLUE) > 0.5
 
@@ -106,13 +104,13 @@ def test_upsample_is_pixel_centre_nearest():
 
 
 def test_max_proposals_and_limit_keep_the_first_in_rank_order(scene):
-    full = proposal_masks(scene, ProposalConfig())
-    np.testing.assert_array_equal(proposal_masks(scene, ProposalConfig(max_proposals=5)), full[:5])
-    np.testing.assert_array_equal(proposal_masks(scene, ProposalConfig(), limit=4), full[:4])
+    full = proposal_masks(scene, SelectiveSearchConfig())
+    np.testing.assert_array_equal(proposal_masks(scene, SelectiveSearchConfig(max_proposals=5)), full[:5])
+    np.testing.assert_array_equal(proposal_masks(scene, SelectiveSearchConfig(), limit=4), full[:4])
 
 
 def test_cache_round_trip_returns_identical_masks(scene, tmp_path, monkeypatch):
-    cfg, cache = ProposalConfig(), tmp_path / "cache"
+    cfg, cache = SelectiveSearchConfig(), tmp_path / "cache"
     first = proposal_masks(scene, cfg, cache)
     files = list(cache.iterdir())
     assert [f.name for f in files] == [f"{cache_key(scene, cfg)}.npz"]  # no temporary file left behind
@@ -127,18 +125,20 @@ def test_cache_round_trip_returns_identical_masks(scene, tmp_path, monkeypatch):
 
 
 def test_cache_key_depends_on_image_options_and_count(scene):
-    base = cache_key(scene, ProposalConfig())
-    assert cache_key(scene, ProposalConfig(max_proposals=7)) != base
-    assert cache_key(scene, ProposalConfig(rank="random")) != base
-    assert cache_key(scene, ProposalConfig(), limit=100) != base
-    assert cache_key(scene, ProposalConfig(max_proposals=100)) == cache_key(scene, ProposalConfig(), limit=100)
+    base = cache_key(scene, SelectiveSearchConfig())
+    assert cache_key(scene, SelectiveSearchConfig(max_proposals=7)) != base
+    assert cache_key(scene, SelectiveSearchConfig(rank="random")) != base
+    assert cache_key(scene, SelectiveSearchConfig(), limit=100) != base
+    assert cache_key(scene, SelectiveSearchConfig(max_proposals=100)) == cache_key(
+        scene, SelectiveSearchConfig(), limit=100
+    )
     other = scene.copy()
     other[0, 0, 0] ^= 1
-    assert cache_key(other, ProposalConfig()) != base
+    assert cache_key(other, SelectiveSearchConfig()) != base
 
 
 def test_corrupt_cache_file_is_recomputed(scene, tmp_path):
-    cfg = ProposalConfig()
+    cfg = SelectiveSearchConfig()
     expected = proposal_masks(scene, cfg, tmp_path)
     path = tmp_path / f"{cache_key(scene, cfg)}.npz"
     path.write_bytes(b"not a zip file")
@@ -151,21 +151,23 @@ def test_cache_dir_that_is_a_file_is_a_config_error(scene, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="retrieval.cache_dir"):
-        proposal_masks(scene, ProposalConfig(), blocker / "sub")
+        proposal_masks(scene, SelectiveSearchConfig(), blocker / "sub")
 
 
 def test_config_validation():
-    assert from_mapping(ProposalConfig, {"mode": "quality", "max_side": None}, "retrieval.search").max_side is None
+    assert (
+        from_mapping(SelectiveSearchConfig, {"mode": "quality", "max_side": None}, "retrieval.search").max_side is None
+    )
     with pytest.raises(ConfigError, match="retrieval.search.mode"):
-        ProposalConfig(mode="slow")
+        SelectiveSearchConfig(mode="slow")
     with pytest.raises(ConfigError, match="retrieval.search.rank"):
-        ProposalConfig(rank="best")
+        SelectiveSearchConfig(rank="best")
     with pytest.raises(ConfigError, match="unknown option"):
-        from_mapping(ProposalConfig, {"max_boxes": 3}, "retrieval.search")
+        from_mapping(SelectiveSearchConfig, {"max_boxes": 3}, "retrieval.search")
     with pytest.raises(ConfigError, match="min_inside"):
-        from_mapping(ProposalConfig, {"min_inside": 0}, "retrieval.search")
+        from_mapping(SelectiveSearchConfig, {"min_inside": 0}, "retrieval.search")
     with pytest.raises(ConfigError, match="retrieval.search.max_side='big' must be an integer"):
-        from_mapping(ProposalConfig, {"max_side": "big"}, "retrieval.search")
+        from_mapping(SelectiveSearchConfig, {"max_side": "big"}, "retrieval.search")
 
 
 def test_rejects_non_rgb_uint8_images():

@@ -12,6 +12,7 @@ from ranprm.cli.config import to_plain
 from ranprm.errors import ConfigError
 from ranprm.lightning.checkpoint import load_module
 from ranprm.lightning.module import PRMModule
+from ranprm.prm.pipeline import PRM_DEFAULTS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,7 +48,8 @@ def inference_settings(module: PRMModule) -> dict[str, Any]:
     """The threshold, retrieval and prm settings the module infers with (recorded beside the metrics), and where
     its class calibration came from when the threshold uses one."""
     hp = module.hparams
-    settings = {"threshold": dict(hp["threshold"]), "retrieval": dict(hp["retrieval"]), "prm": dict(hp["prm"])}
+    prm = {**PRM_DEFAULTS, **dict(hp["prm"] or {})}  # keys a checkpoint predates run at their defaults
+    settings = {"threshold": dict(hp["threshold"]), "retrieval": dict(hp["retrieval"]), "prm": prm}
     if module.inference_config().thresholds.class_distribution == "dataset" and module.class_calibration is not None:
         settings["class_calibration"] = module.class_calibration.summary()
     return settings

@@ -177,3 +177,37 @@ def test_a_new_rule_is_one_registration_and_every_role_can_use_it():
         assert peak_filter_value(torch.tensor([[[[0.0, 4.0], [2.0, 8.0]]]]), "midrange_test").item() == 4.0
     finally:
         THRESHOLD_RULES.unregister("midrange_test")
+
+
+def test_a_registered_toy_rule_is_chosen_by_kind_in_a_composed_config_and_reaches_metrics_json(voc_root, tmp_path):
+    """End to end: a rule registered by a module is named on the command line, and a short run's instance
+    metrics show its effect (a cut-off above every peak: no peak, no instance)."""
+    import json
+    from dataclasses import dataclass
+
+    from ranprm.cli.config import compose
+    from ranprm.train import train
+    from tests.test_train import tiny_overrides
+
+    @dataclass(frozen=True)
+    class AboveMax(ThresholdRule):
+        name: str = "above_max_test"
+        margin: float = 0.0
+
+        def _cutoff(self, values):
+            seen.append(values.shape[-1])
+            return values.amax(dim=-1) + self.margin
+
+    seen: list[int] = []
+    THRESHOLD_RULES.register("above_max_test", config=AboveMax)(AboveMax)
+    try:
+        rule = ["threshold=mean", "threshold.peaks.kind=above_max_test", "+threshold.peaks.margin=1.0"]
+        everything = ["threshold.classes.kind=none", "threshold.min_class_prob=0"]
+        train(compose("train", tiny_overrides(voc_root, tmp_path) + rule + everything))
+        summary = json.loads((tmp_path / "metrics.json").read_text())
+        assert seen and max(seen) > 0  # called on each valid class's peak values
+        instances = summary["instance_metrics"]
+        assert instances["num_images"] == 2 and instances.get("num_peaks", 0) == 0
+        assert instances["num_predictions"] == 0
+    finally:
+        THRESHOLD_RULES.unregister("above_max_test")

@@ -231,7 +231,7 @@ def test_nms_merges_the_suppressed_prm_into_the_kept_one():
     weak = box(20, 44, 32, 44).float() * 0.5  # right half, weaker
     prms = torch.stack([weak, strong])
     out = call(
-        {"name": "proposals"},
+        {"name": "proposals", "nms_order": "score", "nms_merge": "masked"},
         prms,
         [[30, 38], [30, 26]],
         [0, 0],
@@ -450,7 +450,7 @@ def test_nms_merge_whole_as_official_or_masked_or_none():
     strong = box(20, 44, 20, 32).float()
     weak = box(20, 44, 32, 60).float() * 0.5  # reaches past the object's right edge (columns 44..59)
     args = (torch.stack([weak, strong]), [[30, 38], [30, 26]], [0, 0], [20.0, 40.0], [3.0], fg_crms())
-    merged = {m: call({"name": "proposals", "nms_merge": m}, *args, proposals=props).prms[0]
+    merged = {m: call({"name": "proposals", "nms_merge": m, "nms_order": "score"}, *args, proposals=props).prms[0]
               for m in ("whole", "masked", "none")}  # fmt: skip
     assert torch.allclose(merged["whole"], strong + weak)
     assert torch.allclose(merged["masked"], strong + weak * obj)
@@ -499,3 +499,17 @@ def test_a_registered_toy_method_runs_end_to_end_through_a_composed_config(voc_r
         assert instances["num_predictions"] > 0 and instances["num_images"] == 2
     finally:
         RETRIEVAL_METHODS.unregister("toy_square")
+
+
+def test_nms_visits_by_the_proposal_score_as_official_or_by_ranprms_confidence():
+    """Two peaks pick the same proposal: peak 0 is strong but half its PRM lies outside it; peak 1 is weak but its
+    PRM lies wholly inside. PRM's order (the proposal score) keeps peak 1's; ranprm's confidence keeps peak 0's."""
+    obj = box(20, 44, 20, 44)
+    spread = obj.float() + box(50, 74, 0, 24).float()  # the same mass again where no proposal reaches
+    args = (torch.stack([spread / spread.max(), obj.float()]), [[32, 32], [32, 33]], [0, 0], [40.0, 10.0], [3.0])
+    kw = {"proposals": torch.stack([obj, box(0, 6, 58, 64)])}
+    by_value = call({"name": "proposals"}, *args, fg_crms(), **kw)
+    by_score = call({"name": "proposals", "nms_order": "score"}, *args, fg_crms(), **kw)
+    assert by_value.peaks.tolist() == [[32.0, 33.0]] and by_score.peaks.tolist() == [[32.0, 32.0]]
+    with pytest.raises(ConfigError, match="prm_only has no retrieval value"):
+        build_retrieval({"name": "prm_only", "nms_order": "value"})

@@ -124,10 +124,16 @@ def retrieve_instances(
     rows = candidates.found.nonzero(as_tuple=True)[0]
     if len(rows) == 0:
         return Instances.empty((h, w), device=device)
+    if cfg.nms_order == "value" and candidates.values is None:
+        raise ConfigError(f"retrieval.nms_order=value: method {cfg.name!r} gives no retrieval value; use score")
+    ranking = candidates.values if cfg.nms_order == "value" else scores
     keep, merged = instance_nms(
-        masks[rows], prms[rows], scores[rows], labels[rows], cfg.nms_iou, cfg.nms_per_class, cfg.nms_merge
+        masks[rows], prms[rows], ranking[rows], labels[rows], cfg.nms_iou, cfg.nms_per_class, cfg.nms_merge
     )
     rows = rows[keep]
+    if cfg.nms_order == "value":  # the output lists the highest confidence first whatever NMS visited first
+        by_score = torch.sort(scores[rows], descending=True, stable=True).indices
+        rows, merged = rows[by_score], merged[by_score]
     return Instances(
         image_size=(h, w),
         masks=masks[rows],

@@ -30,6 +30,7 @@ from ranprm.utils.registry import Registry
 
 BACKGROUND_RULES = ("official", "bilinear")
 NMS_MERGES = ("masked", "whole", "none")
+NMS_ORDERS = ("score", "value")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class RetrievalConfig:
     nms_merge:  what a kept instance's PRM absorbs from those it suppresses (display only; masks and scores do not
                 depend on it): `whole` PRMs (PRM's official merge), the part inside their `masked` mask (ours),
                 or `none`
+    nms_order:  the order NMS visits instances in: `score`, ranprm's confidence (ours), or `value`, the method's
+                own retrieval value (PRM's official order; only for methods that give one, e.g. `proposals`)
     """
 
     name: str = ""
@@ -57,6 +60,7 @@ class RetrievalConfig:
     nms_iou: float = 0.3
     nms_per_class: bool = False
     nms_merge: str = "whole"
+    nms_order: str = "score"
 
     def __post_init__(self) -> None:
         if self.background not in BACKGROUND_RULES:
@@ -71,6 +75,8 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.nms_iou={self.nms_iou} must lie in (0, 1]")
         if self.nms_merge not in NMS_MERGES:
             raise ConfigError(f"retrieval.nms_merge={self.nms_merge!r} is unknown; choose whole, masked or none")
+        if self.nms_order not in NMS_ORDERS:
+            raise ConfigError(f"retrieval.nms_order={self.nms_order!r} is unknown; choose score or value")
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,10 +111,12 @@ class RetrievalInputs:
 
 @dataclass(frozen=True, eq=False)
 class Candidates:
-    """A method's answer: found (K,) bool, and masks (K, H, W) bool (meaningful where found)."""
+    """A method's answer: found (K,) bool, masks (K, H, W) bool (meaningful where found), and optionally the
+    method's own retrieval value of each mask (K,) float (e.g. PRM's proposal score), for `nms_order: value`."""
 
     found: Tensor
     masks: Tensor
+    values: Tensor | None = None
 
 
 CandidateFn = Callable[[Any, RetrievalInputs], Candidates]

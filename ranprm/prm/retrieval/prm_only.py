@@ -53,6 +53,8 @@ class PrmOnlyConfig(RetrievalConfig):
             raise ConfigError(f"retrieval.threshold={self.threshold} must lie in (0, 1]")
         if not 0.0 <= self.smooth <= 0.5:
             raise ConfigError(f"retrieval.smooth={self.smooth} must lie in [0, 0.5] (a fraction of the shorter side)")
+        if self.nms_order != "score":
+            raise ConfigError(f"retrieval.nms_order={self.nms_order!r}: prm_only has no retrieval value; use score")
 
 
 def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:

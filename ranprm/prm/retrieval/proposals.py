@@ -8,7 +8,8 @@ keeps the proposal with the highest
 
     R(k, S) = balance * sum(PRM_k[S]) + sum(PRM_k[contour(S)]) - penalty * sum(BG_c[S])
 
-(the first in rank order on ties), with PRM_k **normalised to sum 1** (official `prm / prm.sum()`): the penalty
+(the first in rank order on ties; R is the instance's value, by which NMS visits instances as the official code
+does, `nms_order: value`), with PRM_k **normalised to sum 1** (official `prm / prm.sum()`): the penalty
 (1e-5 per background pixel) is calibrated for that scale. On maps normalised to a maximum of 1 the PRM terms are
 ~1000x larger at 448 px and the penalty loses its effect, so proposals leaking far into the background win.
 BG_c is the `official` background (`ranprm.prm.retrieval.scoring`). contour(S) is the morphological gradient with
@@ -52,6 +53,7 @@ class ProposalRetrievalConfig(RetrievalConfig):
     """
 
     name: str = "proposals"
+    nms_order: str = "value"
     balance: float = 0.8
     penalty: float = 1e-5
     contour_size: int = 5
@@ -135,4 +137,4 @@ def proposal_candidates(cfg: ProposalRetrievalConfig, inputs: RetrievalInputs) -
     usable = size_ok(terms.area, h * w, cfg.min_area, cfg.max_area)
     score = terms.score(cfg.balance, cfg.penalty).masked_fill(~usable[None, :], float("-inf"))
     value, pick = score.max(dim=1)
-    return Candidates(torch.isfinite(value), proposals[pick])
+    return Candidates(torch.isfinite(value), proposals[pick], values=value)

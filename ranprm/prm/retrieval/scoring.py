@@ -31,11 +31,11 @@ size or the PRM's scale, so scores compare across a dataset.
   low.
 The product is 0 as soon as one check fails entirely.
 
-NMS (PRM's official `instance_nms`): instances are visited by score, highest first (ours: the official code
-visits them by its retrieval value, which prm_only has not). Each kept instance suppresses the later ones whose
-mask IoU with it is >= nms_iou (class-agnostic as in the official code; `nms_per_class` restricts it to one class)
-and absorbs their PRMs (`nms_merge`): whole (official), masked (PRM_suppressed * mask_suppressed), or none; the
-merged maps are re-normalised to a maximum of 1 for display.
+NMS (PRM's official `instance_nms`): instances are visited by `nms_order`: ranprm's score, highest first (ours,
+the only choice for prm_only), or the method's own retrieval value (the official order, `proposals`' default).
+Each kept instance suppresses the later ones whose mask IoU with it is >= nms_iou (class-agnostic as in the
+official code; `nms_per_class` restricts it to one class) and absorbs their PRMs (`nms_merge`): whole (official),
+masked (PRM_suppressed * mask_suppressed), or none; the merged maps are re-normalised to a maximum of 1 for display.
 """
 
 from __future__ import annotations
@@ -184,7 +184,8 @@ def instance_nms(
 ) -> tuple[Tensor, Tensor]:
     """Greedy mask NMS that merges suppressed PRMs into the instance that suppressed them.
 
-    masks (N, H, W) bool, prms (N, H, W) float, scores (N,), labels (N,); merge: whole | masked | none.
+    masks (N, H, W) bool, prms (N, H, W) float, scores (N,) the visiting order (highest first), labels (N,);
+    merge: whole | masked | none.
     Returns `(keep (M,) long indices into the inputs, highest score first; merged PRMs (M, H, W) in [0, 1])`.
     """
     n = len(scores)

@@ -5,6 +5,8 @@ own): mAP^r at IoU 0.25/0.5/0.75, ABO, and, where a model ran, pointing accuracy
 
 - `ckpt=PATH` runs the model (its threshold/retrieval/prm settings unless given here, as in `ranprm-predict`;
   network input side `data.image_size`).
+- `calibration.split=<split>` (with `ckpt`): recompute the per-class calibration that
+  `threshold.class_distribution: dataset` (threshold=class_q3) uses, on ImageSets/<calibration.task>/<split>.txt.
 - `predictions=FILE` scores a COCO-style results file as `ranprm-predict` writes it; no model runs. Pointing is
   reported only when the entries carry a `peak`.
 
@@ -13,6 +15,7 @@ Writes `metrics.json` and `per_class.md` into `output` (default: the Hydra run f
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -20,16 +23,23 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
 
 from ranprm.cli.build import run_identity_of
 from ranprm.cli.config import hydra_main, report_user_errors, to_plain
 from ranprm.cli.inference import inference_settings, load_for_inference, resolve_device
 from ranprm.data.datamodule import DataConfig, VOCDataModule
-from ranprm.data.voc import image_path, read_instance_masks
+from ranprm.data.dataset import VOCDataset, collate
+from ranprm.data.transforms import build_transform
+from ranprm.data.voc import image_path, read_instance_masks, read_split
 from ranprm.errors import ConfigError, DataError
 from ranprm.eval import GroundTruth, InstanceEvaluator, Peaks, per_class_table, read_results, summary
 from ranprm.lightning.loggers import log_evaluation
+from ranprm.lightning.module import PRMModule
+from ranprm.prm.thresholds import ClassCalibration
 from ranprm.utils.io import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 def _cap(ids: list[str], max_images: Any) -> list[str]:
@@ -52,8 +62,49 @@ def image_size_of(path: Path) -> tuple[int, int]:
     return int(h), int(w)
 
 
+# --------------------------------------------------------------------------------------------- class calibration
+def calibrate_classes(cfg: DictConfig, module: PRMModule, datamodule: VOCDataModule) -> None:
+    """`calibration.split=<split>`: recompute the class calibration of `threshold.class_distribution: dataset`
+    on ImageSets/<calibration.task>/<split>.txt (the class-test scores of those images) and give it to `module`.
+
+    Without a split the checkpoint's own calibration is used; a threshold that needs one when the checkpoint has
+    none is a one-line error here, before any image is evaluated.
+    """
+    calibration = cfg.get("calibration") or {}
+    split = calibration.get("split")
+    needs = module.inference_config().thresholds.class_distribution == "dataset"
+    if split is None:
+        if needs and module.class_calibration is None:
+            raise ConfigError(
+                f"threshold={module.hparams['threshold'].get('name')} needs a class calibration and ckpt={cfg.ckpt} "
+                "has none; name a split to compute it on, e.g. calibration.split=train"
+            )
+        return
+    if not needs:
+        log.warning("calibration.split=%s is ignored: threshold=%s takes no class calibration", split,
+                    module.hparams["threshold"].get("name"))  # fmt: skip
+        return
+    task = str(calibration.get("task") or "Main")
+    ids = _cap(read_split(datamodule.root, task, str(split)), calibration.get("max_images"))
+    evaluated = set(ids) & set(datamodule.split_ids()[1])
+    dataset = VOCDataset(datamodule.root, ids, datamodule.class_names,
+                         build_transform(datamodule.cfg.image_size, train=False),
+                         skip_bad_images=datamodule.cfg.skip_bad_images)  # fmt: skip
+    loader = DataLoader(dataset, batch_size=datamodule.cfg.val_batch_size or datamodule.cfg.batch_size,
+                        num_workers=datamodule.cfg.num_workers, collate_fn=collate)  # fmt: skip
+    scores = module.calibration_scores(loader)
+    if len(scores) == 0:
+        raise DataError(f"calibration.split={split}: none of its {len(ids)} images could be read")
+    name = f"{task}/{split}" + (f" (first {len(ids)})" if calibration.get("max_images") is not None else "")
+    module.set_class_calibration(ClassCalibration(scores, name, evaluated_split=bool(evaluated)))
+    if evaluated:
+        log.warning("calibration.split=%s shares %d images with the evaluated split", name, len(evaluated))
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
 def _evaluate_checkpoint(cfg: DictConfig, datamodule: VOCDataModule, evaluator: InstanceEvaluator) -> dict[str, Any]:
     module = load_for_inference(cfg, resolve_device(str(cfg.device)), datamodule.class_names)
+    calibrate_classes(cfg, module, datamodule)
     settings = inference_settings(module)
     _, val_ids = datamodule.split_ids()
     # Only the evaluated images are read (setup() would read every training annotation too).

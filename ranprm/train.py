@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from ranprm.cli.build import build_callbacks, build_module, run_identity_of
+from ranprm.cli.build import build_callbacks, build_module, checkpoint_selection, run_identity_of
 from ranprm.cli.config import hydra_main, report_user_errors, to_plain
 from ranprm.cli.print_config import print_config_tree
 from ranprm.data.datamodule import DataConfig, VOCDataModule
@@ -56,17 +56,20 @@ def train(cfg: DictConfig) -> float | None:
     metrics: dict[str, Any] = {
         k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "train/"))
     }
-    checkpoint = trainer.checkpoint_callback
+    selection = checkpoint_selection(cfg)
+    best = trainer.checkpoint_callback if selection["selected"] == "best" else None
     summary = {
         "metrics": metrics,
         "instance_metrics": module.last_instance_metrics,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
-        "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
+        "best_checkpoint": getattr(best, "best_model_path", None) or None,
+        "checkpoint_selection": selection,  # never on the evaluated split: with no held-out split, last only
         "last_checkpoint": str(last) if (last := run_dir / "checkpoints" / "last.ckpt").is_file() else None,
         "wall_s": round(time.perf_counter() - started, 1),
         "backbone": cfg.backbone.name,
         "threshold": cfg.threshold.name,
+        "class_calibration": module.class_calibration.summary() if module.class_calibration is not None else None,
         "skipped_images": sum(c.total for c in trainer.callbacks if isinstance(c, SkippedImagesReport)),
     }
     if trainer.is_global_zero:

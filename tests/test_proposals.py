@@ -1,20 +1,19 @@
-"""Selective-search segment proposals: box -> mask rule, masks near the objects, determinism, cache."""
-
-from pathlib import Path
+"""Selective-search segment proposals: box -> mask rule, masks near the objects, rank order, cache."""
 
 import numpy as np
 import pytest
 
-import ranprm.prm.proposals as proposals_mod
+import ranprm.prm.retrieval.selective_search as proposals_mod
 from ranprm.errors import ConfigError
-from ranprm.prm.proposals import (
-    ProposalConfig,
+from ranprm.prm.retrieval.selective_search import (
+    SelectiveSearchConfig,
     boxes_to_masks,
     cache_key,
     proposal_masks,
     selective_search_boxes,
     upsample_masks,
 )
+from ranprm.utils.typed_config import from_mapping
 
 RED = (slice(10, 40), slice(8, 38))
 BLUE = (slice(44, 74), slice(50, 88))
@@ -40,7 +39,7 @@ def _best_iou(masks: np.ndarray, region: tuple[slice, slice]) -> float:
 
 @pytest.mark.parametrize("mode", ["fast", "single"])
 def test_masks_include_one_close_to_each_rectangle(scene, mode):
-    masks = proposal_masks(scene, ProposalConfig(mode=mode))
+    masks = proposal_masks(scene, SelectiveSearchConfig(mode=mode))
     assert masks.dtype == bool and masks.shape[1:] == scene.shape[:2] and len(masks) > 2
     assert _best_iou(masks, RED) > 0.5
     assert _best_iou(masks, BLUE) > 0.5
@@ -48,11 +47,22 @@ def test_masks_include_one_close_to_each_rectangle(scene, mode):
     assert len(np.unique(masks.reshape(len(masks), -1), axis=0)) == len(masks)  # no duplicate
 
 
-def test_masks_are_deterministic_although_opencv_order_is_random(scene):
-    cfg = ProposalConfig()
+@pytest.mark.parametrize("rank", ["opencv", "random"])
+def test_rank_order_is_reproducible_and_follows_the_seed(scene, rank):
+    cfg = SelectiveSearchConfig(rank=rank)
+    first = selective_search_boxes(scene, cfg)
+    np.testing.assert_array_equal(first, selective_search_boxes(scene, cfg))
     np.testing.assert_array_equal(proposal_masks(scene, cfg), proposal_masks(scene, cfg))
-    boxes = selective_search_boxes(scene, cfg)
-    assert boxes.shape[1] == 4 and (np.diff(boxes[:, 0]) >= 0).all()  # canonical (sorted) order
+    other = selective_search_boxes(scene, SelectiveSearchConfig(rank=rank, seed=1))
+    assert not np.array_equal(first, other)  # another seed, another order ...
+    same_set = {tuple(b) for b in first}
+    assert {tuple(b) for b in other} == same_set and len(same_set) == len(first)  # ... of the same unique boxes
+
+
+def test_random_rank_is_a_seeded_shuffle_of_the_sorted_boxes(scene):
+    boxes = selective_search_boxes(scene, SelectiveSearchConfig(rank="random", seed=3))
+    canonical = np.unique(boxes, axis=0)
+    np.testing.assert_array_equal(boxes, canonical[np.random.default_rng(3).permutation(len(canonical))])
 
 
 def test_boxes_to_masks_known_answer():
@@ -74,14 +84,14 @@ def test_boxes_to_masks_known_answer():
         return mask.tobytes()
 
     masks = boxes_to_masks(labels, boxes, min_inside=0.5)
-    assert masks.shape == (3, 4, 6)
-    assert sorted(m.tobytes() for m in masks) == sorted([columns(0, 1, 2), columns(0, 1), columns(0)])
+    assert [m.tobytes() for m in masks] == [columns(0, 1, 2), columns(0, 1), columns(0)]  # the boxes' order
     stricter = boxes_to_masks(labels, boxes, min_inside=0.75)  # half-covered superpixels no longer join
-    assert [m.tobytes() for m in stricter] == [columns(0, 1)]
+    assert [m.tobytes() for m in stricter] == [columns(0, 1)]  # box 0 keeps superpixel 0 only: a repeat of box 1's
+    assert [m.tobytes() for m in boxes_to_masks(labels, boxes, limit=2)] == [columns(0, 1, 2), columns(0, 1)]
 
 
 def test_downscaled_search_returns_masks_at_image_size(scene):
-    masks = proposal_masks(scene, ProposalConfig(max_side=48))
+    masks = proposal_masks(scene, SelectiveSearchConfig(max_side=48))
     assert masks.shape[1:] == scene.shape[:2]
     assert _best_iou(masks, BLUE) > 0.5
 
@@ -93,46 +103,47 @@ def test_upsample_is_pixel_centre_nearest():
     np.testing.assert_array_equal(up[0], expected)
 
 
-def test_max_proposals_keeps_a_reproducible_subset(scene):
-    full = proposal_masks(scene, ProposalConfig())
-    few = proposal_masks(scene, ProposalConfig(max_proposals=5))
-    assert len(few) == 5
-    np.testing.assert_array_equal(few, proposal_masks(scene, ProposalConfig(max_proposals=5)))
-    rows = {m.tobytes() for m in full}
-    assert all(m.tobytes() in rows for m in few)
+def test_max_proposals_and_limit_keep_the_first_in_rank_order(scene):
+    full = proposal_masks(scene, SelectiveSearchConfig())
+    np.testing.assert_array_equal(proposal_masks(scene, SelectiveSearchConfig(max_proposals=5)), full[:5])
+    np.testing.assert_array_equal(proposal_masks(scene, SelectiveSearchConfig(), limit=4), full[:4])
 
 
 def test_cache_round_trip_returns_identical_masks(scene, tmp_path, monkeypatch):
-    cfg = ProposalConfig(cache_dir=str(tmp_path / "cache"))
-    first = proposal_masks(scene, cfg)
-    files = list(Path(cfg.cache_dir).iterdir())
+    cfg, cache = SelectiveSearchConfig(), tmp_path / "cache"
+    first = proposal_masks(scene, cfg, cache)
+    files = list(cache.iterdir())
     assert [f.name for f in files] == [f"{cache_key(scene, cfg)}.npz"]  # no temporary file left behind
 
     def fail(*args, **kwargs):
         raise AssertionError("the cache should have answered")
 
     monkeypatch.setattr(proposals_mod, "low_res_proposals", fail)
-    second = proposal_masks(scene, cfg)
+    second = proposal_masks(scene, cfg, cache)
     np.testing.assert_array_equal(first, second)
     assert second.dtype == bool
 
 
-def test_cache_key_depends_on_image_and_options_not_cache_dir(scene):
-    base = cache_key(scene, ProposalConfig())
-    assert cache_key(scene, ProposalConfig(cache_dir="/elsewhere")) == base
-    assert cache_key(scene, ProposalConfig(max_proposals=7)) != base
+def test_cache_key_depends_on_image_options_and_count(scene):
+    base = cache_key(scene, SelectiveSearchConfig())
+    assert cache_key(scene, SelectiveSearchConfig(max_proposals=7)) != base
+    assert cache_key(scene, SelectiveSearchConfig(rank="random")) != base
+    assert cache_key(scene, SelectiveSearchConfig(), limit=100) != base
+    assert cache_key(scene, SelectiveSearchConfig(max_proposals=100)) == cache_key(
+        scene, SelectiveSearchConfig(), limit=100
+    )
     other = scene.copy()
     other[0, 0, 0] ^= 1
-    assert cache_key(other, ProposalConfig()) != base
+    assert cache_key(other, SelectiveSearchConfig()) != base
 
 
 def test_corrupt_cache_file_is_recomputed(scene, tmp_path):
-    cfg = ProposalConfig(cache_dir=str(tmp_path))
-    expected = proposal_masks(scene, cfg)
+    cfg = SelectiveSearchConfig()
+    expected = proposal_masks(scene, cfg, tmp_path)
     path = tmp_path / f"{cache_key(scene, cfg)}.npz"
     path.write_bytes(b"not a zip file")
-    np.testing.assert_array_equal(proposal_masks(scene, cfg), expected)
-    np.testing.assert_array_equal(proposal_masks(scene, cfg), expected)  # and the file was replaced
+    np.testing.assert_array_equal(proposal_masks(scene, cfg, tmp_path), expected)
+    np.testing.assert_array_equal(proposal_masks(scene, cfg, tmp_path), expected)  # and the file was replaced
     assert path.stat().st_size > 100
 
 
@@ -140,17 +151,23 @@ def test_cache_dir_that_is_a_file_is_a_config_error(scene, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="retrieval.cache_dir"):
-        proposal_masks(scene, ProposalConfig(cache_dir=str(blocker / "sub")))
+        proposal_masks(scene, SelectiveSearchConfig(), blocker / "sub")
 
 
 def test_config_validation():
-    assert ProposalConfig.from_config({"mode": "quality", "max_side": None}).max_side is None
+    assert (
+        from_mapping(SelectiveSearchConfig, {"mode": "quality", "max_side": None}, "retrieval.search").max_side is None
+    )
     with pytest.raises(ConfigError, match="retrieval.search.mode"):
-        ProposalConfig(mode="slow")  # type: ignore[arg-type]
+        SelectiveSearchConfig(mode="slow")
+    with pytest.raises(ConfigError, match="retrieval.search.rank"):
+        SelectiveSearchConfig(rank="best")
     with pytest.raises(ConfigError, match="unknown option"):
-        ProposalConfig.from_config({"max_boxes": 3})
+        from_mapping(SelectiveSearchConfig, {"max_boxes": 3}, "retrieval.search")
     with pytest.raises(ConfigError, match="min_inside"):
-        ProposalConfig.from_config({"min_inside": 0})
+        from_mapping(SelectiveSearchConfig, {"min_inside": 0}, "retrieval.search")
+    with pytest.raises(ConfigError, match="retrieval.search.max_side='big' must be an integer"):
+        from_mapping(SelectiveSearchConfig, {"max_side": "big"}, "retrieval.search")
 
 
 def test_rejects_non_rgb_uint8_images():

@@ -201,28 +201,22 @@ def test_predictions_carry_each_images_attention_maps_from_the_same_forward() ->
     and for backbones without attention, the list is empty."""
     from ranprm.models.prm_net import PRMNet
     from ranprm.prm.pipeline import InferenceConfig, predict_batch
-    from ranprm.prm.thresholds import Thresholds
 
     torch.manual_seed(0)
     model = PRMNet(tiny_ran(), num_classes=3).eval()
     images = torch.randn(2, 3, 64, 64)
     mean = {"kind": "mean"}
-    cfg = InferenceConfig(Thresholds.from_config({"classes": mean, "peaks": mean}), peak_filter="none",
-                          retrieval={"name": "prm_only"})  # fmt: skip
-
-    def scores(crms: torch.Tensor) -> torch.Tensor:
-        return crms.mean(dim=(2, 3))
+    cfg = InferenceConfig.from_config({"classes": mean, "peaks": mean}, {"stimulation": False, "peak_filter": "none"},
+                                      {}, {"name": "prm_only"})  # fmt: skip
 
     with torch.no_grad():
         _, expected = model.forward_with_attention(images)
-    with_maps = predict_batch(model, images, [(64, 64)] * 2, cfg, scores, with_attention=True)
+    with_maps = predict_batch(model, images, [(64, 64)] * 2, cfg, with_attention=True)
     assert len(expected) == 3
     for b, prediction in enumerate(with_maps):
         assert len(prediction.attention) == 3
         for got, want in zip(prediction.attention, expected, strict=True):
             torch.testing.assert_close(got, want[b])
-    assert all(p.attention == [] for p in predict_batch(model, images, [(64, 64)] * 2, cfg, scores))
+    assert all(p.attention == [] for p in predict_batch(model, images, [(64, 64)] * 2, cfg))
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, stride=32, padding=1))
-    assert all(
-        p.attention == [] for p in predict_batch(plain, images, [(64, 64)] * 2, cfg, scores, with_attention=True)
-    )
+    assert all(p.attention == [] for p in predict_batch(plain, images, [(64, 64)] * 2, cfg, with_attention=True))

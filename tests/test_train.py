@@ -110,7 +110,18 @@ def test_short_training_run_writes_metrics_and_checkpoints(backbone, voc_root, t
     assert 0.0 <= value <= 1.0
     assert summary["global_step"] == 4  # 6 train images, batch 4, 2 epochs
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    assert Path(summary["best_checkpoint"]).is_file()
+    # No held-out split: validation is the evaluated split, so no checkpoint is selected on it.
+    assert summary["best_checkpoint"] is None and summary["checkpoint_selection"]["selected"] == "last"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
+
+
+def test_a_best_checkpoint_is_selected_on_held_out_images_only(voc_root, tmp_path):
+    overrides = tiny_overrides(voc_root, tmp_path) + ["data.holdout_fraction=0.34"]  # 2 of the 6 train images
+    train(compose("train", overrides))
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert Path(summary["best_checkpoint"]).is_file() and Path(summary["best_checkpoint"]).name.startswith("best-")
+    assert summary["checkpoint_selection"] == {"selected": "best", "monitor": "val/cls_map",
+                                               "validation": "held-out 0.34 of Main/train"}  # fmt: skip
 
 
 def test_last_checkpoint_holds_the_final_epoch_even_when_an_earlier_one_was_best(voc_root, tmp_path):
@@ -118,9 +129,14 @@ def test_last_checkpoint_holds_the_final_epoch_even_when_an_earlier_one_was_best
 
     mode=min on cls mAP makes an early epoch the 'best' one, so a stale last.ckpt would hold that epoch.
     """
-    overrides = tiny_overrides(voc_root, tmp_path) + ["trainer.max_epochs=3", "callbacks.checkpoint.mode=min"]
+    overrides = [o for o in tiny_overrides(voc_root, tmp_path) if not o.startswith("data.batch_size")] + [
+        "data.batch_size=2",  # 4 training images after the hold-out: still 2 steps an epoch
+        "data.holdout_fraction=0.34",  # a best checkpoint is selected on held-out images only
+        "trainer.max_epochs=3",
+        "callbacks.checkpoint.mode=min",
+    ]
     train(compose("train", overrides))
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert (last["epoch"], last["global_step"]) == (2, 6)  # 6 train images, batch 4: 2 steps an epoch
+    assert (last["epoch"], last["global_step"]) == (2, 6)
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["last_checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from lightning.pytorch.callbacks import (
 from omegaconf import DictConfig
 
 from ranprm.cli.config import to_plain
+from ranprm.data.datamodule import DataConfig, validation_split
 from ranprm.errors import ConfigError
 from ranprm.lightning.callbacks import SkippedImagesReport
 from ranprm.lightning.checkpoint import SaveOnSigterm
@@ -24,18 +26,41 @@ from ranprm.lightning.loggers import RunIdentity, run_identity
 from ranprm.lightning.module import PRMModule
 from ranprm.lightning.panels import PanelCallback
 
+log = logging.getLogger(__name__)
+
+
+def checkpoint_selection(cfg: DictConfig) -> dict[str, Any]:
+    """Whether the run selects a best checkpoint, and on which images: never on the evaluated split.
+
+    Training validates on the evaluated split (`<val_task>/<val_split>`) unless `data.holdout_fraction > 0`;
+    then only `last.ckpt` is kept, since a checkpoint chosen on the images it is scored on would inflate them.
+    """
+    split, evaluated = validation_split(DataConfig.from_config(to_plain(cfg.data)))
+    if evaluated:
+        return {"selected": "last", "monitor": None, "validation": split,
+                "reason": "no held-out split: validation is the evaluated split, so no checkpoint is selected on it "
+                          "(data.holdout_fraction > 0 selects on held-out images)"}  # fmt: skip
+    return {"selected": "best", "monitor": str(cfg.callbacks.checkpoint.monitor), "validation": split}
+
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Callback]:
     ckpt = cfg.callbacks.checkpoint
-    callbacks: list[Callback] = [
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="best-epoch{epoch:03d}",
-            auto_insert_metric_name=False,
-            monitor=ckpt.monitor,
-            mode=ckpt.mode,
-            save_top_k=ckpt.save_top_k,
-        ),
+    selection = checkpoint_selection(cfg)
+    callbacks: list[Callback] = []
+    if selection["selected"] == "best":
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints",
+                filename="best-epoch{epoch:03d}",
+                auto_insert_metric_name=False,
+                monitor=ckpt.monitor,
+                mode=ckpt.mode,
+                save_top_k=ckpt.save_top_k,
+            )
+        )
+    else:
+        log.info("checkpoints: keeping last.ckpt only; %s", selection["reason"])
+    callbacks += [
         # last.ckpt as its own unmonitored top-1 checkpoint, overwritten every epoch (and every N steps): Lightning's
         # `save_last=True` refreshes it only when a new best is saved, leaving it stale after the best epoch.
         ModelCheckpoint(

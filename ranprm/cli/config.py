@@ -49,6 +49,7 @@ def register_extensions() -> None:
     """Import the registries' packages and the `RANPRM_PLUGINS` modules; offer registered entries with a config
     dataclass as options of their Hydra group. Idempotent: call it before composing any config."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     from ranprm.utils.registry import ALL_REGISTRIES
 
@@ -67,7 +68,9 @@ def register_extensions() -> None:
             continue
         for entry in registry:
             if entry.config is not None and not (config_dir() / registry.group / f"{entry.name}.yaml").is_file():
-                store.store(group=registry.group, name=entry.name, node=entry.config)
+                node = OmegaConf.structured(entry.config)
+                OmegaConf.set_readonly(node, False)  # a frozen dataclass is read-only: overrides must still apply
+                store.store(group=registry.group, name=entry.name, node=node)
 
 
 def hydra_main(config_name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:

@@ -12,6 +12,7 @@ from ranprm.cli.config import to_plain
 from ranprm.errors import ConfigError
 from ranprm.lightning.checkpoint import load_module
 from ranprm.lightning.module import PRMModule
+from ranprm.prm.pipeline import PRM_DEFAULTS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -31,26 +32,27 @@ def apply_inference_overrides(module: PRMModule, cfg: DictConfig) -> dict[str, A
     """Replace the checkpoint's inference settings by those the command line gives; returns the settings used.
 
     `cfg.threshold` / `cfg.retrieval` (a chosen config group) replace the whole group; each non-null key of
-    `cfg.prm` replaces that key of the checkpoint's prm settings.
+    `cfg.prm` replaces that key of the checkpoint's prm settings. Parsed once here, before any image is read.
     """
     hp = module.hparams
-    for group in ("threshold", "retrieval"):
-        chosen = cfg.get(group)
-        if chosen is not None:
-            hp[group] = to_plain(chosen)
-        elif hp.get(group) is None:
+    chosen = {group: to_plain(cfg.get(group)) for group in ("threshold", "retrieval")}
+    for group, value in chosen.items():
+        if value is None and hp.get(group) is None:
             raise ConfigError(f"ckpt has no {group} settings; choose one, e.g. {group}=<option>")
-    prm = dict(hp.get("prm") or {})
-    prm.update({k: v for k, v in (to_plain(cfg.get("prm")) or {}).items() if v is not None})
-    hp["prm"] = prm
-    module.inference_config()  # a bad combination fails here, before any image is read
+    prm = {k: v for k, v in (to_plain(cfg.get("prm")) or {}).items() if v is not None}
+    module.configure_inference(threshold=chosen["threshold"], retrieval=chosen["retrieval"], prm=prm)
     return inference_settings(module)
 
 
 def inference_settings(module: PRMModule) -> dict[str, Any]:
-    """The threshold, retrieval and prm settings the module infers with (recorded beside the metrics)."""
+    """The threshold, retrieval and prm settings the module infers with (recorded beside the metrics), and where
+    its class calibration came from when the threshold uses one."""
     hp = module.hparams
-    return {"threshold": dict(hp["threshold"]), "retrieval": dict(hp["retrieval"]), "prm": dict(hp["prm"])}
+    prm = {**PRM_DEFAULTS, **dict(hp["prm"] or {})}  # keys a checkpoint predates run at their defaults
+    settings = {"threshold": dict(hp["threshold"]), "retrieval": dict(hp["retrieval"]), "prm": prm}
+    if module.inference_config().thresholds.class_distribution == "dataset" and module.class_calibration is not None:
+        settings["class_calibration"] = module.class_calibration.summary()
+    return settings
 
 
 def load_for_inference(cfg: DictConfig, device: torch.device, class_names: tuple[str, ...] | None = None) -> PRMModule:

@@ -57,6 +57,22 @@ def split_ids(ids: list[str], fraction: float, option: str) -> list[str]:
     return ids[: max(1, round(len(ids) * fraction))]
 
 
+def validation_split(data: Any) -> tuple[str, bool]:
+    """What training validates on, from a DataConfig or a VOCDataModule: (a description, whether it is the split
+    ranprm-evaluate scores).
+
+    With `data.holdout_fraction > 0` validation uses held-out training images; otherwise it uses
+    `<val_task>/<val_split>`, the evaluated split (no checkpoint is selected and no threshold calibrated on it
+    without saying so). Anything else counts as unknown, and as the evaluated split.
+    """
+    cfg = data if isinstance(data, DataConfig) else getattr(data, "cfg", None)
+    if not isinstance(cfg, DataConfig):
+        return "the validation loader", True
+    if cfg.holdout_fraction > 0:
+        return f"held-out {cfg.holdout_fraction:g} of Main/{cfg.train_split}", False
+    return f"{cfg.val_task}/{cfg.val_split}", True
+
+
 class VOCDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__()

@@ -64,6 +64,7 @@ def load_module(
             f"{len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[:2]}); was it trained with another "
             "backbone?"
         )
+    module.on_load_checkpoint(ckpt)  # what the module stores beside its weights (the class calibration)
     return module.eval()
 
 

@@ -7,6 +7,8 @@ It holds no algorithm of its own: peaks and scores come from `ranprm.prm.peaks`,
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning as L
@@ -14,12 +16,19 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MultilabelAveragePrecision
 
+from ranprm.data.datamodule import validation_split
 from ranprm.errors import ConfigError, RanprmError
 from ranprm.eval import GroundTruth, InstanceEvaluator, Peaks, scalar_metrics
 from ranprm.lightning.callbacks import due_this_epoch
 from ranprm.models.prm_net import PRMNet
-from ranprm.prm.peaks import class_scores
+from ranprm.prm.peaks import PeakHead
 from ranprm.prm.pipeline import ImagePrediction, InferenceConfig, predict_batch
+from ranprm.prm.thresholds import ClassCalibration
+
+log = logging.getLogger(__name__)
+
+# The checkpoint key holding the class calibration (`threshold.class_distribution: dataset`).
+CALIBRATION_KEY = "class_calibration"
 
 
 class NonFiniteLossError(RanprmError):
@@ -53,6 +62,12 @@ class PRMModule(L.LightningModule):
         # checkpoints keep the network's own keys, and peak backprop (which patches convolutions) keeps using the
         # eager network.
         self._compiled: dict[str, nn.Module] = {"model": torch.compile(self.model)} if compile else {}
+        self.peak_head = PeakHead.from_config(head)  # parsed once: the training score and the class test
+        # Inference settings are parsed once into `_inference` and re-parsed only when they change
+        # (`configure_inference`, `set_class_calibration`).
+        self._inference: InferenceConfig | None = None
+        self.class_calibration: ClassCalibration | None = None
+        self._peaks_over_cap = 0
         self.loss_fn = nn.MultiLabelSoftMarginLoss()
         self.val_cls_map = MultilabelAveragePrecision(num_labels=len(class_names), average="macro")
         self.instance_evaluator = InstanceEvaluator(self.class_names)
@@ -65,19 +80,77 @@ class PRMModule(L.LightningModule):
         return network(images.contiguous(memory_format=self.memory_format))
 
     def class_logits(self, crms: Tensor) -> Tensor:
-        head = self.hparams.head
-        return class_scores(
-            crms,
-            stimulation=head["stimulation"],
-            window=head["window"],
-            peak_filter=head["peak_filter"],
-            sub_pixel_factor=head["sub_pixel_factor"],
-            full_peak_gradient=head["full_peak_gradient"],
-        )
+        """The training score (B, C): peak stimulation at the training sub-pixel factor (`head`)."""
+        return self.peak_head.scores(crms)
 
+    # ------------------------------------------------------------------------------------- inference settings
     def inference_config(self) -> InferenceConfig:
+        """The parsed inference settings (threshold, head, prm, retrieval, calibration), built once."""
+        if self._inference is None:
+            hp = self.hparams
+            self._inference = InferenceConfig.from_config(
+                hp.threshold, hp.head, hp.prm, hp.retrieval, self.class_calibration
+            )
+        return self._inference
+
+    def configure_inference(
+        self,
+        threshold: Mapping[str, Any] | None = None,
+        retrieval: Mapping[str, Any] | None = None,
+        prm: Mapping[str, Any] | None = None,
+    ) -> InferenceConfig:
+        """Replace the inference settings that are given (predict/evaluate overrides) and parse them once.
+
+        `threshold` and `retrieval` replace the whole group; `prm` replaces the keys it holds. A bad setting
+        raises before anything changes, so the module keeps its old settings.
+        """
         hp = self.hparams
-        return InferenceConfig.from_config(hp.threshold, hp.head, hp.prm, hp.retrieval)
+        new = {
+            "threshold": dict(threshold) if threshold is not None else hp.get("threshold"),
+            "retrieval": dict(retrieval) if retrieval is not None else hp.get("retrieval"),
+            "prm": {**dict(hp.get("prm") or {}), **dict(prm or {})},
+        }
+        parsed = InferenceConfig.from_config(new["threshold"], hp.head, new["prm"], new["retrieval"],
+                                             self.class_calibration)  # fmt: skip
+        for key, value in new.items():
+            hp[key] = value
+        self._inference = parsed
+        return parsed
+
+    def set_class_calibration(self, calibration: ClassCalibration | None) -> None:
+        """Use `calibration` for `threshold.class_distribution: dataset` (stored in the next checkpoint)."""
+        self.class_calibration = calibration
+        self._inference = None
+
+    def inference_class_scores(self, crms: Tensor) -> Tensor:
+        """The class test's scores (B, C): the peak head at the inference factor (`prm.class_sub_pixel_factor`)."""
+        return self.inference_config().class_scores(crms)
+
+    @torch.no_grad()
+    def calibration_scores(self, batches: Iterable[dict[str, Any]]) -> Tensor:
+        """(N, C) class-test scores of every image in `batches` (collated, with `image`), as inference computes
+        them: eval mode, fp32, the eager network. The module's mode is left as it was found."""
+        was_training = self.training
+        self.eval()
+        rows = []
+        try:
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                for batch in batches:
+                    if "image" not in batch:
+                        continue  # every image of the batch was skipped as unreadable
+                    images = batch["image"].to(self.device).float().contiguous(memory_format=self.memory_format)
+                    rows.append(self.inference_class_scores(self.model(images).float()).cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(rows) if rows else torch.zeros(0, len(self.class_names))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.class_calibration is not None:
+            checkpoint[CALIBRATION_KEY] = self.class_calibration.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.get(CALIBRATION_KEY)
+        self.set_class_calibration(ClassCalibration.from_dict(record) if record else None)
 
     def predict_images(
         self,
@@ -90,27 +163,33 @@ class PRMModule(L.LightningModule):
         with_prms: bool = False,
     ) -> list[ImagePrediction]:
         """Instances at the original sizes for network inputs `images (B, 3, S, S)`; see `ranprm.prm.pipeline`.
-        `prm_dtype` replaces `prm.precision` for this call (the panels backpropagate in bf16); `with_prms` keeps
-        each valid peak's PRM (the panels show them)."""
-        self.eval()
+
+        Runs in eval mode and leaves the module in the mode it found it in. `prm_dtype` replaces
+        `prm.precision` for this call (the panels backpropagate in bf16); `with_prms` keeps each valid peak's PRM
+        (the panels show them).
+        """
         cfg = self.inference_config()
         if prm_dtype is not None:
             cfg = dataclasses.replace(cfg, prm_dtype=prm_dtype)
-        # Autocast is off even inside a bf16-mixed validation step: PRM's custom backward would mix bf16
-        # activations with fp32 weights, and instance maps should not depend on the training precision. A bf16
-        # backprop is asked for explicitly (`prm.precision`), and then runs on bf16 weights throughout.
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            return predict_batch(
-                self.model,
-                images.float().contiguous(memory_format=self.memory_format),
-                orig_sizes,
-                cfg,
-                self.class_logits,
-                raw_images,
-                stage_times,
-                with_attention,
-                with_prms,
-            )
+        was_training = self.training
+        self.eval()
+        try:
+            # Autocast is off even inside a bf16-mixed validation step: PRM's custom backward would mix bf16
+            # activations with fp32 weights, and instance maps should not depend on the training precision. A
+            # bf16 backprop is asked for explicitly (`prm.precision`), and then runs on bf16 weights throughout.
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                return predict_batch(
+                    self.model,
+                    images.float().contiguous(memory_format=self.memory_format),
+                    orig_sizes,
+                    cfg,
+                    raw_images,
+                    stage_times,
+                    with_attention,
+                    with_prms,
+                )
+        finally:
+            self.train(was_training)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         if "image" not in batch:
@@ -136,6 +215,40 @@ class PRMModule(L.LightningModule):
         if self._instance_eval_this_epoch():
             self._update_instance_metrics(batch)
 
+    def on_validation_epoch_start(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        dataset_rule = self.inference_config().thresholds.class_distribution == "dataset"
+        if dataset_rule or self._instance_eval_this_epoch():
+            self._calibrate_on_validation_set()
+
+    def _calibrate_on_validation_set(self) -> None:
+        """The class calibration of `threshold.class_distribution: dataset`: the class-test scores of the
+        validation images, collected at the start of every epoch that evaluates instances (always the last, so
+        at the end of training) and stored in the checkpoints saved after it; with a threshold that uses it, at
+        every epoch, before the instance evaluation and the panels use it. One extra fp32 forward over the
+        validation set each time."""
+        loaders = self.trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        # A DataLoader draws its workers' base seed from the global RNG: fork it, so that the extra pass leaves
+        # the training's random stream (shuffling, augmentation) exactly as it would be without it.
+        with torch.random.fork_rng(devices=[]):
+            scores = self.calibration_scores(batch for loader in loaders for batch in loader)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shards: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shards, scores)
+            scores = torch.cat(shards)
+        if len(scores) == 0:
+            return
+        split, evaluated = validation_split(getattr(self.trainer, "datamodule", None))
+        self.set_class_calibration(ClassCalibration(scores, split, evaluated))
+        if evaluated and self.inference_config().thresholds.class_distribution == "dataset":
+            log.warning(
+                "threshold.class_distribution=dataset is calibrated on %s, the split these instance metrics are "
+                "computed on; set data.holdout_fraction to calibrate on held-out images",
+                split,
+            )
+
     def _instance_eval_this_epoch(self) -> bool:
         """Instance metrics cost a PRM backward per peak: every `eval.every_n_epochs`, default the last epoch."""
         return due_this_epoch(self.trainer, (self.hparams.eval or {}).get("every_n_epochs"))
@@ -151,11 +264,12 @@ class PRMModule(L.LightningModule):
         predictions = self.predict_images(
             batch["image"][keep], [batch["orig_size"][i] for i in keep], [batch["raw_image"][i] for i in keep]
         )
+        self._peaks_over_cap += sum(p.peaks_over_cap > 0 for p in predictions)
         self.instance_evaluator.update(
             [p.instances for p in predictions],
             [GroundTruth(batch["image_id"][i], t.masks, t.labels, t.void) for i, t in
              ((i, batch["targets"][i]) for i in keep)],
-            peaks=[Peaks(yx=p.peaks[:, 1:], labels=p.peaks[:, 0].long()) for p in predictions],
+            peaks=[Peaks(yx=p.image_peaks.yx, labels=p.image_peaks.labels) for p in predictions],
         )  # fmt: skip
 
     def on_validation_epoch_end(self) -> None:
@@ -168,6 +282,10 @@ class PRMModule(L.LightningModule):
                     self.log(f"val/{key}", float(value))
         self.instance_evaluator.reset()
         self._instance_images_seen = 0
+        if self._peaks_over_cap:
+            log.warning("%d validation images had more than prm.max_peaks_per_image=%s valid peaks; the strongest "
+                        "were kept", self._peaks_over_cap, self.inference_config().max_peaks_per_image)  # fmt: skip
+        self._peaks_over_cap = 0
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimizer over two groups (backbone at `lr * backbone_lr_mult`, classifier at `lr`)."""

@@ -18,11 +18,20 @@ Box -> mask rule
     box is exact because a region never leaves its own bounding box. Boxes that keep no superpixel give an
     empty mask and are dropped; identical masks are kept once.
 
-Determinism
-    OpenCV ranks regions with C `rand()` (not seedable from Python): the *order* of its boxes changes from
-    call to call, the *set* does not. So its order is ignored: the unique masks are sorted by their packed
-    bytes, and when there are more than `max_proposals`, a subset drawn with `numpy.random.default_rng(seed)`
-    is kept (a reproducible stand-in for OpenCV's random ranking), still in that canonical order.
+Rank order
+    PRM scores only the first `retrieval.proposal_count` proposals of a ranked list (MCG's, in the paper), so
+    the masks come out in a defined rank order (`rank`):
+    - `opencv` (default): selective search's own order as OpenCV implements it. OpenCV gives every region of
+      every hierarchy the rank `rand() * level` (level 1 = a starting segment, +1 per merge) from the C library's
+      `rand()`, sorts ascending and drops repeated boxes: a randomised order that favours regions low in the
+      hierarchy (OpenCV notes it is inverted from the paper, which favours the top). `rand()` cannot be seeded
+      from OpenCV's Python API, so ranprm seeds it with `seed + 1` (the C library's `srand`, through ctypes;
+      glibc treats seeds 0 and 1 alike) right before each search: the order is then reproducible on one C
+      library (glibc, musl, macOS).
+    - `random`: the boxes sorted lexicographically (a canonical order), then shuffled by
+      `numpy.random.default_rng(seed)`: reproducible on every platform, no bias by level.
+    Boxes are turned into masks in that order; empty masks are dropped and a mask equal to an earlier one is
+    dropped (the first occurrence keeps its rank). At most the first `max_proposals` masks are kept.
 
 Speed
     The search and the masks run on a copy down-scaled (INTER_AREA) so that its longer side is at most
@@ -31,66 +40,73 @@ Speed
     full size ~1600 in ~2 s; quality mode roughly triples both. At 200x150: ~420 proposals in ~0.16 s.
 
 Cache
-    With `cache_dir`, the low-resolution masks are stored as `np.packbits` rows in a compressed `.npz` named
-    by a SHA-256 key over the image bytes and shape, every option but `cache_dir`, the OpenCV version and a
-    format version. Writes go to a temporary file in the same folder, renamed into place (`os.replace`): a
-    reader never sees a partial file and concurrent writers are harmless. An unreadable file is recomputed
-    and replaced.
+    With `cache_dir` (the retrieval config's `cache_dir`), the low-resolution masks are stored as `np.packbits`
+    rows in a compressed `.npz` named by a SHA-256 key over the image bytes and shape, every search option, the
+    number of masks built, the OpenCV version and a format version. Writes go to a temporary file in the same
+    folder, renamed into place (`os.replace`): a reader never sees a partial file and concurrent writers are
+    harmless. An unreadable file is recomputed and replaced.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import cv2
 import numpy as np
 
 from ranprm.errors import ConfigError
 
-SearchMode = Literal["fast", "quality", "single"]
 _MODES = ("fast", "quality", "single")
+_RANKS = ("opencv", "random")
 # Bump when the stored layout or the box -> mask rule changes: old cache files then simply miss.
-_CACHE_FORMAT = 1
+# 2: masks in rank order (1: sorted by their bytes, a seeded random subset beyond max_proposals).
+_CACHE_FORMAT = 2
 # OpenCV's selective search builds its graph segmentations with createGraphSegmentation()'s default min_size.
 _OPENCV_MIN_SIZE = 100
 # Boxes converted per chunk: bounds the (chunk, h, w) bool temporary.
 _BOX_CHUNK = 256
+# srand + search must not interleave with another thread's: the C library's rand() state is process-wide.
+_RAND_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
-class ProposalConfig:
-    """Options of selective-search mask proposals (config keys of `retrieval.search`, plus `cache_dir`).
+class SelectiveSearchConfig:
+    """Options of selective-search mask proposals (config keys of `retrieval.search`).
 
     mode:           fast | quality | single: OpenCV's switchToSelectiveSearchFast / ...Quality /
                     switchToSingleStrategy
-    max_proposals:  keep at most this many unique masks (seeded subset, see the module docstring)
+    max_proposals:  build at most this many unique masks, the first in rank order
     max_side:       search on a copy whose longer side is at most this many pixels; null: full size
     min_inside:     a superpixel joins a box's mask when at least this fraction of its pixels lie in the box
     base_k, inc_k, sigma: OpenCV's graph-segmentation scale parameters (its defaults 150, 150, 0.8)
-    seed:           seed of the subset drawn when there are more than max_proposals masks
-    cache_dir:      folder of the on-disk cache; null: no cache
+    rank:           opencv | random: the rank order of the proposals (module docstring)
+    seed:           seeds the rank: the C library's rand() for `opencv`, the shuffle for `random`
     """
 
-    mode: SearchMode = "fast"
+    mode: str = "fast"
     max_proposals: int = 1000
     max_side: int | None = 256
     min_inside: float = 0.5
     base_k: int = 150
     inc_k: int = 150
     sigma: float = 0.8
+    rank: str = "opencv"
     seed: int = 0
-    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ConfigError(f"retrieval.search.mode={self.mode!r} is unknown; choose fast, quality or single")
+        if self.rank not in _RANKS:
+            raise ConfigError(f"retrieval.search.rank={self.rank!r} is unknown; choose opencv or random")
         if self.max_proposals < 1:
             raise ConfigError(f"retrieval.search.max_proposals={self.max_proposals} must be >= 1")
         if self.max_side is not None and self.max_side < 16:
@@ -101,35 +117,8 @@ class ProposalConfig:
             raise ConfigError(
                 f"retrieval.search: base_k={self.base_k}, inc_k={self.inc_k} must be > 0 and sigma={self.sigma} >= 0"
             )
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> ProposalConfig:
-        """Build from a plain mapping; unknown keys and values of the wrong type raise ConfigError."""
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"retrieval.search: unknown option(s) {unknown}; known: {sorted(known)}")
-        try:
-            kwargs: dict[str, Any] = {}
-            for key, value in cfg.items():
-                if key in ("max_side", "cache_dir") and value is None:
-                    kwargs[key] = None
-                elif key in ("max_proposals", "max_side", "base_k", "inc_k", "seed"):
-                    kwargs[key] = int(value)
-                elif key in ("min_inside", "sigma"):
-                    kwargs[key] = float(value)
-                else:
-                    kwargs[key] = str(value)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"retrieval.search: bad value: {err}") from err
-        return cls(**kwargs)
-
-    def key_fields(self) -> dict[str, Any]:
-        """The options that change the masks (everything but cache_dir), for the cache key."""
-        out = asdict(self)
-        out.pop("cache_dir")
-        return out
+        if not 0 <= self.seed < 2**32 - 1:
+            raise ConfigError(f"retrieval.search.seed={self.seed} must lie in [0, 2^32 - 1)")
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -150,10 +139,20 @@ def downscale(image: np.ndarray, max_side: int | None) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def selective_search_boxes(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
-    """Selective-search boxes of an RGB uint8 image (H, W, 3): (B, 4) int64 `[x, y, w, h]`, unique, sorted.
+def _c_srand() -> Callable[[int], None] | None:
+    """The C library's `srand`, which seeds the `rand()` OpenCV's selective search ranks with; None if unknown."""
+    for name in (None, ctypes.util.find_library("c")):
+        try:
+            return ctypes.CDLL(name).srand
+        except (OSError, TypeError, AttributeError):
+            continue
+    return None
 
-    Sorted lexicographically because OpenCV's own order is random (see the module docstring).
+
+def selective_search_boxes(image: np.ndarray, cfg: SelectiveSearchConfig) -> np.ndarray:
+    """Selective-search boxes of an RGB uint8 image (H, W, 3): (B, 4) int64 `[x, y, w, h]`, unique, in rank order.
+
+    The rank is `cfg.rank` (module docstring): OpenCV's own order with its `rand()` seeded, or a seeded shuffle.
     """
     _check_image(image)
     search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
@@ -164,11 +163,22 @@ def selective_search_boxes(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray
         search.switchToSelectiveSearchQuality(cfg.base_k, cfg.inc_k, cfg.sigma)
     else:
         search.switchToSingleStrategy(cfg.base_k, cfg.sigma)
-    boxes = np.asarray(search.process(), dtype=np.int64).reshape(-1, 4)
-    return np.unique(boxes, axis=0)
+    if cfg.rank == "random":
+        boxes = np.unique(np.asarray(search.process(), dtype=np.int64).reshape(-1, 4), axis=0)
+        return boxes[np.random.default_rng(cfg.seed).permutation(len(boxes))]
+    srand = _c_srand()
+    if srand is None:
+        raise ConfigError(
+            "retrieval.search.rank=opencv needs the C library's srand to make OpenCV's order reproducible, and "
+            "it was not found on this platform; use retrieval.search.rank=random"
+        )
+    with _RAND_LOCK:
+        srand(cfg.seed + 1)  # glibc seeds 0 and 1 alike; seed + 1 keeps every `seed` distinct
+        boxes = np.asarray(search.process(), dtype=np.int64).reshape(-1, 4)
+    return boxes  # OpenCV already dropped repeated boxes, keeping the first in its rank
 
 
-def superpixels(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
+def superpixels(image: np.ndarray, cfg: SelectiveSearchConfig) -> np.ndarray:
     """Label map (H, W) int32 in 0..n-1: selective search's first starting segmentation of an RGB image."""
     _check_image(image)
     hsv = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), cv2.COLOR_BGR2HSV)
@@ -176,40 +186,46 @@ def superpixels(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
     return segmenter.processImage(hsv).astype(np.int32)
 
 
-def boxes_to_masks(labels: np.ndarray, boxes: np.ndarray, min_inside: float = 0.5) -> np.ndarray:
-    """Masks (P, H, W) bool of boxes (B, 4) `[x, y, w, h]` over a superpixel label map (H, W) int.
+def boxes_to_masks(
+    labels: np.ndarray, boxes: np.ndarray, min_inside: float = 0.5, limit: int | None = None
+) -> np.ndarray:
+    """Masks (P, H, W) bool of boxes (B, 4) `[x, y, w, h]` over a superpixel label map (H, W) int, in box order.
 
     The module docstring's rule: the box AND the superpixels with >= min_inside of their pixels in it.
-    Empty masks are dropped and duplicates kept once; the result is sorted by the masks' packed bytes.
+    Empty masks are dropped and a mask equal to an earlier one is dropped, so the masks keep the boxes' order;
+    with `limit`, conversion stops after that many masks.
     """
     h, w = labels.shape
     n = int(labels.max()) + 1 if labels.size else 0
     if len(boxes) == 0 or n == 0:
         return np.zeros((0, h, w), dtype=bool)
     sizes = np.bincount(labels.ravel(), minlength=n)
-    x0, y0 = boxes[:, 0], boxes[:, 1]
-    x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
-    # Per box one bincount over its window: O(box area) in C, memory O(n) per box (an integral image of the
-    # one-hot labels would be O(h * w * n)).
-    inside = np.stack(
-        [np.bincount(labels[a:b, c:d].ravel(), minlength=n) for a, b, c, d in zip(y0, y1, x0, x1, strict=True)]
-    )
-    members = inside >= min_inside * sizes[None, :]  # (B, n)
-    packed = []
+    limit = len(boxes) if limit is None else limit
+    kept: list[np.ndarray] = []
+    seen: set[bytes] = set()
     for s in range(0, len(boxes), _BOX_CHUNK):
-        chunk = np.zeros((min(_BOX_CHUNK, len(boxes) - s), h, w), dtype=bool)
+        chunk = boxes[s : s + _BOX_CHUNK]
+        x0, y0 = chunk[:, 0], chunk[:, 1]
+        x1, y1 = x0 + chunk[:, 2], y0 + chunk[:, 3]
+        # Per box one bincount over its window: O(box area) in C, memory O(n) per box (an integral image of the
+        # one-hot labels would be O(h * w * n)).
+        inside = np.stack(
+            [np.bincount(labels[a:b, c:d].ravel(), minlength=n) for a, b, c, d in zip(y0, y1, x0, x1, strict=True)]
+        )
+        members = inside >= min_inside * sizes[None, :]  # (chunk, n)
         for i in range(len(chunk)):
+            mask = np.zeros((h, w), dtype=bool)
             # Only the box window can be set (the mask is clipped to its box): cost O(box area), not O(h * w).
-            a, b, c, d = y0[s + i], y1[s + i], x0[s + i], x1[s + i]
-            chunk[i, a:b, c:d] = members[s + i][labels[a:b, c:d]]
-        packed.append(np.packbits(chunk.reshape(len(chunk), -1), axis=1))
-    rows_packed = np.concatenate(packed)
-    # np.unique over a void view compares whole rows as byte strings: dedupe and canonical order in one pass.
-    void = np.ascontiguousarray(rows_packed).view(np.dtype((np.void, rows_packed.shape[1])))[:, 0]
-    _, first = np.unique(void, return_index=True)
-    unique = rows_packed[first]
-    unique = unique[unique.any(axis=1)]
-    return np.unpackbits(unique, axis=1, count=h * w).reshape(-1, h, w).view(bool)
+            a, b, c, d = y0[i], y1[i], x0[i], x1[i]
+            mask[a:b, c:d] = members[i][labels[a:b, c:d]]
+            packed = np.packbits(mask).tobytes()
+            if not mask.any() or packed in seen:
+                continue
+            seen.add(packed)
+            kept.append(mask)
+            if len(kept) >= limit:
+                return np.stack(kept)
+    return np.stack(kept) if kept else np.zeros((0, h, w), dtype=bool)
 
 
 def upsample_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -224,29 +240,27 @@ def upsample_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return masks.take(ri, axis=1).take(ci, axis=2)
 
 
-def _limit(masks: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
-    if len(masks) <= cfg.max_proposals:
-        return masks
-    keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(masks))[: cfg.max_proposals])
-    return masks[keep]
+def _count(cfg: SelectiveSearchConfig, limit: int | None) -> int:
+    """How many masks to build: `max_proposals`, or fewer when the caller scores fewer (`limit`)."""
+    return cfg.max_proposals if limit is None else min(cfg.max_proposals, int(limit))
 
 
-def low_res_proposals(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
-    """Proposal masks (P, h, w) bool at the search resolution (see `downscale`), no cache."""
+def low_res_proposals(image: np.ndarray, cfg: SelectiveSearchConfig, limit: int | None = None) -> np.ndarray:
+    """Proposal masks (P, h, w) bool at the search resolution (see `downscale`), in rank order, no cache.
+
+    At most `max_proposals` masks, and at most `limit` when given (the first ones: later ones would go unused).
+    """
     small = downscale(image, cfg.max_side)
-    masks = boxes_to_masks(superpixels(small, cfg), selective_search_boxes(small, cfg), cfg.min_inside)
-    return _limit(masks, cfg)
+    return boxes_to_masks(superpixels(small, cfg), selective_search_boxes(small, cfg), cfg.min_inside,
+                          limit=_count(cfg, limit))  # fmt: skip
 
 
-def cache_key(image: np.ndarray, cfg: ProposalConfig) -> str:
+def cache_key(image: np.ndarray, cfg: SelectiveSearchConfig, limit: int | None = None) -> str:
     """SHA-256 hex key of the image content and every option that changes the masks."""
     digest = hashlib.sha256()
-    meta = {
-        "format": _CACHE_FORMAT,
-        "opencv": cv2.__version__,
-        "shape": list(image.shape),
-        **cfg.key_fields(),
-    }
+    options = {k: v for k, v in asdict(cfg).items() if k != "max_proposals"}  # the count stands for it
+    meta = {"format": _CACHE_FORMAT, "opencv": cv2.__version__, "shape": list(image.shape), **options,
+            "count": _count(cfg, limit)}  # fmt: skip
     digest.update(json.dumps(meta, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(image).tobytes())
     return digest.hexdigest()
@@ -285,23 +299,31 @@ def _write_cache(path: Path, masks: np.ndarray, image_shape: tuple[int, ...]) ->
         raise
 
 
-def proposal_masks(image: np.ndarray, cfg: ProposalConfig | None = None) -> np.ndarray:
-    """Segment proposals (P, H, W) bool of an RGB uint8 image (H, W, 3); cached on disk with cfg.cache_dir."""
-    cfg = cfg or ProposalConfig()
+def proposal_masks(
+    image: np.ndarray,
+    cfg: SelectiveSearchConfig | None = None,
+    cache_dir: str | Path | None = None,
+    limit: int | None = None,
+) -> np.ndarray:
+    """Segment proposals (P, H, W) bool of an RGB uint8 image (H, W, 3), in rank order; cached in `cache_dir`.
+
+    `limit`: the caller uses only the first `limit` proposals, so no more are built.
+    """
+    cfg = cfg or SelectiveSearchConfig()
     _check_image(image)
-    if cfg.cache_dir is None:
-        return upsample_masks(low_res_proposals(image, cfg), image.shape[:2])
-    folder = Path(cfg.cache_dir).expanduser()
+    if cache_dir is None:
+        return upsample_masks(low_res_proposals(image, cfg, limit), image.shape[:2])
+    folder = Path(cache_dir).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"retrieval.cache_dir={cfg.cache_dir!r} cannot be created: {err.strerror or err}") from err
-    path = folder / f"{cache_key(image, cfg)}.npz"
+        raise ConfigError(f"retrieval.cache_dir={str(cache_dir)!r} cannot be created: {err.strerror or err}") from err
+    path = folder / f"{cache_key(image, cfg, limit)}.npz"
     masks = _read_cache(path, image.shape)
     if masks is None:
-        masks = low_res_proposals(image, cfg)
+        masks = low_res_proposals(image, cfg, limit)
         try:
             _write_cache(path, masks, image.shape)
         except OSError as err:
-            raise ConfigError(f"retrieval.cache_dir={cfg.cache_dir!r} is not writable: {err.strerror or err}") from err
+            raise ConfigError(f"retrieval.cache_dir={str(cache_dir)!r} is not writable: {err.strerror or err}") from err
     return upsample_masks(masks, image.shape[:2])

@@ -1,14 +1,17 @@
 """`python -m ranprm.evaluate (ckpt=PATH | predictions=FILE) [data=...]` (also `ranprm-evaluate`).
 
 Scores instances on the data's validation split (VOC: `ImageSets/Segmentation/val.txt`; the synthetic data's
-own): mAP^r at IoU 0.25/0.5/0.75, ABO, and, where a model ran, pointing accuracy and classification mAP.
+own) with the evaluators of `eval.metrics` under `eval.protocol` (default `voc`, chainercv's): mAP^r at IoU
+0.25/0.5/0.75, ABO, and, where a model ran, pointing accuracy (ours), the pointing game's mAP (PRM's) and
+classification mAP.
 
 - `ckpt=PATH` runs the model (its threshold/retrieval/prm settings unless given here, as in `ranprm-predict`;
   network input side `data.image_size`).
 - `predictions=FILE` scores a COCO-style results file as `ranprm-predict` writes it; no model runs. Pointing is
   reported only when the entries carry a `peak`.
 
-Writes `metrics.json` and `per_class.md` into `output` (default: the Hydra run folder) and prints a summary.
+Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` into `output` (default: the
+Hydra run folder) and prints a summary.
 """
 
 from __future__ import annotations
@@ -17,16 +20,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from ranprm.cli.config import hydra_main, report_user_errors, to_plain
 from ranprm.cli.inference import inference_settings, load_for_inference, resolve_device
 from ranprm.data.datamodule import DataConfig, VOCDataModule
-from ranprm.data.voc import image_path, read_instance_masks
+from ranprm.data.voc import image_path, read_annotation, read_instance_masks
 from ranprm.errors import ConfigError, DataError
-from ranprm.eval import GroundTruth, InstanceEvaluator, Peaks, per_class_table, read_results, summary
+from ranprm.eval import (
+    EvalConfig,
+    EvaluatorSuite,
+    eval_inputs,
+    ground_truth,
+    per_class_table,
+    prediction_from_instances,
+    read_results,
+    summary,
+)
 from ranprm.utils.io import write_json_atomic, write_text_atomic
 
 
@@ -50,7 +61,7 @@ def image_size_of(path: Path) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _evaluate_checkpoint(cfg: DictConfig, datamodule: VOCDataModule, evaluator: InstanceEvaluator) -> dict[str, Any]:
+def _evaluate_checkpoint(cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite) -> dict[str, Any]:
     module = load_for_inference(cfg, resolve_device(str(cfg.device)), datamodule.class_names)
     settings = inference_settings(module)
     _, val_ids = datamodule.split_ids()
@@ -70,18 +81,11 @@ def _evaluate_checkpoint(cfg: DictConfig, datamodule: VOCDataModule, evaluator: 
             [batch["orig_size"][i] for i in keep],
             [batch["raw_image"][i] for i in keep],
         )
-        targets = [batch["targets"][i] for i in keep]
-        evaluator.update(
-            [p.instances for p in predictions],
-            [GroundTruth(batch["image_id"][i], t.masks, t.labels, t.void) for i, t in zip(keep, targets, strict=True)],
-            peaks=[Peaks(yx=p.peaks[:, 1:], labels=p.peaks[:, 0].long()) for p in predictions],
-            class_scores=torch.stack([p.class_logits for p in predictions]),
-            class_targets=batch["labels"][keep],
-        )  # fmt: skip
+        evaluators.update(*eval_inputs(batch, datamodule.class_names, predictions=predictions, keep=keep))
     return {"mode": "ckpt", "ckpt": str(cfg.ckpt), "skipped_images": skipped, **settings}
 
 
-def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluator: InstanceEvaluator) -> dict[str, Any]:
+def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite) -> dict[str, Any]:
     root = datamodule.root
     _, val_ids = datamodule.split_ids()
     ids = _cap(val_ids, cfg.eval.max_images)
@@ -93,7 +97,9 @@ def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluator:
         if targets is None:
             skipped += 1
             continue
-        evaluator.update([entries.to_instances()], [GroundTruth(image_id, targets.masks, targets.labels, targets.void)])
+        objects = read_annotation(root / "Annotations" / f"{image_id}.xml", datamodule.class_names)
+        gt = ground_truth(image_id, sizes[image_id], datamodule.class_names, targets=targets, objects=objects)
+        evaluators.update([gt], [prediction_from_instances(entries.to_instances())])
     return {"mode": "predictions", "predictions": str(cfg.predictions), "skipped_images": skipped}
 
 
@@ -108,28 +114,27 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
     out_dir = Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output={str(out_dir)!r} is a file; give a folder")
+    eval_cfg = EvalConfig.from_config(to_plain(cfg.eval))  # a bad eval.* key fails before any data is read
     data_cfg = dict(to_plain(cfg.data))
     if cfg.get("predictions") is not None:
         data_cfg["num_workers"] = 0
     datamodule = VOCDataModule(DataConfig.from_config(data_cfg))
-    evaluator = InstanceEvaluator(
-        datamodule.class_names, pointing_tolerance=int(cfg.eval.get("pointing_tolerance") or 0)
-    )
+    evaluators = EvaluatorSuite(datamodule.class_names, eval_cfg)
     if cfg.get("ckpt") is not None:
-        info = _evaluate_checkpoint(cfg, datamodule, evaluator)
+        info = _evaluate_checkpoint(cfg, datamodule, evaluators)
     else:
-        info = _evaluate_predictions(cfg, datamodule, evaluator)
-    metrics = evaluator.compute()
+        info = _evaluate_predictions(cfg, datamodule, evaluators)
+    result = evaluators.compute()
     record = {
-        **metrics,
+        **result.to_record(),
         **info,
         "data": datamodule.cfg.name,
         "split": f"{datamodule.cfg.val_task}/{datamodule.cfg.val_split}",
         "wall_s": round(time.perf_counter() - started, 1),
     }
     write_json_atomic(out_dir / "metrics.json", record)
-    write_text_atomic(out_dir / "per_class.md", per_class_table(metrics))
-    print(summary(metrics))
+    write_text_atomic(out_dir / "per_class.md", per_class_table(result))
+    print(summary(result))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'per_class.md'}")
     return record
 

@@ -149,6 +149,8 @@ class PRMModule(L.LightningModule):
             return
         logits = self.class_logits(self(batch["image"]))
         self.log("val/loss", self.loss_fn(logits, batch["labels"]), prog_bar=True, batch_size=len(logits))
+        if self.eval_config is None:  # validation outside trainer.fit/validate, which call `setup`
+            self.build_evaluators()
         self.classification.update(*eval_inputs(batch, self.class_names, class_logits=logits.float()))
         if self._instance_eval_this_epoch():
             self._update_instance_metrics(batch)

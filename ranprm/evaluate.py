@@ -1,7 +1,9 @@
 """`python -m ranprm.evaluate (ckpt=PATH | predictions=FILE) [data=...]` (also `ranprm-evaluate`).
 
 Scores instances on the data's validation split (VOC: `ImageSets/Segmentation/val.txt`; the synthetic data's
-own): mAP^r at IoU 0.25/0.5/0.75, ABO, and, where a model ran, pointing accuracy and classification mAP.
+own) with the evaluators of `eval.metrics` under `eval.protocol` (default `voc`, chainercv's): mAP^r at IoU
+0.25/0.5/0.75, ABO, and, where a model ran, pointing accuracy (ours), the pointing game's mAP (PRM's) and
+classification mAP.
 
 - `ckpt=PATH` runs the model (its threshold/retrieval/prm settings unless given here, as in `ranprm-predict`;
   network input side `data.image_size`).
@@ -10,7 +12,8 @@ own): mAP^r at IoU 0.25/0.5/0.75, ABO, and, where a model ran, pointing accuracy
 - `predictions=FILE` scores a COCO-style results file as `ranprm-predict` writes it; no model runs. Pointing is
   reported only when the entries carry a `peak`.
 
-Writes `metrics.json` and `per_class.md` into `output` (default: the Hydra run folder) and prints a summary.
+Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` into `output` (default: the
+Hydra run folder) and prints a summary.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
@@ -31,9 +33,18 @@ from ranprm.cli.inference import inference_settings, load_for_inference, resolve
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.data.dataset import VOCDataset, collate
 from ranprm.data.transforms import build_transform
-from ranprm.data.voc import image_path, read_instance_masks, read_split
+from ranprm.data.voc import image_path, read_annotation, read_instance_masks, read_split
 from ranprm.errors import ConfigError, DataError
-from ranprm.eval import GroundTruth, InstanceEvaluator, Peaks, per_class_table, read_results, summary
+from ranprm.eval import (
+    EvalConfig,
+    EvaluatorSuite,
+    eval_inputs,
+    ground_truth,
+    per_class_table,
+    prediction_from_instances,
+    read_results,
+    summary,
+)
 from ranprm.lightning.loggers import log_evaluation
 from ranprm.lightning.module import PRMModule
 from ranprm.prm.thresholds import ClassCalibration
@@ -102,7 +113,7 @@ def calibrate_classes(cfg: DictConfig, module: PRMModule, datamodule: VOCDataMod
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def _evaluate_checkpoint(cfg: DictConfig, datamodule: VOCDataModule, evaluator: InstanceEvaluator) -> dict[str, Any]:
+def _evaluate_checkpoint(cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite) -> dict[str, Any]:
     module = load_for_inference(cfg, resolve_device(str(cfg.device)), datamodule.class_names)
     calibrate_classes(cfg, module, datamodule)
     settings = inference_settings(module)
@@ -123,18 +134,11 @@ def _evaluate_checkpoint(cfg: DictConfig, datamodule: VOCDataModule, evaluator: 
             [batch["orig_size"][i] for i in keep],
             [batch["raw_image"][i] for i in keep],
         )
-        targets = [batch["targets"][i] for i in keep]
-        evaluator.update(
-            [p.instances for p in predictions],
-            [GroundTruth(batch["image_id"][i], t.masks, t.labels, t.void) for i, t in zip(keep, targets, strict=True)],
-            peaks=[Peaks(yx=p.peaks[:, 1:], labels=p.peaks[:, 0].long()) for p in predictions],
-            class_scores=torch.stack([p.class_logits for p in predictions]),
-            class_targets=batch["labels"][keep],
-        )  # fmt: skip
+        evaluators.update(*eval_inputs(batch, datamodule.class_names, predictions=predictions, keep=keep))
     return {"mode": "ckpt", "ckpt": str(cfg.ckpt), "skipped_images": skipped, **settings}
 
 
-def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluator: InstanceEvaluator) -> dict[str, Any]:
+def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite) -> dict[str, Any]:
     root = datamodule.root
     _, val_ids = datamodule.split_ids()
     ids = _cap(val_ids, cfg.eval.max_images)
@@ -146,7 +150,9 @@ def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluator:
         if targets is None:
             skipped += 1
             continue
-        evaluator.update([entries.to_instances()], [GroundTruth(image_id, targets.masks, targets.labels, targets.void)])
+        objects = read_annotation(root / "Annotations" / f"{image_id}.xml", datamodule.class_names)
+        gt = ground_truth(image_id, sizes[image_id], datamodule.class_names, targets=targets, objects=objects)
+        evaluators.update([gt], [prediction_from_instances(entries.to_instances())])
     return {"mode": "predictions", "predictions": str(cfg.predictions), "skipped_images": skipped}
 
 
@@ -161,28 +167,27 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
     out_dir = Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output={str(out_dir)!r} is a file; give a folder")
+    eval_cfg = EvalConfig.from_config(to_plain(cfg.eval))  # a bad eval.* key fails before any data is read
     data_cfg = dict(to_plain(cfg.data))
     if cfg.get("predictions") is not None:
         data_cfg["num_workers"] = 0
     datamodule = VOCDataModule(DataConfig.from_config(data_cfg))
-    evaluator = InstanceEvaluator(
-        datamodule.class_names, pointing_tolerance=int(cfg.eval.get("pointing_tolerance") or 0)
-    )
+    evaluators = EvaluatorSuite(datamodule.class_names, eval_cfg)
     if cfg.get("ckpt") is not None:
-        info = _evaluate_checkpoint(cfg, datamodule, evaluator)
+        info = _evaluate_checkpoint(cfg, datamodule, evaluators)
     else:
-        info = _evaluate_predictions(cfg, datamodule, evaluator)
-    metrics = evaluator.compute()
+        info = _evaluate_predictions(cfg, datamodule, evaluators)
+    result = evaluators.compute()
     record = {
-        **metrics,
+        **result.to_record(),
         **info,
         "data": datamodule.cfg.name,
         "split": f"{datamodule.cfg.val_task}/{datamodule.cfg.val_split}",
         "wall_s": round(time.perf_counter() - started, 1),
     }
     write_json_atomic(out_dir / "metrics.json", record)
-    write_text_atomic(out_dir / "per_class.md", per_class_table(metrics))
-    print(summary(metrics))
+    write_text_atomic(out_dir / "per_class.md", per_class_table(result))
+    print(summary(result))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'per_class.md'}")
     if cfg.logger.name != "none":  # logger=wandb (or csv, tensorboard): the metrics and per-class table there too
         log_evaluation(to_plain(cfg.logger), out_dir, record, run_config=cfg, identity=run_identity_of(cfg))

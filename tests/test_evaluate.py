@@ -13,7 +13,7 @@ import pytest
 from ranprm.cli.config import compose
 from ranprm.data.voc import read_instance_masks, read_split
 from ranprm.errors import ConfigError, PredictionsError
-from ranprm.eval import encode_mask, write_results
+from ranprm.eval import decode_rle, encode_mask, write_results
 from ranprm.evaluate import evaluate, image_size_of
 from tests.helpers import CLASSES
 from tests.test_predict import EVERYTHING, tiny_model  # noqa: F401  (the module-scoped fixture)
@@ -44,9 +44,45 @@ def test_ground_truth_as_predictions_scores_one(voc_root, tmp_path):
         assert metrics[key] == pytest.approx(1.0)
     written = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert written["map_r_50"] == pytest.approx(1.0) and written["mode"] == "predictions"
+    assert written["protocol"] == "voc"  # the default
     assert set(written["per_class"]) == set(CLASSES)
-    assert "cls_map" not in written
-    assert "| square |" in (tmp_path / "o" / "per_class.md").read_text()
+    # a results file has no class scores: no classification mAP, no pointing game; no `peak`: no pointing either
+    assert "cls_map" not in written and "pointing_map" not in written and "pointing_accuracy" not in written
+    assert written["metric_names"] == ["map_r_25", "map_r_50", "map_r_75", "abo"]
+    table = (tmp_path / "o" / "per_class.md").read_text()
+    assert "| square |" in table and "protocol voc" in table
+
+
+def _spilled_results(voc: Path) -> list[dict]:
+    """Every GT mask grown by one pixel: exactly into the 1-px void band the test data draws around objects."""
+    entries = _gt_results(voc)
+    for entry in entries:
+        m = decode_rle(entry["segmentation"])
+        grown = m.clone()
+        grown[1:] |= m[:-1]
+        grown[:-1] |= m[1:]
+        grown[:, 1:] |= m[:, :-1]
+        grown[:, :-1] |= m[:, 1:]
+        entry["segmentation"] = encode_mask(grown)
+    return entries
+
+
+def test_void_spill_costs_under_voc_and_not_under_coco(voc_root, tmp_path):
+    write_results(tmp_path / "spill.json", _spilled_results(voc_root))
+    abo = {}
+    for protocol in ("voc", "coco"):
+        out = tmp_path / protocol
+        cfg = compose("evaluate", [*_data(voc_root), f"predictions={tmp_path / 'spill.json'}", f"output={out}",
+                                   f"eval.protocol={protocol}"])  # fmt: skip
+        metrics = evaluate(cfg)
+        assert json.loads((out / "metrics.json").read_text())["protocol"] == protocol
+        assert f"protocol {protocol}" in (out / "per_class.md").read_text()
+        abo[protocol] = metrics["abo"]
+        assert metrics["map_r_50"] == pytest.approx(1.0)  # still above 0.5 either way
+    # coco removes the band from the predictions again: perfect; voc counts it in the union
+    assert abo["coco"] == pytest.approx(1.0) and abo["voc"] < 0.9
+    coco = json.loads((tmp_path / "coco" / "metrics.json").read_text())
+    assert "map_r_50_95" in coco and "map_r_50_95" in coco["metric_names"]
 
 
 def test_empty_predictions_give_zeros(voc_root, tmp_path):
@@ -62,9 +98,11 @@ def test_checkpoint_mode_writes_metrics(tiny_model, tmp_path):  # noqa: F811
     cfg = compose("evaluate", [*_data(voc), f"ckpt={ckpt}", f"output={out}", "eval.max_images=2", *EVERYTHING])
     evaluate(cfg)
     written = json.loads((out / "metrics.json").read_text())
-    for key in (*KEYS, "pointing_accuracy", "cls_map", "per_class"):
+    for key in (*KEYS, "pointing_accuracy", "pointing_map", "cls_map", "per_class", "protocol", "metric_names"):
         assert key in written, key
     assert written["num_images"] == 2
+    assert set(written["metric_names"]) == {*KEYS, "pointing_accuracy", "pointing_recall", "pointing_map", "cls_map"}
+    assert {"ap_50", "cls_ap", "pointing_ap", "n_gt"} <= set(written["per_class"]["square"])
     assert written["threshold"]["name"] == "fixed"  # the command line's group replaced the checkpoint's
     assert (out / "per_class.md").is_file()
 

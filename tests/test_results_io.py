@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ranprm.errors import PredictionsError
-from ranprm.eval.metrics import GroundTruth, InstanceEvaluator
+from ranprm.eval import EvalConfig, EvaluatorSuite, GroundTruth, InstanceMasks, prediction_from_instances
 from ranprm.eval.results_io import (
     decode_rle,
     encode_mask,
@@ -95,15 +95,17 @@ def test_ground_truth_through_a_results_file_scores_one(tmp_path):
         inst = random_instances(size, 2, seed=10 + k)
         inst.masks[0, :3] = True  # no empty GT mask
         inst.masks[1, -3:] = True
-        gts.append(GroundTruth(image_id, inst.masks, inst.labels, torch.zeros(size, dtype=torch.bool)))
+        void = torch.zeros(size, dtype=torch.bool)
+        gts.append(GroundTruth(image_id, size, InstanceMasks(inst.masks, inst.labels, void)))
         results += instances_to_results(image_id, inst, CLASSES)
     path = write_results(tmp_path / "gt.json", results)
     read = read_results(path, CLASSES, SIZES)
-    ev = InstanceEvaluator(CLASSES)
-    for g in gts:
-        ev.update([read[g.image_id].to_instances()], [g])
-    result = ev.compute()
-    assert [result[k] for k in ("map_r_25", "map_r_50", "map_r_75", "abo")] == pytest.approx([1.0] * 4)
+    for protocol in ("voc", "coco"):
+        suite = EvaluatorSuite(CLASSES, EvalConfig(protocol=protocol))
+        for g in gts:
+            suite.update([g], [prediction_from_instances(read[g.image_id].to_instances())])
+        result = suite.compute().to_record()
+        assert [result[k] for k in ("map_r_25", "map_r_50", "map_r_75", "abo")] == pytest.approx([1.0] * 4)
 
 
 def _good_entries() -> list[dict]:

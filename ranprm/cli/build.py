@@ -137,6 +137,7 @@ def build_module(cfg: DictConfig, class_names: tuple[str, ...]) -> PRMModule:
         compile=bool(cfg.get("compile", False)),
     )
     module.inference_config()  # a bad threshold or prm setting fails now, not at the last epoch's evaluation
+    module.build_evaluators()  # and so does a bad eval.* key
     return module
 
 

@@ -2,7 +2,8 @@
 
 `SweepSummary` is a Hydra callback (registered in `conf/hydra/default.yaml`). When a multirun ends it reads every
 job folder under the sweep folder and writes `summary.csv` and `summary.md`: one row per job with its overrides,
-its status (ok | failed | missing) and its final metrics. A job that raised has a `failed.json` instead of a
+its status (ok | failed | missing) and its final metrics (the instance metrics under the names the job's evaluators
+gave them, recorded in its metrics.json). A job that raised has a `failed.json` instead of a
 `metrics.json` (see `record_failure`); a job with neither (killed, still running) is `missing`.
 """
 
@@ -27,7 +28,6 @@ T = TypeVar("T")
 
 FAILED_FILE = "failed.json"
 METRICS_FILE = "metrics.json"
-INSTANCE_KEYS = ("map_r_25", "map_r_50", "map_r_75", "abo", "pointing_accuracy")
 
 
 def record_failure(job_dir: Path, err: BaseException, overrides: list[str] | None = None) -> Path:
@@ -86,6 +86,16 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(found, key=order)
 
 
+def instance_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of a `metrics.json` instance record, named by the evaluators that made it (`metric_names`).
+
+    A record written before `metric_names` existed gives its top-level numbers other than counts."""
+    names = record.get("metric_names")
+    if names is None:
+        names = [k for k, v in record.items() if isinstance(v, int | float) and not k.startswith("num_")]
+    return {name: record[name] for name in names if name in record}
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4f}"
@@ -110,8 +120,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             row["wall_s"] = summary.get("wall_s")
             row["global_step"] = summary.get("global_step")
             row.update(summary.get("metrics", {}))
-            instance = summary.get("instance_metrics") or {}
-            row.update({f"instance/{k}": instance[k] for k in INSTANCE_KEYS if k in instance})
+            row.update({f"instance/{k}": v for k, v in instance_metrics(summary.get("instance_metrics") or {}).items()})
         elif failed_path.is_file():
             failure = json.loads(failed_path.read_text())
             row["status"] = "failed"

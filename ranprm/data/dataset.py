@@ -27,7 +27,7 @@ Sample = dict[str, Any]
 
 
 class VOCDataset(Dataset[Sample | None]):
-    """Samples `{"image", "labels", "image_id", "orig_size", "targets"}`.
+    """Samples `{"image", "labels", "image_id", "orig_size", "targets", "objects"}`.
 
     `image` is the transformed float tensor (3, S, S); `targets` holds GT instances at the *original* size (None
     when not asked for or when the image has no segmentation), because instance metrics are computed at the
@@ -51,13 +51,9 @@ class VOCDataset(Dataset[Sample | None]):
         self.transform = transform
         self.with_instances = with_instances
         self.skip_bad_images = skip_bad_images
-        self.labels = torch.stack(
-            [
-                image_labels(read_annotation(root / "Annotations" / f"{i}.xml", class_names), class_names,
-                             difficult_as_positive)
-                for i in ids
-            ]
-        )  # fmt: skip
+        # The parsed objects are kept: evaluation reads their boxes (the pointing game) without parsing again.
+        self.objects = [read_annotation(root / "Annotations" / f"{i}.xml", class_names) for i in ids]
+        self.labels = torch.stack([image_labels(o, class_names, difficult_as_positive) for o in self.objects])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -83,6 +79,7 @@ class VOCDataset(Dataset[Sample | None]):
             "image_id": image_id,
             "orig_size": orig_size,
             "targets": targets,
+            "objects": self.objects[index] if self.with_instances else None,  # boxes for evaluation
         }
 
 
@@ -94,6 +91,6 @@ def collate(samples: list[Sample | None]) -> dict[str, Any]:
         return batch
     batch["image"] = torch.stack([s["image"] for s in kept])
     batch["labels"] = torch.stack([s["labels"] for s in kept])
-    for key in ("image_id", "orig_size", "targets", "raw_image"):
+    for key in ("image_id", "orig_size", "targets", "raw_image", "objects"):
         batch[key] = [s[key] for s in kept]
     return batch

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import defusedxml.ElementTree as SafeET
 import numpy as np
@@ -68,8 +69,11 @@ def read_split(root: Path, task: str, split: str) -> list[str]:
     return ids
 
 
-@dataclass(frozen=True)
-class ObjectAnnotation:
+class ObjectAnnotation(NamedTuple):
+    """One `<object>` of an annotation. A NamedTuple (immutable) rather than a frozen dataclass: it travels in
+    validation batches, and Lightning's device transfer rebuilds dataclasses field by field, which a frozen one
+    refuses."""
+
     name: str
     difficult: bool
     box: tuple[int, int, int, int]  # xmin, ymin, xmax, ymax (1-based, inclusive, as VOC writes them)

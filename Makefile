@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 ARGS ?=
-EXTRAS := dev,sweep,tensorboard
+EXTRAS := dev,sweep,tensorboard,weights
 # The exact versions installed (constraints.txt); pyproject.toml only has the ranges users' installs accept.
 CONSTRAINTS := constraints.txt
 LOCK_VENV := .lock-venv

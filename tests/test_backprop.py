@@ -228,7 +228,7 @@ def _snapshot(model: nn.Module) -> tuple[Tensor, Tensor]:
 
 def _assert_unpatched(model: nn.Module) -> None:
     for module in model.modules():
-        assert "_conv_forward" not in module.__dict__ and "forward" not in module.__dict__
+        assert not module._forward_pre_hooks and not module._forward_hooks and not module.__dict__.get("forward")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -244,8 +244,7 @@ def test_patching_is_undone_after_an_exception(mode: str) -> None:
 
     with pytest.raises(RuntimeError, match="boom"), peak_backprop(model, mode):
         assert not any(m.training for m in model.modules())
-        if mode == "probability":
-            assert all("_conv_forward" in m.__dict__ for m in model.modules() if isinstance(m, nn.Conv2d))
+        assert all(m._forward_pre_hooks for m in model.modules())  # the scope tracks which layer runs
         raise RuntimeError("boom")
 
     _assert_unpatched(model)
@@ -307,3 +306,134 @@ def test_bad_arguments() -> None:
         peak_response_maps(model, images, torch.tensor([[0, 0, 0]]))
     with pytest.raises(ValueError, match="chunk_size"):
         peak_response_maps(model, images, torch.tensor([[0, 0, 0, 0]]), chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Every convolution a trunk runs: layers that call F.conv2d themselves, TF "SAME" padding, refused ops
+
+
+class _PadThenConv(nn.Conv2d):
+    """timm's `Conv2dSame` pattern: TF "SAME" zero padding (the odd pixel at the end) by `F.pad`, then `F.conv2d`
+    with no padding, bypassing `nn.Conv2d`'s own call."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for n, k, s in (
+            (x.shape[-1], self.kernel_size[1], self.stride[1]),
+            (x.shape[-2], self.kernel_size[0], self.stride[0]),
+        ):
+            total = max((-(-n // s) - 1) * s + k - n, 0)
+            pads += [total // 2, total - total // 2]
+        return nn.functional.conv2d(nn.functional.pad(x, pads), self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+
+class _StaticPadConv(nn.Module):
+    """`efficientnet_pytorch`'s static-padding pattern: an `nn.ZeroPad2d` module, then `F.conv2d`."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, pads: tuple[int, int, int, int], groups: int = 1):
+        super().__init__()
+        self.static_padding = nn.ZeroPad2d(pads)
+        self.weight = nn.Parameter(torch.randn(cout, cin // groups, k, k) * 0.5)
+        self.stride, self.groups = stride, groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.conv2d(self.static_padding(x), self.weight, None, self.stride, 0, 1, self.groups)
+
+
+def _functional_conv_model() -> nn.Module:
+    torch.manual_seed(11)
+    return nn.Sequential(
+        _PadThenConv(3, 8, 3, stride=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        _StaticPadConv(8, 8, 5, 2, (1, 2, 1, 2), groups=8),  # depthwise, stride 2, asymmetric
+        nn.ReLU(),
+        _PadThenConv(8, 4, 1),
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batched_equals_looped_on_layers_that_call_conv2d_themselves(mode: str) -> None:
+    model = _functional_conv_model()
+    images = torch.randn(2, 3, 21, 26)
+    peaks = torch.tensor([[0, 0, 0, 0], [0, 3, 4, 5], [1, 1, 2, 3], [1, 2, 4, 0]])  # on the 5x6 grid
+    batched = peak_response_maps(model, images, peaks, mode=mode)
+    looped = peak_response_maps_looped(model, images, peaks, mode=mode)
+    assert _max_diff(batched, looped) < 1e-5
+    with torch.no_grad():  # the forward is the model's own
+        plain = model.eval()(images)
+        with peak_backprop(model, mode):
+            torch.testing.assert_close(model(images), plain, rtol=0, atol=0)
+
+
+def test_a_zero_pad_before_a_conv_counts_as_that_convs_padding() -> None:
+    """With an odd kernel at stride 1, TF "SAME" is symmetric: a pad-then-conv layer must give exactly the PRM of an
+    `nn.Conv2d(padding=1)` with the same weights. Had the rule seen the pad as part of the input, the padded zeros
+    would count in `m` and in Z (their shifted value is -m > 0 for an input with negative values)."""
+    torch.manual_seed(2)
+    same = _PadThenConv(3, 2, 3)
+    plain = nn.Conv2d(3, 2, 3, padding=1)
+    plain.load_state_dict(same.state_dict())
+    images = torch.randn(1, 3, 9, 9)  # negative values: m < 0
+    peaks = torch.tensor([[0, 0, 0, 0], [0, 1, 8, 4]])
+    for fn in (peak_response_maps, peak_response_maps_looped):
+        torch.testing.assert_close(fn(same, images, peaks), fn(plain, images, peaks), rtol=0, atol=1e-6)
+
+
+def test_a_convolution_the_rule_does_not_cover_is_refused_naming_the_layer() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(4, 2, 2, stride=2))
+    images, peaks = torch.randn(1, 3, 8, 8), torch.tensor([[0, 1, 3, 3]])
+    for fn in (peak_response_maps, peak_response_maps_looped):
+        with pytest.raises(ConfigError, match=r"layer '1' runs conv_transpose2d, which PRM's rule does not cover"):
+            fn(model, images, peaks, mode="probability")
+        _assert_unpatched(model)
+    gradient = peak_response_maps(model, images, peaks, mode="gradient")  # the plain gradient needs no rule
+    assert _max_diff(gradient, peak_response_maps_looped(model, images, peaks, mode="gradient")) < 1e-5
+
+
+def test_calls_outside_the_model_are_not_intercepted() -> None:
+    """Inside `peak_backprop`, the caller's own convolutions keep their ordinary gradient."""
+    model = nn.Conv2d(3, 2, 1)
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    blur = torch.ones(3, 1, 3, 3) / 9
+    with peak_backprop(model, "probability"):
+        y = nn.functional.conv2d(x, blur, padding=1, groups=3)  # not the model's: plain autograd
+        (grad,) = torch.autograd.grad(y.sum(), x)
+    (expected,) = torch.autograd.grad(nn.functional.conv2d(x, blur, padding=1, groups=3).sum(), x)
+    assert torch.equal(grad, expected)
+
+
+def test_bf16_strided_depthwise_backward_runs_in_fp32_and_matches() -> None:
+    """The fp32 detour for strided grouped layers in bf16 gives the bf16 kernel's answer (to bf16 precision)."""
+    from ranprm.prm.backprop import _input_gradient
+
+    torch.manual_seed(4)
+    grad, weight = torch.randn(2, 8, 5, 5), torch.rand(8, 1, 3, 3)
+    call = ((2, 2), (1, 1), (1, 1), 8)
+    exact = _input_gradient(grad, weight, call, (0, 0), None)
+    fast = _input_gradient(grad.bfloat16(), weight.bfloat16(), call, (0, 0), None)
+    direct = nn.functional.conv_transpose2d(grad.bfloat16(), weight.bfloat16(), None, 2, 1, 0, 8)
+    assert fast.dtype == torch.bfloat16 and fast.shape == exact.shape == (2, 8, 9, 9)
+    torch.testing.assert_close(fast.float(), exact, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fast.float(), direct.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backbone", "options", "mode"),
+    [
+        ("efficientnet_lite0", {}, "probability"),  # timm tf_: Conv2dSame, depthwise, BatchNormAct2d, ReLU6
+        ("efficientnet_lite0", {}, "gradient"),
+        ("efficientnet_lite0", {"attention": [8, 16], "attention_init": "ran"}, "probability"),
+        ("timm", {"model": "resnet18"}, "probability"),
+        ("resnet50", {"output_stride": 16, "attention": [16]}, "probability"),
+    ],
+)
+def test_batched_equals_looped_on_every_family(backbone: str, options: dict, mode: str) -> None:
+    pytest.importorskip("timm")
+    model = _crm_model(backbone, num_classes=4, **options)
+    images = torch.randn(2, 3, 64, 64)
+    peaks = torch.tensor([[0, 0, 0, 1], [0, 3, 1, 1], [1, 2, 1, 0], [1, 1, 0, 0]])
+    batched = peak_response_maps(model, images, peaks, mode=mode, chunk_size=4)
+    looped = peak_response_maps_looped(model, images, peaks, mode=mode)
+    assert _max_diff(batched, looped) < 1e-5

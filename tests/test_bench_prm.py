@@ -18,6 +18,9 @@ EXPECTED_KEYS = {
     "max_abs_diff",
     "device",
     "size",
+    "forward_s",
+    "per_peak_vs_forward",
+    "precision",
 }
 
 
@@ -54,3 +57,17 @@ def test_bad_options_exit_with_a_usage_error(capsys: pytest.CaptureFixture[str])
             bench.main(argv)
         assert info.value.code == 2
     assert "--modes" in capsys.readouterr().err
+
+
+def test_backbone_specs_carry_options_and_lists_survive_the_comma_split(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.parse_backbone_spec("timm/model=resnet18/output_stride=16") == (
+        "timm",
+        {"model": "resnet18", "output_stride": 16},
+    )
+    spec = bench.parse_backbone_spec("efficientnet_lite0/attention=[8,16]")
+    assert spec == ("efficientnet_lite0", {"attention": [8, 16]})
+    bench.main(["--quick", "--size", "32", "--backbones", "tiny/width=4,tiny/num_stages=2", "--peaks", "2",
+                "--modes", "gradient"])  # fmt: skip
+    rows = _rows(capsys.readouterr().out)
+    assert [r["backbone"] for r in rows] == ["tiny/width=4", "tiny/num_stages=2"]
+    assert all(r["forward_s"] > 0 and r["per_peak_vs_forward"] > 0 for r in rows)

@@ -10,11 +10,11 @@ import torch
 from omegaconf import OmegaConf
 
 import ranprm.models.backbones  # noqa: F401  (registers the backbones)
+from ranprm.cli.config import compose
 from ranprm.errors import CheckpointError, ConfigError, DataError
 from ranprm.models.backbones.ran import AttentionModule, ResidualAttentionNet
 from ranprm.models.registry import available_backbones, build_backbone
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 TINY = {"width": 8, "modules_per_stage": (1, 1, 1)}  # same graph, 256 output channels, ~0.5M parameters
 
 
@@ -132,10 +132,10 @@ def test_inputs_below_32_px_raise_a_one_line_data_error() -> None:
     assert "\n" not in str(info.value)
 
 
-def test_registry_and_yaml_defaults_build_the_real_architectures() -> None:
+def test_registry_and_composed_defaults_build_the_real_architectures() -> None:
     assert {"ran", "ran92"} <= set(available_backbones())
     for name, modules in (("ran", (1, 1, 1)), ("ran92", (1, 2, 3))):
-        cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
+        cfg = OmegaConf.to_container(compose("train", [f"backbone={name}"]).backbone)
         assert isinstance(cfg, dict)
         with torch.device("meta"):
             net = build_backbone(cfg.pop("name"), **cfg)
@@ -146,7 +146,7 @@ def test_registry_and_yaml_defaults_build_the_real_architectures() -> None:
 
 
 def test_bad_options_raise_one_line_errors() -> None:
-    with pytest.raises(CheckpointError, match="no public ImageNet weights"):
+    with pytest.raises(CheckpointError, match="backbone 'ran' has no ImageNet weights"):
         build_backbone("ran", pretrained="imagenet")
     with pytest.raises(ConfigError, match="modules_per_stage"):
         build_backbone("ran", width=8, modules_per_stage=(1, 1))

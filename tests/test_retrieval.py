@@ -124,7 +124,7 @@ def test_official_background_cuts_at_min_plus_factor_of_the_range_not_at_factor_
     classes = torch.tensor([0, 0])  # two peaks of the same class share one map
     official = background_masks(crm, classes, (2, 2), 0.95, "official")
     assert official.tolist() == [[[True, False], [False, False]]] * 2
-    # REFERENCE.md's equivalent on the raw map: min + 0.95 * (mean - min) = -10 + 0.95 * 3 = -7.15.
+    # docs/method.md's equivalent on the raw map: min + 0.95 * (mean - min) = -10 + 0.95 * 3 = -7.15.
     assert (crm < -7.15).tolist() == official[:1].tolist()
     # The raw rule: mean -7, cut -6.65, so -6.8 and -6.7 count as background too.
     assert background_masks(crm, classes[:1], (2, 2), 0.95, "bilinear").tolist() == [[[True, True], [True, False]]]

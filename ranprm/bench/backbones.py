@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 
 from ranprm.bench.common import PeakMemory, check_device_and_backbones, int_list, median_seconds, run_isolated
 from ranprm.bench.common import machine as bench_machine
+from ranprm.bench.prm import parse_backbone_spec
 
 MODES = ("fwd", "fwdbwd")
 _QUICK_DEFAULTS = {"sizes": "64", "batch": 2, "repeats": 1, "warmup": 1}
@@ -47,7 +49,11 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m ranprm.bench backbones",
         description="Forward and forward+backward time and peak memory of backbones, one JSON line a case.",
     )
-    parser.add_argument("--backbones", default="ran,ran92,resnet50", help="comma-separated registry names")
+    parser.add_argument(
+        "--backbones",
+        default="ran,ran92,resnet50",
+        help="comma-separated registry names, with options as name/key=value (timm/model=resnet18)",
+    )
     parser.add_argument("--sizes", default=None, help="comma-separated square image sides (default 448,160)")
     parser.add_argument("--batch", type=int, default=None, help="images per batch (default 8)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per mode; the median is kept (3)")
@@ -66,12 +72,12 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.sizes = int_list(args.sizes, "--sizes", parser)
-    args.backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    args.backbones = [b.strip() for b in re.split(r",(?![^\[]*\])", args.backbones) if b.strip()]
     if not args.sizes or not args.backbones:
         parser.error("give at least one size and one backbone")
     if min(args.batch, args.repeats) < 1 or args.warmup < 0:
         parser.error("--batch and --repeats must be >= 1 and --warmup >= 0")
-    check_device_and_backbones(parser, args.device, args.backbones)
+    check_device_and_backbones(parser, args.device, [parse_backbone_spec(b)[0] for b in args.backbones])
     return args
 
 
@@ -82,7 +88,8 @@ def measure(backbone: str, size: int, batch: int, mode: str, device: str, repeat
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = build_backbone(backbone).to(dev)
+    name, options = parse_backbone_spec(backbone)
+    model = build_backbone(name, **options).to(dev)
     images = torch.randn(batch, 3, size, size, device=dev)
     params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
 

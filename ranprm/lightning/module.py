@@ -310,15 +310,21 @@ class PRMModule(L.LightningModule):
         self._peaks_over_cap = 0
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """The configured optimizer over two groups (backbone at `lr * backbone_lr_mult`, classifier at `lr`)."""
+        """The configured optimizer over two groups: the backbone's trunk at `lr * backbone_lr_mult` (PRM's recipe
+        fine-tunes an ImageNet trunk at 0.01x) and the new layers at `lr`: the classifier and whatever the backbone
+        adds on top of its trunk (`added_modules()`: attention branches on a pretrained trunk)."""
         cfg = dict(self.hparams.optimizer)
         name = cfg.pop("name")
         mult = float(cfg.pop("backbone_lr_mult", 1.0))
         cfg.pop("scheduler", None)
         lr = float(cfg["lr"])
+        added = getattr(self.model.backbone, "added_modules", None)
+        new = {id(p) for m in (added() if added else []) for p in m.parameters()}
+        trunk = [p for p in self.model.backbone.parameters() if id(p) not in new]
+        fresh = [p for p in self.model.backbone.parameters() if id(p) in new]
         groups = [
-            {"params": self.model.backbone.parameters(), "lr": lr * mult},
-            {"params": self.model.classifier.parameters(), "lr": lr},
+            {"params": trunk, "lr": lr * mult},
+            {"params": [*fresh, *self.model.classifier.parameters()], "lr": lr},
         ]
         optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         if name not in optimizers:

@@ -33,13 +33,16 @@ which has no batching rule for convolution or max-pool backward and silently loo
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ranprm.errors import ConfigError
 from ranprm.prm.peaks import upsample_crm
@@ -50,9 +53,6 @@ Z_EPS = 1e-10  # the official threshold under which a normaliser counts as zero
 # An image joins a group (one shared forward and backward) while the padded slots stay under this share of the
 # useful ones: a group's backward runs (its largest peak count) x (its images) passes, padding included.
 _GROUP_SLACK = 1.25
-
-ConvForward = Callable[[nn.Conv2d, Tensor, Tensor, Tensor | None], Tensor]
-
 
 # `prm.precision`: the dtype peak backprop runs in (see `peak_response_maps`' `dtype`).
 PRM_PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,40 +73,153 @@ def check_mode(mode: str) -> PRMMode:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Convolution geometry shared by both implementations
+# A convolution call, as the rule sees it (shared by both implementations)
 
 
-def _same_padding(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
-    """Symmetric padding (ph, pw) for `padding='same'`, plus an explicit (left, right, top, bottom) pre-pad
-    when an even effective kernel needs one more row/column at the end (where `F.conv2d` puts it)."""
-    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-    sym = (totals[0] // 2, totals[1] // 2)
-    if all(t % 2 == 0 for t in totals):
-        return sym, None
-    # F.pad's order is last dimension first: (left, right, top, bottom).
-    extra = (0, totals[1] % 2, 0, totals[0] % 2)
-    return sym, extra
+@dataclass(frozen=True)
+class _ConvCall:
+    """One `F.conv2d` call with its zero padding made explicit: the convolution computes
+    `conv2d(F.pad(x, pre_pad), weight, bias, stride, padding, dilation, groups)`.
 
-
-def _geometry(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, int], tuple[int, int, int, int] | None]:
-    """The conv's input after any non-zero padding mode, its zero padding (ph, pw), an optional zero pre-pad.
-
-    Non-zero padding modes (reflect, replicate, circular) are applied outside the rule, as `nn.Conv2d` does:
-    their values copy x's, so `m` is unchanged, and autograd routes their gradient back to the copied pixels.
+    `padding` is symmetric (ph, pw); `pre_pad` (left, right, top, bottom) holds what is not: the extra row/column
+    of an even kernel's `padding="same"`, and a constant-zero `F.pad` applied to the input just before the call
+    (TensorFlow's "SAME" in timm's `Conv2dSame` and `efficientnet_pytorch`'s static-padding convolutions). Both
+    kinds are the convolution's own zero padding, which PRM's rule puts in shifted space (`conv(x - m, W+,
+    padding)`): so a TF-"SAME" convolution gets the rule of an `nn.Conv2d` with the same padding.
     """
-    if conv.padding_mode != "zeros":
-        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0), None
-    if conv.padding == "valid":
-        return x, (0, 0), None
-    if conv.padding == "same":
-        padding, extra = _same_padding(conv)
-        return x, padding, extra
-    ph, pw = conv.padding  # type: ignore[misc]
-    return x, (int(ph), int(pw)), None
+
+    x: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    pre_pad: tuple[int, int, int, int] | None
+
+
+def _bind(names: tuple[str, ...], defaults: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict:
+    """A functional op's arguments by name (positional `args` in the order of `names`), defaults filled in."""
+    return {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    values = tuple(int(v) for v in value)
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def _same_padding(kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """Symmetric padding (ph, pw) for `padding='same'`, plus the (left, right, top, bottom) rest that an even
+    effective kernel puts at the end (where `F.conv2d` puts it)."""
+    totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+    return (totals[0] // 2, totals[1] // 2), (0, totals[1] % 2, 0, totals[0] % 2)
+
+
+def _conv_call(args: tuple[Any, ...], kwargs: dict[str, Any], zero_padded: Callable[[Tensor], Any]) -> _ConvCall:
+    """Bind `F.conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)`'s arguments.
+    `zero_padded(x)`: the (unpadded input, pad) pair when `x` came from a constant-zero `F.pad`, else None."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = _bind(names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}, args, kwargs)
+    x, weight = bound["input"], bound["weight"]
+    stride, dilation = _pair(bound["stride"]), _pair(bound["dilation"])
+    padding = bound["padding"]
+    rest: tuple[int, ...] = (0, 0, 0, 0)
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":
+        padding, rest = _same_padding(tuple(weight.shape[-2:]), dilation)  # type: ignore[arg-type]
+    else:
+        padding = _pair(padding)
+    found = zero_padded(x)
+    if found is not None:
+        x, outer = found
+        rest = tuple(a + b for a, b in zip(rest, outer, strict=True))
+    pre_pad = rest if any(rest) else None
+    return _ConvCall(x, weight, bias=bound["bias"], stride=stride, padding=padding, dilation=dilation,
+                     groups=int(bound["groups"]), pre_pad=pre_pad)  # type: ignore[arg-type]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Batched path: the rule as one autograd Function whose backward is vmap-friendly
+
+
+def _output_padding(
+    in_hw: Sequence[int], out_hw: Sequence[int], kernel: Sequence[int], call: tuple[Any, ...]
+) -> tuple[int, int]:
+    """The rows/columns a strided convolution dropped, which `conv_transpose2d` must add back to give the input's
+    (padded) size `in_hw`. `call`: (stride, padding, dilation, groups)."""
+    stride, padding, dilation, _ = call
+    return tuple(  # type: ignore[return-value]
+        in_hw[i] - ((out_hw[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1) for i in range(2)
+    )
+
+
+def _input_gradient(
+    grad: Tensor, weight: Tensor, call: tuple[Any, ...], output_padding: tuple[int, int], pre_pad: Any
+) -> Tensor:
+    """A convolution's transposed application to `grad` (its input gradient for `weight`), cropped to the input
+    before `pre_pad`. `call`: (stride, padding, dilation, groups).
+
+    Grouped (depthwise) convolutions with a stride run it in fp32 when `grad` is bf16 on a CPU: oneDNN has no
+    fast bf16 kernel for them, and the bf16 call took 3-9x as long as casting to fp32 and back (EfficientNet-Lite0's
+    stride-2 depthwise layers, BENCHMARKS.md "Peak backpropagation on every family"); stride-1 grouped and dense
+    layers are faster in bf16 and keep it.
+    """
+    stride, padding, dilation, groups = call
+    if grad.dtype == torch.bfloat16 and groups > 1 and max(stride) > 1 and grad.device.type == "cpu":
+        spread = F.conv_transpose2d(grad.float(), weight.float(), None, stride, padding, output_padding, groups,
+                                    dilation).to(grad.dtype)  # fmt: skip
+    else:
+        spread = F.conv_transpose2d(grad, weight, None, stride, padding, output_padding, groups, dilation)
+    if pre_pad is not None:
+        left, right, top, bottom = pre_pad
+        spread = spread[..., top : spread.shape[-2] - bottom, left : spread.shape[-1] - right]
+    return spread
+
+
+class _GradientConv2d(torch.autograd.Function):
+    """`conv2d(F.pad(x, pre_pad), W, b)` forward; the plain input gradient as backward (never W's or b's), through
+    `_input_gradient` so that bf16 runs avoid the slow kernels. The batched `gradient` mode uses it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        pre_pad: tuple[int, int, int, int] | None,
+    ) -> Tensor:
+        return F.conv2d(x if pre_pad is None else F.pad(x, pre_pad), weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, _, stride, padding, dilation, groups, pre_pad = inputs
+        ctx.save_for_backward(weight)
+        ctx.conv, ctx.pre_pad = (stride, padding, dilation, groups), pre_pad
+        in_hw = [n + (0 if pre_pad is None else pre_pad[2 - 2 * i] + pre_pad[3 - 2 * i])
+                 for i, n in enumerate(x.shape[-2:])]  # fmt: skip
+        ctx.output_padding = _output_padding(in_hw, output.shape[-2:], weight.shape[-2:], ctx.conv)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        nones: tuple[None, ...] = (None,) * 7
+        if not ctx.needs_input_grad[0]:
+            return (None, *nones)
+        (weight,) = ctx.saved_tensors
+        return (_input_gradient(grad_out, weight, ctx.conv, ctx.output_padding, ctx.pre_pad), *nones)
+
+
+def _gradient_conv(call: _ConvCall) -> Tensor:
+    return _GradientConv2d.apply(
+        call.x, call.weight, call.bias, call.stride, call.padding, call.dilation, call.groups, call.pre_pad
+    )
 
 
 class _ProbabilityConv2d(torch.autograd.Function):
@@ -148,15 +261,8 @@ class _ProbabilityConv2d(torch.autograd.Function):
         ctx.mark_non_differentiable(shifted, pos_weight, inv_z)
         ctx.set_materialize_grads(False)  # the three side outputs never get a gradient; don't allocate zeros
         ctx.save_for_backward(shifted, pos_weight, inv_z)
-        # conv_transpose2d needs the rows/columns that the strided forward dropped to give back x's size.
-        kernel = pos_weight.shape[-2:]
-        ctx.output_padding = tuple(
-            shifted.shape[2 + i]
-            - ((out.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1)
-            for i in range(2)
-        )
-        ctx.conv = (stride, padding, dilation, groups)
-        ctx.pre_pad = pre_pad
+        ctx.conv, ctx.pre_pad = (stride, padding, dilation, groups), pre_pad
+        ctx.output_padding = _output_padding(shifted.shape[-2:], out.shape[-2:], pos_weight.shape[-2:], ctx.conv)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
@@ -164,10 +270,7 @@ class _ProbabilityConv2d(torch.autograd.Function):
         if grad_out is None or not ctx.needs_input_grad[0]:
             return (None, *nones)
         shifted, pos_weight, inv_z = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        spread = F.conv_transpose2d(
-            grad_out * inv_z, pos_weight, None, stride, padding, ctx.output_padding, groups, dilation
-        )
+        spread = _input_gradient(grad_out * inv_z, pos_weight, ctx.conv, ctx.output_padding, None)
         grad_x = shifted * spread
         if ctx.pre_pad is not None:
             left, right, top, bottom = ctx.pre_pad
@@ -175,11 +278,10 @@ class _ProbabilityConv2d(torch.autograd.Function):
         return (grad_x, *nones)
 
 
-def _probability_conv_forward(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Replacement for `nn.Conv2d._conv_forward`: same output, the probability rule as its backward."""
-    x, padding, pre_pad = _geometry(conv, x)
+def _probability_conv(call: _ConvCall) -> Tensor:
+    """The convolution's output, with the probability rule as its backward."""
     out, *_ = _ProbabilityConv2d.apply(
-        x, weight, bias, tuple(conv.stride), padding, tuple(conv.dilation), conv.groups, pre_pad
+        call.x, call.weight, call.bias, call.stride, call.padding, call.dilation, call.groups, call.pre_pad
     )
     return out
 
@@ -220,17 +322,17 @@ class _DivideGrad(torch.autograd.Function):
         return None, grad_z
 
 
-def _reference_conv_forward(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Replacement for `nn.Conv2d._conv_forward` in the official style (batch 1): the forward value is the
-    ordinary convolution, detached; the gradient reaches x only through `Z = conv(x - m, W+)`."""
-    x_in, padding, pre_pad = _geometry(conv, x)
-    value = F.conv2d(x_in if pre_pad is None else F.pad(x_in, pre_pad), weight, bias, conv.stride, padding,
-                     conv.dilation, conv.groups).detach()  # fmt: skip
-    m = x_in.min().detach()  # over the whole tensor, as the official code does: the reference runs batch 1
-    shifted = _ShiftGrad.apply(x_in, m) - m
+def _reference_conv(call: _ConvCall) -> Tensor:
+    """The convolution in the official style (batch 1): the forward value is the ordinary convolution, detached;
+    the gradient reaches x only through `Z = conv(x - m, W+)`."""
+    x, pre_pad = call.x, call.pre_pad
+    value = F.conv2d(x if pre_pad is None else F.pad(x, pre_pad), call.weight, call.bias, call.stride, call.padding,
+                     call.dilation, call.groups).detach()  # fmt: skip
+    m = x.min().detach()  # over the whole tensor, as the official code does: the reference runs batch 1
+    shifted = _ShiftGrad.apply(x, m) - m
     if pre_pad is not None:
         shifted = F.pad(shifted, pre_pad)
-    z = F.conv2d(shifted, F.relu(weight).detach(), None, conv.stride, padding, conv.dilation, conv.groups)
+    z = F.conv2d(shifted, F.relu(call.weight).detach(), None, call.stride, call.padding, call.dilation, call.groups)
     return _DivideGrad.apply(value, z)
 
 
@@ -272,62 +374,124 @@ class _FrozenBatchNorm(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
-def _frozen_batchnorm_forward(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
-    """Replacement for an eval-mode BN's `forward`: same output, `_FrozenBatchNorm`'s backward."""
-    bn._check_input_dim(x)
-    out, _ = _FrozenBatchNorm.apply(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+def _frozen_batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """`F.batch_norm`'s output through `_FrozenBatchNorm` when it normalises with running statistics (eval mode);
+    None otherwise (training-mode statistics keep the ordinary op)."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    bound = _bind(names, {"weight": None, "bias": None, "training": False, "eps": 1e-5}, args, kwargs)
+    if bound["training"] or bound["running_mean"] is None or bound["running_var"] is None:
+        return None
+    out, _ = _FrozenBatchNorm.apply(bound["input"], bound["running_mean"], bound["running_var"], bound["weight"],
+                                    bound["bias"], bound["eps"])  # fmt: skip
     return out
 
 
-def _is_plain_eval_batchnorm(module: nn.Module) -> bool:
-    """A BN that normalises with its running statistics and whose forward is torch's own (not a subclass')."""
-    return (
-        isinstance(module, nn.modules.batchnorm._BatchNorm)
-        and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
-        and not module.training
-        and module.running_mean is not None
-        and module.running_var is not None
-    )
-
-
 # ------------------------------------------------------------------------------------------------------------
-# Scoped patching
+# Scoped interception
 
-_MISSING = object()
+# Convolutions PRM's rule does not cover: a model that runs one inside peak backprop is refused, naming the layer,
+# rather than silently getting the plain gradient there.
+_UNCOVERED_CONVOLUTIONS = frozenset(
+    {
+        F.conv1d,
+        F.conv3d,
+        F.conv_transpose1d,
+        F.conv_transpose2d,
+        F.conv_transpose3d,
+        torch.convolution,
+        torch._convolution,
+        torch.conv_tbc,
+    }  # fmt: skip
+)
 
 
-def _shadow(module: nn.Module, name: str, value: Any, undo: list[tuple[nn.Module, str, Any]]) -> None:
-    """Set the instance attribute `name` (shadowing the class method) and record how to undo it."""
-    undo.append((module, name, module.__dict__.get(name, _MISSING)))
-    object.__setattr__(module, name, value)
+# The probability rules: a convolution they do not reach would silently get the plain gradient instead.
+_RULES_NEEDING_COVERAGE = (_probability_conv, _reference_conv)
+
+
+class _RuleMode(TorchFunctionMode):
+    """While one of `model`'s modules runs: every `F.conv2d` call goes through `conv_rule`, and, with
+    `frozen_batchnorm`, every eval-mode `F.batch_norm` through `_FrozenBatchNorm`. Under a probability rule other
+    convolution ops (transposed, 1-D, 3-D) raise a ConfigError naming the layer: they would silently get the plain
+    gradient.
+
+    Intercepting the functional call rather than `nn.Conv2d`'s method covers every 2-D convolution a trunk runs:
+    `nn.Conv2d` and its subclasses, and the layers that call `F.conv2d` themselves (timm's `Conv2dSame` and
+    `StdConv2d`, `efficientnet_pytorch`'s static-padding convolutions, ...). A constant-zero `F.pad` whose output
+    goes straight into a convolution counts as that convolution's padding (see `_ConvCall`). Calls made while
+    none of the model's modules runs (the caller's own code, the backward pass) pass through untouched.
+    """
+
+    def __init__(self, model: nn.Module, conv_rule: Callable[[_ConvCall], Tensor] | None, frozen_batchnorm: bool):
+        super().__init__()
+        self.conv_rule, self.frozen_batchnorm = conv_rule, frozen_batchnorm
+        self.running: list[str] = []  # names of the model's modules now running, innermost last
+        self._zero_pads: dict[int, tuple[weakref.ref, Tensor, tuple[int, int, int, int]]] = {}
+        self._hooks = []
+        for name, module in model.named_modules():
+            self._hooks.append(module.register_forward_pre_hook(functools.partial(self._enter, name or "<model>")))
+            self._hooks.append(module.register_forward_hook(self._leave, always_call=True))
+
+    def _enter(self, name: str, module: nn.Module, args: Any) -> None:
+        self.running.append(name)
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.running.pop()
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._zero_pads.clear()
+
+    def _zero_padded(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int, int]] | None:
+        found = self._zero_pads.get(id(x))
+        return (found[1], found[2]) if found is not None and found[0]() is x else None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if not self.running:
+            return func(*args, **kwargs)
+        if self.conv_rule is not None:
+            if func is F.conv2d:
+                return self.conv_rule(_conv_call(args, kwargs, self._zero_padded))
+            if func is F.pad:
+                out = func(*args, **kwargs)
+                self._remember_zero_pad(out, args, kwargs)
+                return out
+            if func in _UNCOVERED_CONVOLUTIONS and self.conv_rule in _RULES_NEEDING_COVERAGE:
+                raise ConfigError(
+                    f"prm.mode=probability: layer {self.running[-1]!r} runs {getattr(func, '__name__', func)}, "
+                    "which PRM's rule does not cover (2-D convolutions only); use prm.mode=gradient or a backbone "
+                    "without it"
+                )
+        if self.frozen_batchnorm and func is F.batch_norm:
+            out = _frozen_batch_norm(args, kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+    def _remember_zero_pad(self, out: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        bound = _bind(("input", "pad", "mode", "value"), {"mode": "constant", "value": None}, args, kwargs)
+        pad = tuple(int(p) for p in bound["pad"])
+        if bound["mode"] == "constant" and not bound["value"] and len(pad) == 4 and min(pad) >= 0 and out.ndim == 4:
+            self._zero_pads[id(out)] = (weakref.ref(out), bound["input"], pad)  # type: ignore[assignment]
 
 
 @contextmanager
-def _patched(model: nn.Module, conv_forward: ConvForward | None, frozen_batchnorm: bool = False) -> Iterator[nn.Module]:
-    """Eval mode; every Conv2d's `_conv_forward` replaced by `conv_forward` (if given) and, with
-    `frozen_batchnorm`, every plain eval BN's forward by `_frozen_batchnorm_forward`; all undone on exit.
-
-    Patching `_conv_forward` (an instance attribute shadowing the class method) rather than `forward` also
-    covers Conv2d subclasses that transform the weight before calling it. Everything is restored in `finally`,
-    so an exception inside the block leaves the model as it was: same training flags, no instance attributes
-    left.
-    """
+def _patched(
+    model: nn.Module, conv_rule: Callable[[_ConvCall], Tensor] | None, frozen_batchnorm: bool = False
+) -> Iterator[_RuleMode]:
+    """Eval mode, and while the model runs, every 2-D convolution through `conv_rule` (if given) and, with
+    `frozen_batchnorm`, every eval BN through `_FrozenBatchNorm` (see `_RuleMode`). Enter the returned mode
+    (`with mode:`) around the forward. Everything is undone in `finally`, so an exception inside the block leaves
+    the model as it was: same training flags, no hooks left."""
     training = [(module, module.training) for module in model.modules()]
-    undo: list[tuple[nn.Module, str, Any]] = []
+    mode = _RuleMode(model, conv_rule, frozen_batchnorm)
     try:
         model.eval()
-        for module in model.modules():
-            if conv_forward is not None and isinstance(module, nn.Conv2d):
-                _shadow(module, "_conv_forward", functools.partial(conv_forward, module), undo)
-            elif frozen_batchnorm and _is_plain_eval_batchnorm(module):
-                _shadow(module, "forward", functools.partial(_frozen_batchnorm_forward, module), undo)
-        yield model
+        yield mode
     finally:
-        for module, name, previous in reversed(undo):
-            if previous is _MISSING:
-                delattr(module, name)
-            else:
-                object.__setattr__(module, name, previous)
+        mode.remove_hooks()
         for module, flag in training:
             module.training = flag
 
@@ -345,7 +509,7 @@ def peak_backprop(model: nn.Module, mode: PRMMode | str = "probability") -> Iter
             crm[0, c, y, x].backward()                 # images.grad: the peak's response
     """
     mode = check_mode(mode)
-    with _patched(model, _probability_conv_forward if mode == "probability" else None):
+    with _patched(model, _probability_conv if mode == "probability" else None) as rules, rules:
         yield model
 
 
@@ -381,6 +545,16 @@ def _cast_state(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
     if all(t.dtype == dtype for _, t in named if t.is_floating_point()):
         return {}
     return {name: t.detach().to(dtype) for name, t in named if t.is_floating_point()}
+
+
+def _zeros_like_layout(crm_up: Tensor, width: int) -> Tensor:
+    """Zeros (width, *crm_up.shape) in crm_up's memory layout: channels-last seeds keep every gradient of the
+    vectorised backward channels-last, like the forward's activations (mixed layouts cost copies and slow
+    kernels)."""
+    if crm_up.dim() == 4 and crm_up.is_contiguous(memory_format=torch.channels_last) and not crm_up.is_contiguous():
+        b, c, h, w = crm_up.shape
+        return crm_up.new_zeros(width, b, h, w, c).permute(0, 1, 4, 2, 3)
+    return crm_up.new_zeros(width, *crm_up.shape)
 
 
 def _finish(grads: Tensor) -> Tensor:
@@ -480,14 +654,15 @@ def peak_response_maps(
     state = _cast_state(model, dtype) if dtype is not None else {}
 
     def crm_up_of(x: Tensor) -> Tensor:  # (b, 3, H, W) -> (b, C, h * f, w * f)
-        crms = torch.func.functional_call(model, state, (x,)) if state else model(x)
+        with rules:  # the rule applies to the forward; the vmap-ed backward then follows it
+            crms = torch.func.functional_call(model, state, (x,)) if state else model(x)
         return upsample_crm(crms, sub_pixel_factor)
 
-    conv_forward = _probability_conv_forward if mode == "probability" else None
+    conv_rule = _probability_conv if mode == "probability" else _gradient_conv
     # inference_mode(False): under inference mode no graph can be built. no_grad: the ordinary autograd
     # records nothing (so no weight-gradient graph), while torch.func.vjp still differentiates w.r.t. its own
     # input.
-    with torch.inference_mode(False), torch.no_grad(), _patched(model, conv_forward, frozen_batchnorm=True):
+    with torch.inference_mode(False), torch.no_grad(), _patched(model, conv_rule, frozen_batchnorm=True) as rules:
         out = images.new_zeros(len(peaks), height, width)  # allocated here: not an inference tensor
         for group in _image_groups(counts, max_images=chunk_size):
             local = torch.full((num_images,), -1, dtype=torch.long, device=images.device)
@@ -503,7 +678,7 @@ def peak_response_maps(
                 rows = members[(ranks[members] >= start) & (ranks[members] < start + width)]
                 slot, image = ranks[rows] - start, local[peaks[rows, 0]]
                 # Slot j of image i seeds that image's j-th peak of the chunk; slots past its count stay zero.
-                seeds = crm_up.new_zeros(width, *crm_up.shape)
+                seeds = _zeros_like_layout(crm_up, width)
                 seeds[slot, image, peaks[rows, 1], peaks[rows, 2], peaks[rows, 3]] = 1.0
                 (grads,) = torch.func.vmap(vjp_fn)(seeds)  # (width, images, 3, H, W)
                 out[rows] = _finish(grads[slot, image].to(out.dtype))
@@ -533,7 +708,7 @@ def peak_response_maps_looped(
     try:
         with torch.inference_mode(False), torch.enable_grad():
             out = images.new_zeros(len(peaks), height, width)
-            with _patched(model, _reference_conv_forward if mode == "probability" else None):
+            with _patched(model, _reference_conv if mode == "probability" else None) as rules, rules:
                 for b in sorted(set(peaks[:, 0].tolist())):
                     x = images[b : b + 1].clone().requires_grad_(True)
                     crm_up = upsample_crm(model(x), sub_pixel_factor)

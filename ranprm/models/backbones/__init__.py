@@ -1,3 +1,6 @@
-"""Importing this package registers every backbone. Add one module per backbone here."""
+"""Every module of this package registers one backbone family: importing the package imports them all, so a new
+backbone is one new file here (see `ranprm.models.registry`)."""
 
-from ranprm.models.backbones import ran, resnet, tiny  # noqa: F401
+from ranprm.utils.registry import import_submodules
+
+import_submodules(__name__)

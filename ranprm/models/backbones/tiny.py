@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
-from ranprm.models.registry import register_backbone
-from ranprm.models.weights import load_backbone_weights, read_state_dict
+from ranprm.models.registry import BackboneConfig, register_backbone
 
 
 class _Residual(nn.Module):
@@ -45,9 +46,15 @@ class TinyBackbone(nn.Module):
         return self.body(images)
 
 
-@register_backbone("tiny")
-def build_tiny(width: int = 16, num_stages: int = 3, pretrained: str | bool | None = False) -> TinyBackbone:
-    net = TinyBackbone(width=width, num_stages=num_stages)
-    if pretrained not in (None, False, "false", "none", ""):
-        load_backbone_weights(net, read_state_dict(str(pretrained)), str(pretrained))
-    return net
+@dataclass
+class TinyConfig(BackboneConfig):
+    """A tiny CNN for tests and smoke runs: `num_stages` stride-2 stages of `width * 2**i` channels."""
+
+    name: str = "tiny"
+    width: int = 16
+    num_stages: int = 3
+
+
+@register_backbone("tiny", TinyConfig)
+def build_tiny(cfg: TinyConfig) -> TinyBackbone:
+    return TinyBackbone(width=cfg.width, num_stages=cfg.num_stages)

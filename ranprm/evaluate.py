@@ -8,7 +8,9 @@ own): mAP^r at IoU 0.25/0.5/0.75, ABO, and, where a model ran, pointing accuracy
 - `predictions=FILE` scores a COCO-style results file as `ranprm-predict` writes it; no model runs. Pointing is
   reported only when the entries carry a `peak`.
 
-Writes `metrics.json` and `per_class.md` into `output` (default: the Hydra run folder) and prints a summary.
+Writes `metrics.json` and `per_class.md` into `output` (default: the Hydra run folder) and prints a summary. An
+existing `metrics.json` or `per_class.md` there is replaced only with `overwrite=true`; the folder is checked
+writable, and the evaluated split's masks are checked from their headers, before the model runs.
 """
 
 from __future__ import annotations
@@ -19,43 +21,46 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
 
 from ranprm.cli.config import hydra_main, report_user_errors, to_plain
 from ranprm.cli.inference import inference_settings, load_for_inference, resolve_device
+from ranprm.cli.run_dir import check_output_files, commit_hydra_files
 from ranprm.data.datamodule import DataConfig, VOCDataModule
-from ranprm.data.voc import image_path, read_instance_masks
-from ranprm.errors import ConfigError, DataError
+from ranprm.data.voc import image_path, image_size_of, read_instance_masks
+from ranprm.errors import ConfigError
 from ranprm.eval import GroundTruth, InstanceEvaluator, Peaks, per_class_table, read_results, summary
-from ranprm.utils.io import write_json_atomic, write_text_atomic
+from ranprm.utils.checks import check_value
+from ranprm.utils.io import check_writable, clean_stale_temp_files, write_json_atomic, write_text_atomic
+
+OUTPUT_FILES = ("metrics.json", "per_class.md")
+
+
+def prepare_output(out_dir: Path, cfg: DictConfig) -> Path:
+    """Refuse to replace an earlier evaluation's files without `overwrite=true`; check the folder is writable;
+    remove the temp files a killed write left there. All before any data is read or any model runs."""
+    overwrite = check_value(cfg.get("overwrite", False), bool, "overwrite")
+    check_output_files([out_dir / name for name in OUTPUT_FILES], overwrite, f"output={out_dir}")
+    check_writable(out_dir, "output")
+    clean_stale_temp_files(out_dir)
+    return out_dir
 
 
 def _cap(ids: list[str], max_images: Any) -> list[str]:
-    if max_images is None:
+    if check_value(max_images, int | None, "eval.max_images") is None:
         return ids
     if int(max_images) < 1:
         raise ConfigError(f"eval.max_images={max_images} must be at least 1 (or null for the whole split)")
     return ids[: int(max_images)]
 
 
-def image_size_of(path: Path) -> tuple[int, int]:
-    """(H, W) of an image from its header only."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-    except FileNotFoundError as err:
-        raise DataError(f"image {path} does not exist") from err
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"image {path} is unreadable ({err})") from err
-    return int(h), int(w)
-
-
 def _evaluate_checkpoint(cfg: DictConfig, datamodule: VOCDataModule, evaluator: InstanceEvaluator) -> dict[str, Any]:
+    _, val_ids = datamodule.split_ids()
+    ids = _cap(val_ids, cfg.eval.max_images)
+    datamodule.check_val_masks(ids)  # a bad mask is one line now, not after the model ran on the images before it
     module = load_for_inference(cfg, resolve_device(str(cfg.device)), datamodule.class_names)
     settings = inference_settings(module)
-    _, val_ids = datamodule.split_ids()
     # Only the evaluated images are read (setup() would read every training annotation too).
-    datamodule.val_set = datamodule._dataset(_cap(val_ids, cfg.eval.max_images), train=False)
+    datamodule.val_set = datamodule._dataset(ids, train=False)
     skipped = 0
     for batch in datamodule.val_dataloader():
         skipped += batch["skipped"]
@@ -85,6 +90,7 @@ def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluator:
     root = datamodule.root
     _, val_ids = datamodule.split_ids()
     ids = _cap(val_ids, cfg.eval.max_images)
+    datamodule.check_val_masks(ids)
     sizes = {i: image_size_of(image_path(root, i)) for i in ids}
     results = read_results(Path(cfg.predictions).expanduser(), datamodule.class_names, sizes)
     skipped = 0
@@ -105,16 +111,15 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
             "give exactly one of ckpt=PATH (run a model) and predictions=FILE (score a results file)"
             + ("; both were given" if cfg.get("ckpt") is not None else "")
         )
-    out_dir = Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"output={str(out_dir)!r} is a file; give a folder")
+    out_dir = prepare_output(Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser(), cfg)
+    if output is None and cfg.get("output") is None:  # the Hydra run folder: this evaluation's record goes there
+        commit_hydra_files(out_dir)
     data_cfg = dict(to_plain(cfg.data))
     if cfg.get("predictions") is not None:
         data_cfg["num_workers"] = 0
     datamodule = VOCDataModule(DataConfig.from_config(data_cfg))
-    evaluator = InstanceEvaluator(
-        datamodule.class_names, pointing_tolerance=int(cfg.eval.get("pointing_tolerance") or 0)
-    )
+    tolerance = check_value(cfg.eval.get("pointing_tolerance") or 0, int, "eval.pointing_tolerance")
+    evaluator = InstanceEvaluator(datamodule.class_names, pointing_tolerance=tolerance)
     if cfg.get("ckpt") is not None:
         info = _evaluate_checkpoint(cfg, datamodule, evaluator)
     else:

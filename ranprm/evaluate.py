@@ -35,12 +35,13 @@ from ranprm.utils.io import check_writable, clean_stale_temp_files, write_json_a
 OUTPUT_FILES = ("metrics.json", "per_class.md")
 
 
-def prepare_output(out_dir: Path, cfg: DictConfig) -> Path:
+def prepare_output(out_dir: Path, cfg: DictConfig, option: str = "output") -> Path:
     """Refuse to replace an earlier evaluation's files without `overwrite=true`; check the folder is writable;
-    remove the temp files a killed write left there. All before any data is read or any model runs."""
+    remove the temp files a killed write left there. All before any data is read or any model runs. `option`
+    names the setting that chose the folder, for the messages."""
     overwrite = check_value(cfg.get("overwrite", False), bool, "overwrite")
-    check_output_files([out_dir / name for name in OUTPUT_FILES], overwrite, f"output={out_dir}")
-    check_writable(out_dir, "output")
+    check_output_files([out_dir / name for name in OUTPUT_FILES], overwrite, f"{option}={out_dir}")
+    check_writable(out_dir, option)
     clean_stale_temp_files(out_dir)
     return out_dir
 
@@ -111,8 +112,10 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
             "give exactly one of ckpt=PATH (run a model) and predictions=FILE (score a results file)"
             + ("; both were given" if cfg.get("ckpt") is not None else "")
         )
-    out_dir = prepare_output(Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser(), cfg)
-    if output is None and cfg.get("output") is None:  # the Hydra run folder: this evaluation's record goes there
+    in_run_folder = output is None and cfg.get("output") is None
+    out_dir = Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser()
+    prepare_output(out_dir, cfg, "hydra.run.dir" if in_run_folder else "output")
+    if in_run_folder:  # this evaluation's record goes with its results
         commit_hydra_files(out_dir)
     data_cfg = dict(to_plain(cfg.data))
     if cfg.get("predictions") is not None:

@@ -28,6 +28,8 @@ from ranprm.cli.build import (
     build_module,
     build_trainer,
     check_callbacks_config,
+    check_optimizer_config,
+    check_training_config,
     trainer_arguments,
 )
 from ranprm.cli.config import hydra_main, report_user_errors, to_plain
@@ -88,16 +90,21 @@ def train(cfg: DictConfig) -> float | None:
             "ranprm.cli.resume.resume_overrides(run_dir, extra)"
         )
     overwrite = check_value(cfg.get("overwrite", False), bool, "overwrite")
-    plan = plan_training_folder(run_dir, cfg.get("ckpt_path"), overwrite)
+    plan = plan_training_folder(run_dir, cfg.get("ckpt_path"), overwrite, _folder_option())
     header = read_resume_checkpoint(plan.resume) if plan.resume is not None else None
 
-    L.seed_everything(check_value(cfg.seed, int, "seed"), workers=True, verbose=False)
-    datamodule = VOCDataModule(DataConfig.from_config(to_plain(cfg.data)), seed=cfg.seed)
+    # Pure checks first: nothing generated, read or built yet.
+    check_training_config(cfg)
+    check_optimizer_config(to_plain(cfg.optimizer))
+    data_cfg = DataConfig.from_config(to_plain(cfg.data))
     trainer_arguments(cfg)  # checked now; built again with the logger below
     check_callbacks_config(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = VOCDataModule(data_cfg, seed=cfg.seed)  # the embedded dataset is generated here on first use
     module = build_module(cfg, datamodule.class_names)
     if header is not None:
         check_checkpoint_matches(header["hyper_parameters"], dict(module.hparams), plan.resume)
+        _check_not_finished(header, cfg, plan.resume)
     check_writable(run_dir, "hydra.run.dir", min_free_bytes=3 * checkpoint_bytes(module))  # last + best + temp
     datamodule.setup("fit")  # reads every label and the evaluated masks' headers: bad data stops the run here
 
@@ -123,7 +130,7 @@ def train(cfg: DictConfig) -> float | None:
         "instance_metrics": module.last_instance_metrics,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
-        "best_checkpoint": _best_checkpoint(trainer),
+        "best_checkpoint": _best_checkpoint(trainer, run_dir),
         "last_checkpoint": str(last) if (last := run_dir / "checkpoints" / "last.ckpt").is_file() else None,
         "resumed_from": str(plan.resume) if plan.resume else None,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -143,20 +150,44 @@ def train(cfg: DictConfig) -> float | None:
     return metrics.get(target) if target else None
 
 
+def _check_not_finished(header: dict[str, Any], cfg: DictConfig, ckpt: Path) -> None:
+    """Resuming a run that already trained all its epochs would train nothing and log no metric: say so now."""
+    progress = header.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    done, max_epochs = progress.get("processed"), cfg.trainer.get("max_epochs")
+    if isinstance(done, int) and isinstance(max_epochs, int) and max_epochs != -1 and done >= max_epochs:
+        raise ConfigError(
+            f"ckpt_path={ckpt}: the run already trained its {done} epoch(s) (trainer.max_epochs={max_epochs}); pass a "
+            "larger trainer.max_epochs to train on"
+        )
+
+
+def _folder_option() -> str:
+    """The setting that chose the run folder, for messages: `hydra.sweep.dir` in a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return "hydra.sweep.dir"
+    return "hydra.run.dir"
+
+
 def _planned_steps(trainer: L.Trainer) -> float:
     if trainer.max_steps not in (None, -1):
         return float(trainer.max_steps)
     return float(trainer.estimated_stepping_batches)
 
 
-def _best_checkpoint(trainer: L.Trainer) -> str | None:
-    """The monitored checkpoint, if its file is there (a run resumed into another folder restores a path that
-    was never written in this one)."""
+def _best_checkpoint(trainer: L.Trainer, run_dir: Path) -> str | None:
+    """The monitored checkpoint, as a file that exists. Lightning restores `best_model_path` from the checkpoint
+    even when the run folder has moved since (or the run resumed from another folder's checkpoint), so it can
+    name a file that is gone: then the file of that name in this run's `checkpoints/`, else None."""
     path = getattr(trainer.checkpoint_callback, "best_model_path", None)
-    if path and Path(path).is_file():
-        return str(path)
-    if path:
-        log.warning("the best checkpoint recorded by Lightning, %s, does not exist; metrics.json leaves it out", path)
+    if not path:
+        return None
+    for candidate in (Path(path), run_dir / "checkpoints" / Path(path).name):
+        if candidate.is_file():
+            return str(candidate)
+    log.warning("the best checkpoint Lightning recorded, %s, does not exist; metrics.json leaves it out", path)
     return None
 
 

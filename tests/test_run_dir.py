@@ -285,3 +285,26 @@ def test_refused_and_failed_attempts_leave_the_run_folder_byte_for_byte_and_resu
     assert "trainer.max_epochs=2" in saved and "logger=none" in saved and "trainer.max_epochs=1" not in saved
     assert not any(str(o).startswith(("ckpt_path", "resume", "hydra.")) for o in saved)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_a_moved_run_folder_resumes_and_metrics_name_files_that_exist(voc_root, tmp_path):
+    """Lightning restores `best_model_path` from the checkpoint: after a move it names the old folder's file."""
+    import shutil
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    train(compose("train", [*tiny_overrides(voc_root, old), "trainer.max_epochs=1"]))
+    shutil.move(old, new)
+    # no validation after the resume: no new best, so Lightning's restored path (into old/) is what it reports
+    overrides = [*tiny_overrides(voc_root, new), "trainer.max_epochs=2", "ckpt_path=last",
+                 "+trainer.limit_val_batches=0", "optimized_metric=null"]  # fmt: skip
+    train(compose("train", overrides))
+    summary = json.loads((new / "metrics.json").read_text())
+    assert summary["global_step"] == 4 and summary["resumed_from"] == str(new / "checkpoints" / "last.ckpt")
+    assert summary["best_checkpoint"] == str(new / "checkpoints" / "best-epoch000.ckpt")  # not old/...: gone
+    assert Path(summary["last_checkpoint"]).is_file()
+
+
+def test_resuming_a_finished_run_without_more_epochs_says_how_to_train_on(voc_root, tmp_path):
+    train(compose("train", [*tiny_overrides(voc_root, tmp_path), "trainer.max_epochs=1"]))
+    with pytest.raises(ConfigError, match=r"already trained its 1 epoch\(s\) \(trainer\.max_epochs=1\); pass a larger"):
+        train(compose("train", [*tiny_overrides(voc_root, tmp_path), "trainer.max_epochs=1", "ckpt_path=last"]))

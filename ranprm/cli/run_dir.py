@@ -83,12 +83,15 @@ class FolderPlan:
     remove: tuple[Path, ...] = ()
 
 
-def plan_training_folder(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> FolderPlan:
+def plan_training_folder(
+    run_dir: Path, ckpt_path: str | None, overwrite: bool, folder_option: str = "hydra.run.dir"
+) -> FolderPlan:
     """Decide, without touching anything, how a training run may use `run_dir` (see the module docstring).
 
     `ckpt_path=last` resolves to the folder's newest checkpoint; under a SLURM requeue with no `ckpt_path` the run
     resumes from it too (Lightning's auto-requeue restarts the same command). A folder holding another run's
-    results is refused unless `overwrite=true`, in which case the plan removes them.
+    results is refused unless `overwrite=true`, in which case the plan removes them. `folder_option` names the
+    setting that chose the folder (`hydra.sweep.dir` in a multirun), for the message.
     """
     run_dir = Path(run_dir)
     results = existing_results(run_dir)
@@ -117,7 +120,7 @@ def plan_training_folder(run_dir: Path, ckpt_path: str | None, overwrite: bool) 
         )
         raise RunFolderError(
             f"run folder {run_dir} already holds {_names(results, run_dir)} of an earlier run; {how}pass "
-            "overwrite=true to replace them, or choose another hydra.run.dir"
+            f"overwrite=true to replace them, or choose another {folder_option}"
         )
     return FolderPlan(run_dir, resume, tuple(results))
 
@@ -139,10 +142,12 @@ def check_output_files(paths: list[Path], overwrite: bool, option: str) -> None:
     """Refuse to replace existing files without `overwrite=true` (`option` names the setting that chose them)."""
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
-        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        raise RunFolderError(
-            f"{option}: {existing[0]}{more} already exists; choose another folder or pass overwrite=true to replace it"
+        what = (
+            f"{existing[0]} and {len(existing) - 1} more already exist"
+            if len(existing) > 1
+            else (f"{existing[0]} already exists")
         )
+        raise RunFolderError(f"{option}: {what}; choose another folder or pass overwrite=true to replace them")
 
 
 # --- Hydra's .hydra files -----------------------------------------------------------------------------------------

@@ -134,8 +134,9 @@ def check_writable(folder: str | Path, option: str, min_free_bytes: int = 0) -> 
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(folder / ".ranprm-write-probe", b"ranprm\n")
-        (folder / ".ranprm-write-probe").unlink()
+        probe = folder / f".ranprm-write-probe.{_host()}.{os.getpid()}"  # DDP ranks probe the same folder at once
+        write_bytes_atomic(probe, b"ranprm\n")
+        probe.unlink()
         free = shutil.disk_usage(folder).free
     except OSError as err:
         raise ConfigError(

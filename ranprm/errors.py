@@ -24,3 +24,21 @@ class CheckpointError(RanprmError):
 
 class PredictionsError(RanprmError):
     """A predictions (COCO results) file is malformed or does not match the dataset."""
+
+
+class RunFolderError(ConfigError):
+    """A run or output folder already holds results that this command would replace, or cannot be resumed."""
+
+
+class RunInterrupted(Exception):  # noqa: N818  (a state, not an error: the run saved what it had and stopped)
+    """A training run stopped on a signal (SIGTERM, Ctrl+C) after saving a checkpoint to resume from.
+
+    Not a `RanprmError`: nothing is wrong with the input. The CLI exits with `exit_code` (128 + the signal number,
+    the shell's convention), so schedulers and sweeps never record the run as finished.
+    """
+
+    def __init__(self, message: str, signal_name: str, exit_code: int, checkpoint: str | None) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.exit_code = exit_code
+        self.checkpoint = checkpoint

@@ -13,7 +13,9 @@ classification mAP.
   reported only when the entries carry a `peak`.
 
 Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` into `output` (default: the
-Hydra run folder) and prints a summary.
+Hydra run folder) and prints a summary. An existing `metrics.json` or `per_class.md` there is replaced only with
+`overwrite=true`; the folder is checked writable, and the evaluated split's masks are checked from their headers,
+before the model runs.
 """
 
 from __future__ import annotations
@@ -24,16 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from ranprm.cli.build import run_identity_of
 from ranprm.cli.config import hydra_main, report_user_errors, to_plain
 from ranprm.cli.inference import inference_settings, load_for_inference, resolve_device
+from ranprm.cli.run_dir import check_output_files, commit_hydra_files
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.data.dataset import VOCDataset, collate
 from ranprm.data.transforms import build_transform
-from ranprm.data.voc import image_path, read_annotation, read_instance_masks, read_split
+from ranprm.data.voc import image_path, image_size_of, read_annotation, read_instance_masks, read_split
 from ranprm.errors import ConfigError, DataError
 from ranprm.eval import (
     EvalConfig,
@@ -48,29 +50,31 @@ from ranprm.eval import (
 from ranprm.lightning.loggers import log_evaluation
 from ranprm.lightning.module import PRMModule
 from ranprm.prm.thresholds import ClassCalibration
-from ranprm.utils.io import write_json_atomic, write_text_atomic
+from ranprm.utils.checks import check_value
+from ranprm.utils.io import check_writable, clean_stale_temp_files, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
+OUTPUT_FILES = ("metrics.json", "per_class.md")
+
+
+def prepare_output(out_dir: Path, cfg: DictConfig, option: str = "output") -> Path:
+    """Refuse to replace an earlier evaluation's files without `overwrite=true`; check the folder is writable;
+    remove the temp files a killed write left there. All before any data is read or any model runs. `option`
+    names the setting that chose the folder, for the messages."""
+    overwrite = check_value(cfg.get("overwrite", False), bool, "overwrite")
+    check_output_files([out_dir / name for name in OUTPUT_FILES], overwrite, f"{option}={out_dir}")
+    check_writable(out_dir, option)
+    clean_stale_temp_files(out_dir)
+    return out_dir
+
 
 def _cap(ids: list[str], max_images: Any) -> list[str]:
-    if max_images is None:
+    if check_value(max_images, int | None, "eval.max_images") is None:
         return ids
     if int(max_images) < 1:
         raise ConfigError(f"eval.max_images={max_images} must be at least 1 (or null for the whole split)")
     return ids[: int(max_images)]
-
-
-def image_size_of(path: Path) -> tuple[int, int]:
-    """(H, W) of an image from its header only."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-    except FileNotFoundError as err:
-        raise DataError(f"image {path} does not exist") from err
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"image {path} is unreadable ({err})") from err
-    return int(h), int(w)
 
 
 # --------------------------------------------------------------------------------------------- class calibration
@@ -114,12 +118,14 @@ def calibrate_classes(cfg: DictConfig, module: PRMModule, datamodule: VOCDataMod
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def _evaluate_checkpoint(cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite) -> dict[str, Any]:
+    _, val_ids = datamodule.split_ids()
+    ids = _cap(val_ids, cfg.eval.max_images)
+    datamodule.check_val_masks(ids)  # a bad mask is one line now, not after the model ran on the images before it
     module = load_for_inference(cfg, resolve_device(str(cfg.device)), datamodule.class_names)
     calibrate_classes(cfg, module, datamodule)
     settings = inference_settings(module)
-    _, val_ids = datamodule.split_ids()
     # Only the evaluated images are read (setup() would read every training annotation too).
-    datamodule.val_set = datamodule._dataset(_cap(val_ids, cfg.eval.max_images), train=False)
+    datamodule.val_set = datamodule._dataset(ids, train=False)
     skipped = 0
     for batch in datamodule.val_dataloader():
         skipped += batch["skipped"]
@@ -142,6 +148,7 @@ def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluators
     root = datamodule.root
     _, val_ids = datamodule.split_ids()
     ids = _cap(val_ids, cfg.eval.max_images)
+    datamodule.check_val_masks(ids)
     sizes = {i: image_size_of(image_path(root, i)) for i in ids}
     results = read_results(Path(cfg.predictions).expanduser(), datamodule.class_names, sizes)
     skipped = 0
@@ -164,10 +171,12 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
             "give exactly one of ckpt=PATH (run a model) and predictions=FILE (score a results file)"
             + ("; both were given" if cfg.get("ckpt") is not None else "")
         )
+    eval_cfg = EvalConfig.from_config(to_plain(cfg.eval))  # a bad eval.* key fails before anything is written
+    in_run_folder = output is None and cfg.get("output") is None
     out_dir = Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"output={str(out_dir)!r} is a file; give a folder")
-    eval_cfg = EvalConfig.from_config(to_plain(cfg.eval))  # a bad eval.* key fails before any data is read
+    prepare_output(out_dir, cfg, "hydra.run.dir" if in_run_folder else "output")
+    if in_run_folder:  # this evaluation's record goes with its results
+        commit_hydra_files(out_dir)
     data_cfg = dict(to_plain(cfg.data))
     if cfg.get("predictions") is not None:
         data_cfg["num_workers"] = 0

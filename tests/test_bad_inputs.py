@@ -93,11 +93,18 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 3])
 
 
-def test_truncated_jpeg_is_named(voc_root):
+def test_truncated_jpeg_is_named_and_each_reader_says_its_own_way_out(voc_root):
     path = voc_root / "JPEGImages" / f"{FIRST}.jpg"
     _truncate(path)
-    with pytest.raises(DataError, match=rf"image .*{FIRST}\.jpg is truncated or corrupt.*data\.skip_bad_images=true"):
+    with pytest.raises(DataError, match=rf"image .*{FIRST}\.jpg is truncated or corrupt") as info:
         read_image(path)
+    assert "skip_bad_images" not in str(info.value)  # ranprm-predict has no such option: the caller adds its own
+    from ranprm.data.dataset import VOCDataset
+    from ranprm.data.transforms import build_transform
+
+    dataset = VOCDataset(voc_root, [FIRST], CLASSES, build_transform(32, train=False))
+    with pytest.raises(DataError, match=rf"{FIRST}\.jpg is truncated or corrupt.*data\.skip_bad_images=true"):
+        dataset[0]
 
 
 def test_garbage_jpeg_is_named(voc_root):
@@ -309,6 +316,98 @@ def test_cli_full_traceback_with_hydra_full_error(tmp_path):
     assert "ranprm: error:" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=abc", r"optimizer\.lr='abc' must be a number"),
+        ("optimizer.lr=-0.1", r"optimizer\.lr=-0\.1 must lie in \[0\.0, inf\]"),
+        ("optimizer.weight_decay=-1", r"optimizer\.weight_decay=-1 must lie in"),
+        ("optimizer.scheduler=step", r"optimizer\.scheduler='step' is unknown"),
+        ("+optimizer.betas=[0.9]", r"optimizer='adam' cannot be built"),
+        ("data.batch_size=0", r"data\.batch_size=0 must lie in \[1, inf\]"),
+        ("data.batch_size=-1", r"data\.batch_size=-1 must lie in"),
+        ("data.batch_size=x", r"data\.batch_size='x' must be an integer"),
+        ("data.num_workers=-1", r"data\.num_workers=-1 must lie in \[0, inf\]"),
+        ("data.image_size=4", r"data\.image_size=4 is smaller than the network stride"),
+        ("trainer.max_epochs=-5", r"trainer\.max_epochs=-5 must be at least 1"),
+        ("trainer.max_epochs=x", r"trainer\.max_epochs='x' must be an integer"),
+        ("+trainer.no_such_arg=1", r"trainer\.no_such_arg is not a lightning\.Trainer argument"),
+        ("+trainer.limit_train_batches=1.5", r"trainer\.limit_train_batches=1\.5 must lie in \[0, 1\.0\]"),
+        ("trainer.accelerator=tpu9", r"trainer\.accelerator=.tpu9. is not valid; choose one of auto, gpu, cpu"),
+        ("trainer.precision=fp8", r"trainer\.precision=.fp8. is not valid"),
+        ("trainer.devices=0", r"trainer\.devices=0 must be at least 1"),
+        ("seed=abc", r"seed='abc' must be an integer"),
+        ("head.window=0", r"head\.window=0 must lie in \[1, inf\]"),
+        ("eval.max_images=0", r"eval\.max_images=0 must lie in \[1, inf\]"),
+        ("callbacks.progress_bar=fancy", r"callbacks\.progress_bar='fancy' is unknown"),
+        ("callbacks.checkpoint.save_top_k=x", r"callbacks\.checkpoint\.save_top_k='x' must be an integer"),
+        ("callbacks.panels.num_images=-1", r"callbacks\.panels\.num_images=-1 must lie in"),
+        ("backbone.width=abc", r"backbone='tiny' cannot be built"),
+        ("overwrite=maybe", r"overwrite='maybe' must be true or false"),
+    ],
+)
+def test_bad_values_stop_training_before_any_data_is_read(voc_root, tmp_path, override, message, monkeypatch):
+    """Issue 18: each is one ConfigError naming the option, raised before the data's labels are read."""
+    from ranprm.data.datamodule import VOCDataModule
+
+    def no_reading(self, stage=None):
+        raise AssertionError("the data was read before the bad value was found")
+
+    monkeypatch.setattr(VOCDataModule, "setup", no_reading)
+    with pytest.raises(ConfigError, match=message):
+        train(compose("train", [*tiny_overrides(voc_root, tmp_path / "out"), override]))
+    assert not (tmp_path / "out").exists()  # nothing was created either
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("entry", "args", "named"),
+    [
+        ("ranprm.train", ["optimizer.lr=abc"], "optimizer.lr='abc' must be a number"),
+        ("ranprm.train", ["data.batch_size=x"], "data.batch_size='x' must be an integer"),
+        ("ranprm.predict", ["ckpt=x.ckpt", "input=.", "output=o", "image_size=abc"], "image_size='abc' must be"),
+        ("ranprm.predict", [], "is required"),
+    ],
+)
+def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path, entry, args, named):
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    environ.pop("HYDRA_FULL_ERROR", None)
+    base = ["backbone=tiny", "logger=none", "trainer=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", entry, *(base if entry == "ranprm.train" else []), *args],
+        cwd=tmp_path,
+        env={**environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ranprm: error:") and named in lines[0], proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_mask_switch_on_a_backbone_without_masks_is_named(trained_ckpt):
+    with pytest.raises(ConfigError, match=r"backbone_overrides\.mask_grad=detached: the checkpoint's backbone 'tiny' "
+                       r"has no setting 'mask_grad' \(its settings: num_stages, width\)"):  # fmt: skip
+        load_module(trained_ckpt, backbone_overrides={"mask_grad": "detached"})
+
+
+@pytest.mark.parametrize(
+    "score",
+    ["1" + "0" * 400, "1" + "0" * 5000, "1e400", "-1e999"],
+    ids=["400-digit", "5000-digit", "float-overflow", "minus-inf"],
+)
+def test_a_huge_score_in_a_results_file_is_one_line(tmp_path, score):
+    from ranprm.errors import PredictionsError
+    from ranprm.eval.results_io import read_results
+
+    path = tmp_path / "p.json"
+    path.write_text('[{"image_id": "a", "category_id": 1, "score": ' + score + ', "segmentation": {}}]')
+    with pytest.raises(PredictionsError, match=r"p\.json"):
+        read_results(path, CLASSES, {"a": (4, 4)})
+
+
 # --- checkpoints -------------------------------------------------------------------------------------------------
 
 
@@ -358,6 +457,41 @@ def test_missing_or_foreign_checkpoint_is_named(tmp_path):
     text.write_text("hello")
     with pytest.raises(CheckpointError, match="cannot be read safely"):
         load_module(text)
+
+
+def _resume_from(voc_root: Path, out: Path, ckpt: Path) -> None:
+    train(compose("train", [*tiny_overrides(voc_root, out), f"ckpt_path={ckpt}"]))
+
+
+def test_training_from_a_missing_truncated_crafted_or_weights_only_checkpoint_is_one_line(
+    voc_root, tmp_path, trained_ckpt
+):
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"ckpt_path='.*nope\.ckpt': no such file"):
+        _resume_from(voc_root, out, tmp_path / "nope.ckpt")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(trained_ckpt.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"truncated\.ckpt: cannot be read safely"):
+        _resume_from(voc_root, out, truncated)
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": _Evil(marker)}, crafted)
+    with pytest.raises(CheckpointError, match=r"crafted\.ckpt: cannot be read safely"):
+        _resume_from(voc_root, out, crafted)
+    assert not marker.exists()
+    weights = tmp_path / "weights.ckpt"
+    ckpt = torch.load(trained_ckpt, map_location="cpu", weights_only=True)
+    torch.save({k: ckpt[k] for k in ("state_dict", "hyper_parameters")}, weights)
+    with pytest.raises(CheckpointError, match=r"weights\.ckpt: not a ranprm training checkpoint that can be resumed "
+                       r"\(it lacks optimizer_states, loops, global_step, epoch\)"):  # fmt: skip
+        _resume_from(voc_root, out, weights)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_resuming_with_another_architecture_is_named(voc_root, tmp_path, trained_ckpt):
+    overrides = [*tiny_overrides(voc_root, tmp_path / "out"), f"ckpt_path={trained_ckpt}", "backbone.width=8"]
+    with pytest.raises(ConfigError, match=r"trained with backbone\.width=16, this run sets 8"):
+        train(compose("train", overrides))
 
 
 # --- non-finite loss ---------------------------------------------------------------------------------------------

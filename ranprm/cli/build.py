@@ -1,11 +1,18 @@
-"""Wiring: the Lightning objects a composed config asks for (module, callbacks), shared by train and the benches."""
+"""Wiring: the Lightning objects a composed config asks for (module, callbacks, trainer), shared by train and the
+benches. Each builder checks the values it uses first, so a bad value is one line naming the option (a
+`ConfigError`, exit 2) before any data is read or any step runs, instead of a traceback deep in Lightning or torch.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
+import typing
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import (
     Callback,
     EarlyStopping,
@@ -15,18 +22,46 @@ from lightning.pytorch.callbacks import (
     RichProgressBar,
     TQDMProgressBar,
 )
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
 from ranprm.cli.config import to_plain
 from ranprm.data.datamodule import DataConfig, validation_split
 from ranprm.errors import ConfigError
 from ranprm.lightning.callbacks import SkippedImagesReport
-from ranprm.lightning.checkpoint import SaveOnSigterm
+from ranprm.lightning.checkpoint import AtomicCheckpointIO, SaveOnSigterm
+from ranprm.lightning.hardware import resolve_precision
 from ranprm.lightning.loggers import RunIdentity, run_identity
 from ranprm.lightning.module import PRMModule
 from ranprm.lightning.panels import PanelCallback
+from ranprm.utils.checks import check_range, check_value
 
 log = logging.getLogger(__name__)
+
+PROGRESS_BARS = ("rich", "tqdm", "none")
+SCHEDULERS = ("none", "cosine")
+
+
+def check_callbacks_config(cfg: DictConfig) -> None:
+    """Types and ranges of `callbacks.*` (the checkpoint rule, the progress bar, the panels)."""
+    ckpt = cfg.callbacks.checkpoint
+    check_value(ckpt.monitor, str | None, "callbacks.checkpoint.monitor")
+    if ckpt.mode not in ("min", "max"):
+        raise ConfigError(f"callbacks.checkpoint.mode={ckpt.mode!r} is not valid; choose min or max")
+    check_range(check_value(ckpt.save_top_k, int, "callbacks.checkpoint.save_top_k"),
+                "callbacks.checkpoint.save_top_k", low=-1)  # fmt: skip
+    every = check_value(ckpt.get("every_n_train_steps"), int | None, "callbacks.checkpoint.every_n_train_steps")
+    check_range(every, "callbacks.checkpoint.every_n_train_steps", low=1)
+    bar = cfg.callbacks.progress_bar
+    if bar not in PROGRESS_BARS:
+        raise ConfigError(f"callbacks.progress_bar={bar!r} is unknown; choose one of {', '.join(PROGRESS_BARS)}")
+    panels = cfg.callbacks.get("panels")
+    if panels is not None:
+        for key, kind, low in (("num_images", int, 0), ("every_n_epochs", int | None, 1), ("max_prms", int, 1),
+                               ("tile_size", int | None, 16)):  # fmt: skip
+            check_range(check_value(panels.get(key), kind, f"callbacks.panels.{key}"), f"callbacks.panels.{key}", low)
 
 
 def checkpoint_selection(cfg: DictConfig) -> dict[str, Any]:
@@ -44,6 +79,7 @@ def checkpoint_selection(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Callback]:
+    check_callbacks_config(cfg)
     ckpt = cfg.callbacks.checkpoint
     selection = checkpoint_selection(cfg)
     callbacks: list[Callback] = []
@@ -79,8 +115,6 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
         callbacks.append(RichProgressBar())
     elif bar == "tqdm":
         callbacks.append(TQDMProgressBar())
-    elif bar != "none":
-        raise ConfigError(f"callbacks.progress_bar={bar!r} is unknown; choose rich, tqdm or none")
     if has_logger:
         # per step: the cosine schedule steps per batch, so a per-epoch reading would hide its shape
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -122,20 +156,65 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
     return callbacks
 
 
+def check_optimizer_config(optimizer: dict[str, Any]) -> None:
+    """The values torch would reject only at the first step (or with a traceback), named one by one."""
+    lr = check_value(optimizer.get("lr"), float, "optimizer.lr")
+    check_range(lr, "optimizer.lr", low=0.0)
+    for key, low, high in (("weight_decay", 0.0, None), ("backbone_lr_mult", 0.0, None), ("momentum", 0.0, 1.0)):
+        if key in optimizer:
+            check_range(check_value(optimizer[key], float, f"optimizer.{key}"), f"optimizer.{key}", low, high)
+    scheduler = optimizer.get("scheduler") or "none"
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"optimizer.scheduler={scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+
+
+def check_training_config(cfg: DictConfig) -> None:
+    """The top-level and `head` / `eval` values a training run uses, checked before anything is built."""
+    check_value(cfg.seed, int, "seed")
+    for key in ("channels_last", "compile"):
+        check_value(cfg.get(key, False), bool, key)
+    check_value(cfg.get("optimized_metric"), str | None, "optimized_metric")
+    head = cfg.head
+    check_value(head.stimulation, bool, "head.stimulation")
+    check_value(head.full_peak_gradient, bool, "head.full_peak_gradient")
+    check_range(check_value(head.window, int, "head.window"), "head.window", low=1)
+    check_range(check_value(head.sub_pixel_factor, int, "head.sub_pixel_factor"), "head.sub_pixel_factor", low=1)
+    check_value(head.peak_filter, str | float, "head.peak_filter")
+    for key in ("every_n_epochs", "max_images"):
+        check_range(check_value(cfg.eval.get(key), int | None, f"eval.{key}"), f"eval.{key}", low=1)
+
+
 def build_module(cfg: DictConfig, class_names: tuple[str, ...]) -> PRMModule:
-    module = PRMModule(
-        class_names=list(class_names),
-        backbone=to_plain(cfg.backbone),
-        head=to_plain(cfg.head),
-        optimizer=to_plain(cfg.optimizer),
-        threshold=to_plain(cfg.threshold),
-        prm=to_plain(cfg.prm),
-        retrieval=to_plain(cfg.retrieval),
-        eval=to_plain(cfg.eval),
-        image_size=int(cfg.data.image_size),
-        channels_last=bool(cfg.get("channels_last", False)),
-        compile=bool(cfg.get("compile", False)),
-    )
+    check_training_config(cfg)
+    optimizer = to_plain(cfg.optimizer)
+    check_optimizer_config(optimizer)
+    backbone = to_plain(cfg.backbone)
+    try:
+        module = PRMModule(
+            class_names=list(class_names),
+            backbone=backbone,
+            head=to_plain(cfg.head),
+            optimizer=optimizer,
+            threshold=to_plain(cfg.threshold),
+            prm=to_plain(cfg.prm),
+            retrieval=to_plain(cfg.retrieval),
+            eval=to_plain(cfg.eval),
+            image_size=int(cfg.data.image_size),
+            channels_last=bool(cfg.get("channels_last", False)),
+            compile=bool(cfg.get("compile", False)),
+        )
+    except (TypeError, ValueError) as err:  # a backbone value of the wrong type reaches a torch constructor
+        raise ConfigError(f"backbone={backbone.get('name')!r} cannot be built from {backbone} ({err})") from err
+    stride = module.model.stride
+    if int(cfg.data.image_size) < stride:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is smaller than the network stride of backbone="
+            f"{backbone.get('name')} ({stride} px); use data.image_size >= {stride}"
+        )
+    try:
+        module.build_optimizer()  # an argument torch rejects (betas=..., nesterov without momentum, ...) fails now
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:  # torch checks its arguments so
+        raise ConfigError(f"optimizer={optimizer.get('name')!r} cannot be built from {optimizer} ({err})") from err
     module.inference_config()  # a bad threshold or prm setting fails now, not at the last epoch's evaluation
     module.build_evaluators()  # and so does a bad eval.* key
     return module
@@ -156,3 +235,85 @@ def run_identity_of(cfg: DictConfig) -> RunIdentity:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             sweep_dir = hydra_cfg.sweep.dir
     return run_identity(str(cfg.get("task_name") or "train"), overrides, sweep_dir, list(cfg.get("tags") or []))
+
+
+def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """`cfg.trainer` as `L.Trainer` keyword arguments: names checked against the Trainer's signature, common
+    values checked for type and range, `precision=auto` resolved for this machine."""
+    args = to_plain(cfg.trainer)
+    accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks", "plugins"}
+    for key in args:
+        if key not in accepted:
+            raise ConfigError(
+                f"trainer.{key} is not a lightning.Trainer argument; see `python -m ranprm.train --cfg job`"
+            )
+    if "max_epochs" in args and args["max_epochs"] is not None:
+        max_epochs = check_value(args["max_epochs"], int, "trainer.max_epochs")
+        if max_epochs == 0 or max_epochs < -1:
+            raise ConfigError(f"trainer.max_epochs={max_epochs} must be at least 1 (or -1 with trainer.max_steps)")
+    for key, low in (("min_epochs", 0), ("max_steps", -1), ("log_every_n_steps", 1), ("num_sanity_val_steps", -1),
+                     ("accumulate_grad_batches", 1), ("check_val_every_n_epoch", 1), ("num_nodes", 1)):  # fmt: skip
+        if args.get(key) is not None:
+            check_range(check_value(args[key], int, f"trainer.{key}"), f"trainer.{key}", low=low)
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+        if args.get(key) is not None:
+            value = check_value(args[key], float, f"trainer.{key}")
+            check_range(value, f"trainer.{key}", low=0, high=None if isinstance(value, int) else 1.0)
+    if args.get("gradient_clip_val") is not None:
+        check_range(check_value(args["gradient_clip_val"], float, "trainer.gradient_clip_val"),
+                    "trainer.gradient_clip_val", low=0.0)  # fmt: skip
+    check_value(args.get("inference_mode", False), bool, "trainer.inference_mode")
+    devices = check_value(args.get("devices", "auto"), int | str | list[int], "trainer.devices")
+    if isinstance(devices, int) and (devices == 0 or devices < -1):
+        raise ConfigError(f"trainer.devices={devices} must be at least 1 (or -1 for all, or auto)")
+    _check_choice(args, "accelerator", ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())])
+    _check_choice(args, "strategy", ["auto", *StrategyRegistry.available_strategies()])
+    args["precision"] = resolve_precision(args.get("precision", "32-true"), args.get("accelerator", "auto"))
+    _check_choice(args, "precision", _lightning_precisions())
+    return args
+
+
+def _check_choice(args: dict[str, Any], key: str, choices: list[Any]) -> None:
+    """A string value of `trainer.<key>` that Lightning would reject only when the Trainer is built (objects pass)."""
+    value = args.get(key)
+    if isinstance(value, str | int) and choices and value not in choices and str(value) not in map(str, choices):
+        shown = ", ".join(str(c) for c in choices[:12]) + (", ..." if len(choices) > 12 else "")
+        raise ConfigError(f"trainer.{key}={value!r} is not valid; choose one of {shown}")
+
+
+def _lightning_precisions() -> list[Any]:
+    """Every precision value Lightning's Trainer accepts (read from its type hints, so new ones pass too)."""
+    try:
+        from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+    except ImportError:  # another Lightning layout: the Trainer checks it, one line via build_trainer
+        return []
+
+    def flatten(kind: Any) -> list[Any]:
+        args = typing.get_args(kind)
+        return [v for a in args for v in flatten(a)] if args and typing.get_origin(kind) is not None else [kind]
+
+    return [v for v in flatten(_PRECISION_INPUT) if isinstance(v, str | int)]
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, logger: Logger | None, callbacks: list[Callback] | None = None
+) -> L.Trainer:
+    """The Trainer for `ranprm.train`: checked arguments, ranprm's callbacks (`build_callbacks` unless given), the
+    atomic checkpoint writer, and no progress bar at all with `callbacks.progress_bar=none` (Lightning would add
+    its own TQDM bar otherwise)."""
+    args = trainer_arguments(cfg)
+    log.info("trainer.precision=%s -> %s", cfg.trainer.get("precision"), args["precision"])
+    if callbacks is None:
+        callbacks = build_callbacks(cfg, run_dir, has_logger=logger is not None)
+    try:
+        return L.Trainer(
+            **args,
+            logger=logger if logger is not None else False,
+            callbacks=callbacks,
+            default_root_dir=str(run_dir),
+            enable_progress_bar=cfg.callbacks.progress_bar != "none",
+            plugins=[AtomicCheckpointIO()],  # a kill while saving leaves the previous last.ckpt whole
+        )
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"trainer: {first} (check the trainer.* values)") from err

@@ -93,15 +93,25 @@ def compose(config_name: str = "train", overrides: list[str] | None = None, retu
 
 
 def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
-    """Turn a `RanprmError` into one line on stderr and exit code 2; `HYDRA_FULL_ERROR=1` keeps the traceback."""
+    """Turn a `RanprmError` (or a required `???` value left unset) into one line on stderr and exit code 2, and a
+    `RunInterrupted` into one line and its exit code (143 for SIGTERM); `HYDRA_FULL_ERROR=1` keeps the traceback."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    from ranprm.errors import RunInterrupted
 
     @functools.wraps(task)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return task(*args, **kwargs)
-        except RanprmError as err:
+        except RunInterrupted as err:
+            print(f"ranprm: interrupted: {err}", file=sys.stderr)
+            raise SystemExit(err.exit_code) from None
+        except (RanprmError, MissingMandatoryValue) as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
+            if isinstance(err, MissingMandatoryValue):
+                key = getattr(err, "full_key", None) or "a required value"
+                err = ConfigError(f"{key} is required; give {key}=<value>")
             print(f"ranprm: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 

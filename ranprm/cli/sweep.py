@@ -2,13 +2,18 @@
 
 `SweepSummary` is a Hydra callback (registered in `conf/hydra/default.yaml`). When a multirun ends it reads every
 job folder under the sweep folder and writes `summary.csv` and `summary.md`: one row per job with its overrides,
-its status (ok | failed | missing) and its final metrics (the instance metrics under the names the job's evaluators
-gave them, recorded in its metrics.json). A job that raised has a `failed.json` instead of a
-`metrics.json` (see `record_failure`); a job with neither (killed, still running) is `missing`.
+its status (ok | failed | interrupted | missing) and its final metrics (the instance metrics under the names the
+job's evaluators gave them, recorded in its metrics.json). A job that raised has a `failed.json` instead of a
+`metrics.json` (see `record_failure`); a job stopped by SIGTERM after saving a checkpoint has an `interrupted.json`
+(written by `ranprm.train`); a job with none of them (killed, still running) is `missing`.
+
+A SIGTERM ends the whole sweep, not only its job (the scheduler wants the process gone): the interrupted job is
+recorded, the summary is written for the jobs that ran, and the process exits non-zero.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -28,6 +33,7 @@ T = TypeVar("T")
 
 FAILED_FILE = "failed.json"
 METRICS_FILE = "metrics.json"
+INTERRUPTED_FILE = "interrupted.json"
 
 
 def record_failure(job_dir: Path, err: BaseException, overrides: list[str] | None = None) -> Path:
@@ -46,19 +52,37 @@ def record_failure(job_dir: Path, err: BaseException, overrides: list[str] | Non
 
 
 def run_job(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None:
-    """Run one Hydra job. In a multirun one failed job must not stop the others: record it and return None."""
+    """Run one Hydra job. In a multirun one failed job must not stop the others: record it and return None.
+
+    Not recorded as a failure, and not swallowed: a `RunInterrupted` (SIGTERM; the task wrote `interrupted.json`)
+    ends the sweep after writing its summary, and a `RunFolderError` (the job's folder holds another run's results)
+    ends it before anything is replaced. The job's `.hydra/` files are kept or dropped by `hydra_files_guard`.
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from ranprm.cli.run_dir import hydra_files_guard
+    from ranprm.errors import RunFolderError, RunInterrupted
+
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return task(cfg)
-    try:
-        return task(cfg)
-    except Exception as err:
-        path = record_failure(Path(hydra_cfg.runtime.output_dir), err, list(hydra_cfg.overrides.task))
-        log.error("job %s failed: %s: %s (details in %s)", hydra_cfg.job.num, type(err).__name__, err, path)
-        return None
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    with hydra_files_guard(job_dir):
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return task(cfg)
+        try:
+            return task(cfg)
+        except RunInterrupted:
+            sweep_dir = Path(hydra_cfg.sweep.dir)
+            log.error("job %s interrupted: ending the sweep; summary in %s", hydra_cfg.job.num, sweep_dir)
+            with contextlib.suppress(Exception):  # the summary must not hide the interruption
+                write_summary(sweep_dir)
+            raise
+        except RunFolderError:
+            raise
+        except Exception as err:
+            path = record_failure(job_dir, err, list(hydra_cfg.overrides.task))
+            log.error("job %s failed: %s: %s (details in %s)", hydra_cfg.job.num, type(err).__name__, err, path)
+            return None
 
 
 def _read_overrides(job_dir: Path) -> list[str]:
@@ -73,7 +97,7 @@ def _read_overrides(job_dir: Path) -> list[str]:
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
     found: set[Path] = set()
-    for pattern in (METRICS_FILE, FAILED_FILE, ".hydra/overrides.yaml"):
+    for pattern in (METRICS_FILE, FAILED_FILE, INTERRUPTED_FILE, ".hydra/overrides.yaml"):
         for path in sweep_dir.rglob(pattern):
             job = path.parent.parent if pattern.startswith(".hydra") else path.parent
             if job != sweep_dir and ".submitit" not in job.parts:
@@ -114,7 +138,15 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             "error": "",
         }
         metrics_path, failed_path = job_dir / METRICS_FILE, job_dir / FAILED_FILE
-        if metrics_path.is_file():
+        interrupted_path = job_dir / INTERRUPTED_FILE
+        if interrupted_path.is_file():  # newer than any metrics.json: a resumed run that finished removes it
+            record = json.loads(interrupted_path.read_text())
+            row["status"] = "interrupted"
+            row["global_step"] = record.get("global_step")
+            row["error"] = (
+                f"{record.get('signal', 'signal')} at step {record.get('global_step')}; {record.get('resume', '')}"
+            )
+        elif metrics_path.is_file():
             summary = json.loads(metrics_path.read_text())
             row["status"] = "ok"
             row["wall_s"] = summary.get("wall_s")
@@ -143,11 +175,17 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path]:
         writer = csv.DictWriter(fh, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    failed = sum(r["status"] != "ok" for r in rows)
+    failed = sum(r["status"] in ("failed", "missing") for r in rows)
+    interrupted = sum(r["status"] == "interrupted" for r in rows)
     lines = [
         f"# Sweep summary: {sweep_dir}",
         "",
-        f"{len(rows)} jobs, {len(rows) - failed} ok, {failed} failed or missing.",
+        f"{len(rows)} jobs, {len(rows) - failed - interrupted} ok, {failed} failed or missing"
+        + (
+            f", {interrupted} interrupted (resume each with `ranprm-train resume=<job folder>`)."
+            if interrupted
+            else "."
+        ),
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",

@@ -1,19 +1,42 @@
-"""The LightningDataModule: one code path for real VOC 2012 and the embedded synthetic dataset."""
+"""The LightningDataModule: one code path for real VOC 2012 and the embedded synthetic dataset.
+
+Robustness (issue 18): every `DataConfig` value is type- and range-checked before anything is read; `setup()` checks
+split ids, annotations and the evaluated split's mask headers before the first step; the training order and flips
+are functions of (seed, epoch, image) and the loader's position is saved in checkpoints, so a resumed run trains on
+exactly the batches the uninterrupted one would have (`ranprm.data.sampling`); workers ignore SIGTERM; and
+`num_workers` is capped at the cores this process may use.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from ranprm.data.dataset import VOCDataset, collate
+from ranprm.data.sampling import EpochSampler, ResumableDataLoader, worker_init
 from ranprm.data.transforms import build_transform
-from ranprm.data.voc import VOC_CLASSES, check_root, read_split
+from ranprm.data.voc import VOC_CLASSES, check_masks, check_root, read_split
 from ranprm.errors import ConfigError
+from ranprm.utils.checks import check_dataclass_types, check_mapping_for, check_range
+
+log = logging.getLogger(__name__)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask under SLURM or taskset), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -47,7 +70,32 @@ class DataConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"data.{unknown[0]} is not a data option; known options: {sorted(known)}")
-        return cls(**values)
+        data = cls(**values)
+        data.validate()
+        return data
+
+    def validate(self) -> None:
+        """One line naming the option for any value of the wrong type or out of range; nothing is read here."""
+        check_dataclass_types(self, "data")
+        check_range(self.image_size, "data.image_size", low=1)
+        check_range(self.flip_prob, "data.flip_prob", low=0.0, high=1.0)
+        check_range(self.train_fraction, "data.train_fraction", low=0.0, high=1.0, low_open=True)
+        check_range(self.holdout_fraction, "data.holdout_fraction", low=0.0, high=1.0, high_open=True)
+        check_range(self.batch_size, "data.batch_size", low=1)
+        check_range(self.val_batch_size, "data.val_batch_size", low=1)
+        check_range(self.num_workers, "data.num_workers", low=0)
+        for option in ("name", "train_split", "val_task", "val_split"):
+            if not getattr(self, option).strip():
+                raise ConfigError(f"data.{option} is empty; give a name")
+        if self.root is None:  # the embedded dataset: its spec's values, before anything is generated
+            from ranprm.data.synthetic import SyntheticSpec
+
+            check_mapping_for(SyntheticSpec, self.synthetic, "data.synthetic")
+        if self.class_names is not None:
+            if len(set(self.class_names)) != len(self.class_names):
+                raise ConfigError(f"data.class_names={self.class_names} lists a class twice")
+            if self.class_names and not all(n.strip() for n in self.class_names):
+                raise ConfigError(f"data.class_names={self.class_names} has an empty name")
 
 
 def split_ids(ids: list[str], fraction: float, option: str) -> list[str]:
@@ -74,13 +122,30 @@ def validation_split(data: Any) -> tuple[str, bool]:
 
 
 class VOCDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig) -> None:
+    """`seed`: the training order and flips of epoch e are drawn from `seed` and e alone (an exact resume); None
+    takes the seed `lightning.seed_everything` set (`PL_GLOBAL_SEED`), else 0."""
+
+    def __init__(self, cfg: DataConfig, seed: int | None = None) -> None:
         super().__init__()
+        cfg.validate()
         self.cfg = cfg
+        self.seed = int(seed if seed is not None else os.environ.get("PL_GLOBAL_SEED", 0))
+        self.num_workers = self._capped_workers(cfg.num_workers)
         self.root = self._resolve_root()
         self.class_names: tuple[str, ...] = self._class_names()
         self.train_set: VOCDataset | None = None
         self.val_set: VOCDataset | None = None
+        self._train_sampler: EpochSampler | None = None
+        self._resume_position: dict[str, int] | None = None  # from a checkpoint, applied by train_dataloader()
+
+    @staticmethod
+    def _capped_workers(requested: int) -> int:
+        """More workers than usable cores only compete with the training process (and PyTorch warns each run)."""
+        cores = usable_cores()
+        if requested > cores:
+            log.info("data.num_workers=%d capped at %d, the CPU cores this process may use", requested, cores)
+            return cores
+        return requested
 
     def _resolve_root(self) -> Path:
         if self.cfg.root is None:
@@ -127,30 +192,85 @@ class VOCDataModule(L.LightningDataModule):
             skip_bad_images=cfg.skip_bad_images,
         )
 
+    def check_val_masks(self, val_ids: list[str]) -> int:
+        """Check the evaluated images' mask headers now (see `check_masks`); VOC's Segmentation splits must have
+        masks for every image, a hold-out from a Main split need not. Returns the number of images with masks."""
+        cfg = self.cfg
+        required = cfg.val_task == "Segmentation" and cfg.holdout_fraction == 0
+        name = f"ImageSets/{cfg.val_task}/{cfg.val_split}.txt" if cfg.holdout_fraction == 0 else "(hold-out)"
+        return check_masks(self.root, val_ids, required=required, split_name=name)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         train_ids, val_ids = self.split_ids()
+        self.check_val_masks(val_ids)
         self.train_set = self._dataset(train_ids, train=True)
         self.val_set = self._dataset(val_ids, train=False)
 
-    def _loader(self, dataset: VOCDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        workers = self.cfg.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.cfg.persistent_workers and workers > 0,
-            drop_last=False,
-        )
+    def _worker_init(self) -> Any:
+        """Workers ignore SIGTERM, then seed themselves as Lightning would (`seed_everything(workers=True)`); setting
+        `worker_init_fn` stops Lightning adding its own, so its seeding is chained here."""
+        if os.environ.get("PL_SEED_WORKERS") == "1":
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            return functools.partial(worker_init, chained=functools.partial(pl_worker_init_function, rank=rank))
+        return worker_init
+
+    def _loader_args(self) -> dict[str, Any]:
+        workers = self.num_workers
+        return {
+            "num_workers": workers,
+            "collate_fn": collate,
+            "pin_memory": self.cfg.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.cfg.persistent_workers and workers > 0,
+            "worker_init_fn": self._worker_init() if workers > 0 else None,
+            "drop_last": False,
+        }
+
+    def _train_batches_done(self) -> int:
+        """Batches of the current epoch already trained (saved with the loader's state in each checkpoint)."""
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: where the training order stands (see `ranprm.data.sampling`)."""
+        if self._train_sampler is None:
+            return {}
+        return {"train_position": {"epoch": int(self._train_sampler.epoch), "batches_done": self._train_batches_done()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restored before the trainer builds the loaders (`train_dataloader` applies it)."""
+        self._resume_position = state_dict.get("train_position")
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
-        return self._loader(self.train_set, self.cfg.batch_size, shuffle=True)
+        trainer = self.trainer
+        sampler = EpochSampler(
+            self.train_set,
+            seed=self.seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
+        if self._resume_position is not None:
+            position, self._resume_position = self._resume_position, None
+            sampler.resume_at(position["epoch"], position["batches_done"], self.cfg.batch_size)
+        elif trainer is not None:  # a checkpoint of an older ranprm still resumes in its own epoch's order
+            sampler.set_epoch(trainer.current_epoch)
+        self._train_sampler = sampler
+        return ResumableDataLoader(
+            self.train_set,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            batches_done=self._train_batches_done,
+            **self._loader_args(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"
-        return self._loader(self.val_set, self.cfg.val_batch_size or self.cfg.batch_size, shuffle=False)
+        return DataLoader(
+            self.val_set,
+            batch_size=self.cfg.val_batch_size or self.cfg.batch_size,
+            shuffle=False,
+            **self._loader_args(),
+        )

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from ranprm.data.sampling import SampleKey
 from ranprm.data.voc import (
     InstanceTargets,
     image_labels,
@@ -58,13 +59,16 @@ class VOCDataset(Dataset[Sample | None]):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> Sample | None:
+    def __getitem__(self, key: int | SampleKey) -> Sample | None:
+        """`key`: an index, or `(index, seed)` from `EpochSampler`; the seed fixes this image's random augmentation,
+        so it does not depend on the worker or on what ran before (an exact resume)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image_id = self.ids[index]
         try:
             image = read_image(image_path(self.root, image_id))
         except DataError as err:
             if not self.skip_bad_images:
-                raise
+                raise DataError(f"{err}; replace it, or set data.skip_bad_images=true to skip such images") from err
             log.warning("skipping %s", err)
             return None  # dropped by `collate`, which counts it
         orig_size = (int(image.shape[1]), int(image.shape[2]))
@@ -74,13 +78,20 @@ class VOCDataset(Dataset[Sample | None]):
         return {
             # the original pixels, for proposal-based retrieval and panels (evaluation samples only)
             "raw_image": image.permute(1, 2, 0).numpy() if self.with_instances else None,
-            "image": self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor),
+            "image": self._transform(image, seed),
             "labels": self.labels[index],
             "image_id": image_id,
             "orig_size": orig_size,
             "targets": targets,
             "objects": self.objects[index] if self.with_instances else None,  # boxes for evaluation
         }
+
+    def _transform(self, image: torch.Tensor, seed: int | None) -> torch.Tensor:
+        if seed is None:
+            return self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+        with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
+            torch.manual_seed(seed)
+            return self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
 
 
 def collate(samples: list[Sample | None]) -> dict[str, Any]:

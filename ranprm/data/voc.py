@@ -57,9 +57,31 @@ def read_split(root: Path, task: str, split: str) -> list[str]:
     split_file = root / "ImageSets" / task / f"{split}.txt"
     if not split_file.is_file():
         raise DataError(f"split file {split_file} does not exist; check data.root and the split name {split!r}")
-    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    try:
+        lines = split_file.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM is not part of the first id
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(
+            f"split file {split_file} cannot be read as text ({err}); it should list one id per line"
+        ) from err
+    ids = [line.split()[0] for line in lines if line.strip()]
     if not ids:
         raise DataError(f"split file {split_file} lists no image ids; fill it or choose another split")
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        image_id = line.split()[0]
+        if image_id in first_line:  # it would be trained on and scored several times
+            raise DataError(
+                f"split file {split_file} lists the id {image_id!r} twice (lines {first_line[image_id]} and "
+                f"{number}); remove the duplicate"
+            )
+        if "/" in image_id or "\\" in image_id or image_id.startswith("."):
+            raise DataError(
+                f"split file {split_file} line {number}: {image_id!r} is not an image id (ids are file names "
+                "without folder or extension)"
+            )
+        first_line[image_id] = number
     missing = [i for i in ids if not image_path(root, i).is_file()]
     if missing:
         raise DataError(
@@ -123,7 +145,7 @@ def image_labels(
 
 
 def read_image(path: Path) -> Tensor:
-    """RGB uint8 image (3, H, W). Grayscale, CMYK, palette and RGBA files are converted to RGB.
+    """RGB uint8 image (3, H, W), whatever the file's PIL mode (see `_to_rgb` for how each mode is converted).
 
     PIL reads the header first, so its decompression-bomb limit stays in force: an image over it is refused,
     not decoded. RGB and grayscale JPEGs (all of VOC) are then decoded by `torchvision.io` (libjpeg-turbo into a
@@ -138,27 +160,58 @@ def read_image(path: Path) -> Tensor:
                     fast = _decode_with_torchvision(path)
                     if fast is not None:
                         return fast
-                rgb = _to_rgb(img)
+                img.load()
+                mode = img.mode
+                try:
+                    rgb = _to_rgb(img)
+                except (ValueError, OSError) as err:
+                    raise DataError(
+                        f"image {path} has PIL mode {mode}, which ranprm cannot convert to RGB ({err}); save it as RGB"
+                    ) from err
     except FileNotFoundError as err:
         raise DataError(f"image {path} does not exist") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DataError(f"image {path} is larger than PIL's decompression-bomb limit; refusing to decode it") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(
-            f"image {path} is truncated or corrupt ({err}); replace it or set data.skip_bad_images=true"
-        ) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise DataError(f"image {path} is truncated or corrupt ({err})") from err
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# Transparent pixels are composited onto ImageNet's mean colour: after normalisation they are 0, the input a network
+# trained on photos treats as "nothing here", and the overlays show them in a neutral grey. (Dropping alpha instead
+# would show whatever colour the file stores under transparent pixels, often black or leftover paint.)
+ALPHA_BACKGROUND: tuple[int, int, int] = (124, 116, 104)  # round(255 * (0.485, 0.456, 0.406))
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """`img` as 8-bit RGB. 16-bit grey (and PIL's 32-bit "I", which 16-bit PNGs can open as) is scaled from
-    0..65535 to 0..255: PIL's own conversion clips it instead, so any value above 255 would become white."""
+    """`img` as 8-bit RGB.
+
+    - 16-bit grey (`I;16*`, and PIL's 32-bit `I`, which 16-bit PNGs can open as) is scaled from 0..65535 to 0..255;
+      PIL's own conversion clips it instead, so any value above 255 would become white. Values outside 0..65535
+      (only a 32-bit TIFF can hold them) are clipped.
+    - 32-bit float grey (`F`, TIFF only) is read as 0..255, as PIL's own conversion does, rounded and clipped.
+    - Any mode with transparency (RGBA, LA, PA, premultiplied RGBa/La, a palette or grey image with a transparent
+      colour) is composited onto `ALPHA_BACKGROUND`: out = alpha * colour + (1 - alpha) * background.
+    - Everything else (1, L, P, CMYK, YCbCr, RGBX, HSV, ...) by PIL's `convert("RGB")`; CMYK without an ICC
+      profile uses PIL's plain rule R = 255 - C - K, clipped.
+    """
     if img.mode in _SIXTEEN_BIT_MODES:
         grey = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
         return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode == "F":
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if _has_alpha(img):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        alpha = rgba[..., 3:] / 255.0
+        out = rgba[..., :3] * alpha + np.asarray(ALPHA_BACKGROUND, dtype=np.float64) * (1.0 - alpha)
+        return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="RGB")
     return img.convert("RGB")
 
 
@@ -175,18 +228,72 @@ def _decode_with_torchvision(path: Path) -> Tensor | None:
     return None if caught else image
 
 
-def _read_index_png(path: Path) -> np.ndarray:
+def _read_index_png(path: Path, header_only: bool = False) -> np.ndarray | tuple[int, int]:
+    """The class/instance indices of a VOC mask PNG (H, W) uint8; `header_only`: its (H, W) from the header alone."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.mode not in ("P", "L"):
                     raise DataError(f"mask {path} has mode {img.mode}; VOC masks are palette (P) or grey (L) PNGs")
+                if header_only:
+                    return int(img.size[1]), int(img.size[0])
                 return np.asarray(img).copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DataError(f"mask {path} is larger than PIL's decompression-bomb limit; refusing to decode it") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise DataError(f"mask {path} is unreadable ({err})") from err
+
+
+def image_size_of(path: Path) -> tuple[int, int]:
+    """(H, W) of an image from its header only (PIL reads headers lazily)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+    except FileNotFoundError as err:
+        raise DataError(f"image {path} does not exist") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"image {path} is larger than PIL's decompression-bomb limit; refusing to decode it") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise DataError(f"image {path} is unreadable ({err})") from err
+    return int(h), int(w)
+
+
+def mask_paths(root: Path, image_id: str) -> tuple[Path, Path]:
+    """(SegmentationObject PNG, SegmentationClass PNG) of `image_id`."""
+    return root / "SegmentationObject" / f"{image_id}.png", root / "SegmentationClass" / f"{image_id}.png"
+
+
+def check_masks(root: Path, ids: list[str], required: bool, split_name: str) -> int:
+    """Check the mask PNGs of `ids` from their headers only (present, palette or grey, the size of their image)
+    before anything trains, so a bad mask stops the run now with one line instead of at the first evaluation.
+
+    `required`: every id must have masks (VOC's Segmentation splits); else ids without a SegmentationObject PNG are
+    images without instances, as in VOC's Main splits. Returns the number of ids with masks.
+    """
+    with_masks = 0
+    for image_id in ids:
+        obj_path, cls_path = mask_paths(root, image_id)
+        if not obj_path.is_file():
+            if required:
+                raise DataError(
+                    f"mask {obj_path} does not exist; every image of the evaluated split {split_name} needs "
+                    "SegmentationObject/<id>.png and SegmentationClass/<id>.png"
+                )
+            continue
+        if not cls_path.is_file():
+            raise DataError(f"mask {obj_path} has no matching {cls_path}; VOC instances take their class from it")
+        size = image_size_of(image_path(root, image_id))
+        for path in (obj_path, cls_path):
+            h, w = _read_index_png(path, header_only=True)  # type: ignore[misc]
+            if (h, w) != size:
+                raise DataError(
+                    f"mask {path} is {w}x{h} but its image is {size[1]}x{size[0]}; masks must match their image's size"
+                )
+        with_masks += 1
+    return with_masks
 
 
 @dataclass
@@ -203,13 +310,13 @@ def read_instance_masks(root: Path, image_id: str, image_size: tuple[int, int]) 
 
     Returns None when the image has no segmentation (most of VOC's classification images).
     """
-    obj_path = root / "SegmentationObject" / f"{image_id}.png"
-    cls_path = root / "SegmentationClass" / f"{image_id}.png"
+    obj_path, cls_path = mask_paths(root, image_id)
     if not obj_path.is_file():
         return None
     if not cls_path.is_file():
         raise DataError(f"mask {obj_path} has no matching {cls_path}; VOC instances take their class from it")
     obj, cls = _read_index_png(obj_path), _read_index_png(cls_path)
+    assert isinstance(obj, np.ndarray) and isinstance(cls, np.ndarray)
     for path, arr in ((obj_path, obj), (cls_path, cls)):
         if arr.shape != tuple(image_size):
             raise DataError(

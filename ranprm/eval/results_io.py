@@ -143,6 +143,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_finite(value: int | float) -> bool:
+    """`math.isfinite`, but False for an int too large for a float (a 400-digit score) instead of OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def read_results(
     path: str | Path, class_names: Sequence[str], image_sizes: Mapping[str, tuple[int, int]]
 ) -> dict[str, ImageResults]:
@@ -166,6 +174,8 @@ def read_results(
         raise PredictionsError(
             f"predictions file {path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
         ) from err
+    except (ValueError, RecursionError) as err:  # a number of over 4300 digits, nesting deeper than Python's stack
+        raise PredictionsError(f"predictions file {path} cannot be parsed ({str(err)[:120]})") from err
     if not isinstance(data, list):
         raise PredictionsError(
             f"predictions file {path} must hold a JSON list of result entries, not {type(data).__name__}"
@@ -201,7 +211,7 @@ def read_results(
                 image_id,
             )
         score = entry["score"]
-        if not (_is_number(score) and math.isfinite(score)):
+        if not (_is_number(score) and _is_finite(score)):
             raise fail(f"score must be a finite number, got {score!r}", image_id)
         seg = entry["segmentation"]
         if not isinstance(seg, dict):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ranprm.errors import CheckpointError
+from ranprm.errors import CheckpointError, ConfigError
 from ranprm.lightning.module import PRMModule
-from ranprm.utils.io import load_torch_file
+from ranprm.utils.io import is_disk_error, load_torch_file, write_via_temp
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +46,23 @@ def load_module(
         )
     backbone_cfg = dict(hparams["backbone"])
     backbone_cfg["pretrained"] = False  # the checkpoint holds the weights; never download or read them again
-    backbone_cfg.update(
-        {k: v for k, v in (backbone_overrides or {}).items() if k not in ("name", "pretrained") and v is not None}
-    )
+    switches = {
+        k: v for k, v in (backbone_overrides or {}).items() if k not in ("name", "pretrained") and v is not None
+    }
+    for key, value in switches.items():
+        if key not in backbone_cfg:
+            settings = sorted(k for k in backbone_cfg if k not in ("name", "pretrained"))
+            raise ConfigError(
+                f"backbone_overrides.{key}={value}: the checkpoint's backbone {backbone_cfg['name']!r} has no setting "
+                f"{key!r} (its settings: {', '.join(settings) or 'none'}); drop the override"
+            )
+    backbone_cfg.update(switches)
     hparams["backbone"] = backbone_cfg
     hparams["compile"] = False  # inference runs the eager network (peak backprop patches its convolutions)
-    module = PRMModule(**hparams)
+    try:
+        module = PRMModule(**hparams)
+    except (TypeError, ValueError) as err:  # hyper-parameters this version cannot build a model from
+        raise CheckpointError(f"ckpt={path}: cannot rebuild its model from the saved settings ({err})") from err
     try:
         missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     except RuntimeError as err:  # a size mismatch: same names, other widths or class count
@@ -69,35 +79,64 @@ def load_module(
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint writer, but to a temporary file renamed into place.
+    """Lightning's torch checkpoint writer, but to a temporary file renamed into place (`ranprm.utils.io`).
 
     A run killed while saving (SIGKILL, pre-emption, a full disk) then leaves the previous `last.ckpt` intact, so
-    `ckpt_path=last` always resumes from a whole checkpoint.
+    `ckpt_path=last` always resumes from a whole checkpoint; the temp file of a killed write is removed by the next
+    run in that folder. A full or read-only disk is one line naming the file, not a traceback.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        parent = super()
+
+        def write(tmp: Path) -> None:
+            parent.save_checkpoint(checkpoint, tmp, storage_options)
+
         try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            write_via_temp(path, write)
+        except OSError as err:
+            if not is_disk_error(err):
+                raise
+            raise CheckpointError(
+                f"cannot write the checkpoint {path} ({err.strerror or err}); free space or fix the folder's "
+                "permissions, then resume with ckpt_path=last (the previous checkpoint is kept)"
+            ) from err
 
 
 class SaveOnSigterm(Callback):
-    """On SIGTERM (cluster pre-emption) save `<dirpath>/last.ckpt` before Lightning stops the run.
+    """On SIGTERM (cluster pre-emption; SLURM signals the whole process group) save `<dirpath>/last.ckpt` before
+    Lightning stops the run, and remember it so that `ranprm.train` can exit non-zero (`RunInterrupted`).
 
-    Lightning only sets `trainer.received_sigterm` and raises `SIGTERMException` at the next batch boundary; it
-    saves nothing. Resume with `ckpt_path=last` and the same `hydra.run.dir`.
+    Lightning only sets `trainer.received_sigterm` and raises `SIGTERMException` (a `SystemExit` with code 0) at the
+    next batch boundary; it saves nothing. The state saved there is consistent: the step that was running finished.
+    A DataLoader worker that died of the same signal (it should not: `ranprm.data.sampling.worker_init` makes
+    workers ignore SIGTERM) surfaces as another exception between batches; `received_sigterm` still says why.
     """
 
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
+        self.saved: Path | None = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            path = self.dirpath / "last.ckpt"
-            trainer.save_checkpoint(path)
-            log.warning("received SIGTERM: saved %s; resume with ckpt_path=last", path)
+        if not (isinstance(exception, SIGTERMException) or trainer.received_sigterm):
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        self.saved = path
+        log.warning("received SIGTERM: saved %s at global step %d", path, trainer.global_step)
+
+
+RESUME_KEYS = ("state_dict", "hyper_parameters", "optimizer_states", "loops", "global_step", "epoch")
+
+
+def read_resume_checkpoint(path: str | Path, option: str = "ckpt_path") -> dict[str, Any]:
+    """The header of a training checkpoint to resume from, read cheaply (tensors memory-mapped, never unpickled as
+    code): a missing, truncated, crafted or weights-only file is one line naming `option`, before any training."""
+    ckpt = load_torch_file(path, option, mmap=True)
+    missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{option}={path}: not a ranprm training checkpoint that can be resumed (it lacks {', '.join(missing)}); "
+            "to start a new run from its weights use backbone.pretrained=<path> instead"
+        )
+    return ckpt

@@ -1,0 +1,218 @@
+"""Run and output folders: nothing a user made is replaced without `overwrite=true`, and a refused or failed attempt
+leaves the folder as it was.
+
+- `plan_training_folder` / `apply_folder_plan`: a run folder that holds results of an earlier run (metrics,
+  checkpoints, panels, failure or interruption records) is refused unless the run resumes from its own checkpoint
+  (`ckpt_path=last`, `resume=<dir>`, or a SLURM requeue) or `overwrite=true` is given, which removes them first.
+  `ckpt_path=last` with no checkpoint in the folder is an error, not a silent fresh start.
+- `.hydra/` files: Hydra writes `config.yaml`, `hydra.yaml` and `overrides.yaml` *before* the task runs, so a
+  refused attempt would already have replaced the earlier run's record. ranprm's Hydra config therefore sets
+  `hydra.output_subdir` to the staging folder `.hydra-pending/`; the task moves the files into `.hydra/` once the
+  folder checks pass (`commit_hydra_files`; on a resume the saved overrides are updated, not replaced), and
+  `hydra_files_guard` drops them after a refused or failed attempt in a folder that already had a `.hydra/`.
+- `check_output_files`: an output file that exists is refused without `overwrite=true` (evaluate's metrics.json).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ranprm.errors import RunFolderError
+from ranprm.utils.io import clean_stale_temp_files, is_stale_temp_file, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+HYDRA_DIR = ".hydra"
+STAGING_DIR = ".hydra-pending"  # conf/hydra/default.yaml: hydra.output_subdir
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+# What `ranprm-train` leaves in its run folder (the logger's own folders are left to the logger: a CSV logger
+# replaces its file, W&B and TensorBoard add a new run next to the old one).
+RESULT_FILES = ("metrics.json", "failed.json", "interrupted.json")
+RESULT_DIRS = (CHECKPOINT_DIR, "panels")
+HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"  # Lightning's SLURM auto-requeue checkpoints, in the run folder
+# Overrides that say how this attempt runs, not what the run is: never carried into a resumed run's saved overrides.
+ATTEMPT_KEYS = ("ckpt_path", "resume", "overwrite")
+
+
+def _has_entries(folder: Path) -> bool:
+    return folder.is_dir() and any(not is_stale_temp_file(p) for p in folder.iterdir())
+
+
+def existing_results(run_dir: Path) -> list[Path]:
+    """The results of an earlier run in `run_dir` (a stale temp file of a killed write is not a result)."""
+    run_dir = Path(run_dir)
+    found = [run_dir / name for name in RESULT_FILES if (run_dir / name).is_file()]
+    found += [run_dir / name for name in RESULT_DIRS if _has_entries(run_dir / name)]
+    return found + sorted(run_dir.glob(HPC_CHECKPOINTS))
+
+
+def resumable_checkpoints(run_dir: Path) -> list[Path]:
+    """`checkpoints/last.ckpt` and Lightning's `hpc_ckpt_N.ckpt`, newest first."""
+    candidates = [Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT, *Path(run_dir).glob(HPC_CHECKPOINTS)]
+    return sorted((p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def slurm_requeued() -> bool:
+    """True in a SLURM job that was requeued (Lightning's auto-requeue, `scontrol requeue`, `--requeue`)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+    except ValueError:
+        return False
+
+
+def _names(paths: list[Path], run_dir: Path) -> str:
+    shown = ", ".join(str(p.relative_to(run_dir)) for p in paths[:3])
+    return shown + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+
+@dataclass(frozen=True)
+class FolderPlan:
+    """What a training run will do with its folder: resume from `resume`, and first delete `remove`."""
+
+    run_dir: Path
+    resume: Path | None
+    remove: tuple[Path, ...] = ()
+
+
+def plan_training_folder(
+    run_dir: Path, ckpt_path: str | None, overwrite: bool, folder_option: str = "hydra.run.dir"
+) -> FolderPlan:
+    """Decide, without touching anything, how a training run may use `run_dir` (see the module docstring).
+
+    `ckpt_path=last` resolves to the folder's newest checkpoint; under a SLURM requeue with no `ckpt_path` the run
+    resumes from it too (Lightning's auto-requeue restarts the same command). A folder holding another run's
+    results is refused unless `overwrite=true`, in which case the plan removes them. `folder_option` names the
+    setting that chose the folder (`hydra.sweep.dir` in a multirun), for the message.
+    """
+    run_dir = Path(run_dir)
+    results = existing_results(run_dir)
+    resume: Path | None = None
+    if ckpt_path == "last":
+        found = resumable_checkpoints(run_dir)
+        if not found:
+            raise RunFolderError(
+                f"ckpt_path=last: {run_dir / CHECKPOINT_DIR} holds no {LAST_CHECKPOINT} to resume from; give the "
+                "interrupted run's folder (`ranprm-train resume=<run dir>`, or hydra.run.dir=<run dir>)"
+            )
+        resume = found[0]
+    elif ckpt_path is not None:
+        resume = Path(str(ckpt_path)).expanduser().absolute()
+    elif slurm_requeued() and (found := resumable_checkpoints(run_dir)):
+        resume = found[0]
+        log.info("SLURM requeue (SLURM_RESTART_COUNT=%s): resuming from %s", os.environ["SLURM_RESTART_COUNT"], resume)
+    resuming_here = resume is not None and run_dir.resolve() in resume.resolve().parents
+    if not results or resuming_here:
+        return FolderPlan(run_dir, resume)
+    if not overwrite:
+        how = (
+            f"resume it with `ranprm-train resume={run_dir}`, "
+            if resume is None and resumable_checkpoints(run_dir)
+            else ""
+        )
+        raise RunFolderError(
+            f"run folder {run_dir} already holds {_names(results, run_dir)} of an earlier run; {how}pass "
+            f"overwrite=true to replace them, or choose another {folder_option}"
+        )
+    return FolderPlan(run_dir, resume, tuple(results))
+
+
+def apply_folder_plan(plan: FolderPlan) -> None:
+    """Remove the stale temp files of killed writes and, with `overwrite=true`, the earlier run's results."""
+    clean_stale_temp_files(plan.run_dir, plan.run_dir / CHECKPOINT_DIR)
+    for path in plan.remove:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if plan.remove:
+        log.warning("overwrite=true: removed %s of an earlier run in %s", _names(list(plan.remove), plan.run_dir),
+                    plan.run_dir)  # fmt: skip
+
+
+def check_output_files(paths: list[Path], overwrite: bool, option: str) -> None:
+    """Refuse to replace existing files without `overwrite=true` (`option` names the setting that chose them)."""
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        what = (
+            f"{existing[0]} and {len(existing) - 1} more already exist"
+            if len(existing) > 1
+            else (f"{existing[0]} already exists")
+        )
+        raise RunFolderError(f"{option}: {what}; choose another folder or pass overwrite=true to replace them")
+
+
+# --- Hydra's .hydra files -----------------------------------------------------------------------------------------
+
+
+def override_key(override: str) -> str:
+    """The config key an override sets: `+a.b=1` -> `a.b`, `~a` -> `a`, `a=b` -> `a`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
+    """`saved` updated by `new` (same key: replaced in place; a new key: appended), without the attempt keys."""
+    merged = [o for o in saved if override_key(o) not in ATTEMPT_KEYS]
+    for override in new:
+        key = override_key(override)
+        if key in ATTEMPT_KEYS:
+            continue
+        at = next((i for i, o in enumerate(merged) if override_key(o) == key), None)
+        if at is None:
+            merged.append(override)
+        else:
+            merged[at] = override
+    return merged
+
+
+def commit_hydra_files(run_dir: Path, resumed: bool = False) -> None:
+    """Move this attempt's `.hydra-pending/*.yaml` into `.hydra/` (a no-op outside a Hydra job).
+
+    On a resume the run's saved `overrides.yaml` is updated with this attempt's overrides (`merge_overrides`), so
+    `resume=<run dir>` keeps working after a second interruption and the record still says how the run was made.
+    """
+    run_dir = Path(run_dir)
+    pending, target = run_dir / STAGING_DIR, run_dir / HYDRA_DIR
+    if not pending.is_dir():
+        return
+    target.mkdir(exist_ok=True)
+    saved, new = target / "overrides.yaml", pending / "overrides.yaml"
+    if resumed and saved.is_file() and new.is_file():
+        merged = merge_overrides(_read_list(saved), _read_list(new))
+        write_text_atomic(new, OmegaConf.to_yaml(merged))
+    for path in pending.iterdir():
+        os.replace(path, target / path.name)
+    pending.rmdir()
+
+
+def _read_list(path: Path) -> list[str]:
+    return [str(o) for o in (OmegaConf.load(path) or [])]
+
+
+@contextlib.contextmanager
+def hydra_files_guard(run_dir: Path) -> Iterator[None]:
+    """Around a Hydra job: if the task did not commit its `.hydra-pending/` files, keep them only when the folder had
+    no `.hydra/` before (a fresh folder's record of what ran, even if it failed); otherwise drop them, so that a
+    refused or failed attempt leaves the earlier run's `.hydra/` as it was."""
+    run_dir = Path(run_dir)
+    fresh = not (run_dir / HYDRA_DIR).exists()
+    log_sizes = {p: p.stat().st_size for p in run_dir.glob("*.log")}
+    try:
+        yield
+    finally:
+        if (run_dir / STAGING_DIR).is_dir():
+            if fresh:
+                commit_hydra_files(run_dir)
+            else:
+                shutil.rmtree(run_dir / STAGING_DIR, ignore_errors=True)
+                for path, size in log_sizes.items():  # the refused attempt's lines went to the console
+                    with contextlib.suppress(OSError), open(path, "r+b") as handle:
+                        handle.truncate(size)

@@ -49,7 +49,7 @@ class DataConfig:
     image_size: int = 448
     flip_prob: float = 0.5
     train_split: str = "train"  # ImageSets/Main/<train_split>.txt
-    train_fraction: float = 1.0  # the first fraction of the split, in file order (the seed uses 0.2)
+    train_fraction: float = 1.0  # the first fraction of the split, in file order (the RAN-PRM paper uses 0.2)
     holdout_fraction: float = 0.0  # > 0: validate on the last part of the (cut) training ids instead of val_split
     val_task: str = "Segmentation"  # ImageSets/<val_task>/<val_split>.txt: instance masks live there in VOC
     val_split: str = "val"

@@ -9,7 +9,7 @@ input size works. The depth follows the stage's stride: 3 / 2 / 1 pools at strid
 bottom to stride 32 (`pools_for_stride`).
 
 **The output** is `(1 + M) * T` for a trunk tensor T. `mask_grad="detached"` computes `(1 + M.detach()) * T`: the
-masks are constants in the backward graph (the seed's second gradient path for peak backpropagation); it is a
+masks are constants in the backward graph (the RAN-PRM paper's second gradient path for peak backpropagation); it is a
 plain attribute, so it can be switched on a trained model without retraining.
 
 **On any trunk** (`AttentionHost.attach_attention`): a mask branch reads the output T of a chosen stage and

@@ -19,7 +19,7 @@ least 32 px per side works. Smaller inputs raise `DataError`: an image smaller t
 mostly padding by the last stage, and its single output cell is not a meaningful response map.
 
 **Soft-mask gradient.** An attention module outputs `(1 + M) * T`. With `mask_grad="detached"` it
-computes `(1 + M.detach()) * T`: the soft masks are constants in the backward graph (the seed's second
+computes `(1 + M.detach()) * T`: the soft masks are constants in the backward graph (the RAN-PRM paper's second
 gradient path for peak backpropagation). The mode is a plain attribute, so it can be switched on a trained
 model (`set_mask_grad`) with no retraining; the weights are the same in both modes.
 

@@ -1,4 +1,4 @@
-"""`mean`: the mean of the candidates (the seed's rule for peaks)."""
+"""`mean`: the mean of the candidates (the RAN-PRM paper's rule for peaks)."""
 
 from __future__ import annotations
 

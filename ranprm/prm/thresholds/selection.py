@@ -7,7 +7,7 @@ A preset (`conf/threshold/*.yaml`) names one rule per role and a probability flo
     (`prm.class_sub_pixel_factor`). `class_distribution` says which candidates the rule's cut-off is taken over:
     - `image` (the default): the image's own C class scores, one cut-off per image;
     - `dataset`: class c's scores over a calibration split, one cut-off per class, computed once (the second
-      reading of the seed's "third quartile of the distribution of class aggregations"). The scores are
+      reading of the RAN-PRM paper's "third quartile of the distribution of class aggregations"). The scores are
       collected at the end of training and stored in the checkpoint (`ClassCalibration`); `ranprm-evaluate
       calibration.split=<split>` recomputes them.
     `min_class_prob` is **ranprm's addition**, an explicit key of every preset. A relative rule over an image's

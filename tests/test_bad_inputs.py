@@ -342,7 +342,6 @@ def test_cli_full_traceback_with_hydra_full_error(tmp_path):
         ("callbacks.progress_bar=fancy", r"callbacks\.progress_bar='fancy' is unknown"),
         ("callbacks.checkpoint.save_top_k=x", r"callbacks\.checkpoint\.save_top_k='x' must be an integer"),
         ("callbacks.panels.num_images=-1", r"callbacks\.panels\.num_images=-1 must lie in"),
-        ("backbone.width=abc", r"backbone='tiny' cannot be built"),
         ("overwrite=maybe", r"overwrite='maybe' must be true or false"),
     ],
 )
@@ -357,6 +356,15 @@ def test_bad_values_stop_training_before_any_data_is_read(voc_root, tmp_path, ov
     with pytest.raises(ConfigError, match=message):
         train(compose("train", [*tiny_overrides(voc_root, tmp_path / "out"), override]))
     assert not (tmp_path / "out").exists()  # nothing was created either
+
+
+def test_a_backbone_value_of_the_wrong_type_fails_when_the_config_is_composed(voc_root, tmp_path):
+    """The backbone's options are typed dataclass fields (ranprm.models.registry), checked by Hydra at compose time."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=r"backbone\.width=abc"):
+        compose("train", [*tiny_overrides(voc_root, tmp_path / "out"), "backbone.width=abc"])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -20,6 +20,19 @@ TEST_THREADS = min(2, torch.get_num_threads())
 torch.set_num_threads(TEST_THREADS)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _run_folders_out_of_the_repository(tmp_path_factory):
+    """A command a test starts without naming its run folder writes under $RANPRM_LOG_DIR (conf/paths), here a
+    scratch folder, never into the checkout's outputs/ or multirun/."""
+    previous = os.environ.get("RANPRM_LOG_DIR")
+    os.environ["RANPRM_LOG_DIR"] = str(tmp_path_factory.mktemp("runs"))
+    yield
+    if previous is None:
+        os.environ.pop("RANPRM_LOG_DIR", None)
+    else:
+        os.environ["RANPRM_LOG_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _same_global_state_for_every_test():
     torch.manual_seed(0)

@@ -26,13 +26,13 @@ from tests.test_train import tiny_overrides
 def trainers(monkeypatch) -> list[L.Trainer]:
     """The Trainers `train()` builds, to inspect after the run."""
     built: list[L.Trainer] = []
+    original = train_mod.build_trainer
 
-    class Recording(L.Trainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self)
+    def recording(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
 
-    monkeypatch.setattr(train_mod.L, "Trainer", Recording)
+    monkeypatch.setattr(train_mod, "build_trainer", recording)
     return built
 
 

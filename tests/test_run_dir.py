@@ -148,6 +148,9 @@ def test_merge_overrides_replaces_by_key_and_drops_the_attempts_own_keys():
     saved = ["backbone=tiny", "+trainer.limit_val_batches=2", "ckpt_path=last"]
     new = ["trainer.limit_val_batches=3", "logger=csv", "overwrite=true", "resume=/x"]
     assert merge_overrides(saved, new) == ["backbone=tiny", "trainer.limit_val_batches=3", "logger=csv"]
+    # a key the first command line gave twice (Hydra used the last) is replaced once
+    twice = ["trainer.max_epochs=2", "seed=1", "trainer.max_epochs=1"]
+    assert merge_overrides(twice, ["trainer.max_epochs=3"]) == ["trainer.max_epochs=3", "seed=1"]
 
 
 # --- resume=<run dir> ------------------------------------------------------------------------------------------------

@@ -159,17 +159,19 @@ def override_key(override: str) -> str:
 
 
 def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
-    """`saved` updated by `new` (same key: replaced in place; a new key: appended), without the attempt keys."""
+    """`saved` updated by `new` (same key: replaced in place, once; a new key: appended), without the attempt keys."""
     merged = [o for o in saved if override_key(o) not in ATTEMPT_KEYS]
     for override in new:
         key = override_key(override)
         if key in ATTEMPT_KEYS:
             continue
-        at = next((i for i, o in enumerate(merged) if override_key(o) == key), None)
-        if at is None:
+        at = [i for i, o in enumerate(merged) if override_key(o) == key]
+        if not at:
             merged.append(override)
-        else:
-            merged[at] = override
+            continue
+        merged[at[0]] = override
+        for i in reversed(at[1:]):  # a key given twice on the first command line (Hydra keeps the last)
+            del merged[i]
     return merged
 
 

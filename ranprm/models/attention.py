@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ranprm.errors import ConfigError
+from ranprm.models.registry import BackboneConfig
 
 MaskGrad = Literal["full", "detached"]
 MASK_GRAD_MODES: tuple[str, ...] = ("full", "detached")
@@ -42,6 +44,18 @@ AttentionInit = Literal["identity", "ran"]
 ATTENTION_INITS: tuple[str, ...] = ("identity", "ran")
 ATTENTION_STRIDES: tuple[int, ...] = (4, 8, 16)  # where RAN puts its attention stages
 _MASK_BOTTOM_STRIDE = 32  # every mask branch pools down to the trunk's final stride
+
+
+@dataclass
+class TrunkConfig(BackboneConfig):
+    """The options every pretrained trunk shares (resnet*, efficientnet_lite*, timm): `output_stride` 32 or 16
+    (the last stage dilated instead of strided); `attention`: the strides (4, 8, 16) after whose stage a RAN mask
+    branch sits, `attention_init` identity | ran, and `mask_grad` full | detached."""
+
+    output_stride: int = 32
+    attention: list[int] = field(default_factory=list)
+    attention_init: str = "identity"
+    mask_grad: str = "full"
 
 
 def check_mask_grad(mode: str) -> MaskGrad:

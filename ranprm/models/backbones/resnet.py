@@ -14,32 +14,26 @@ output of `layer1` / `layer2` / `layer3` (`ranprm.models.attention`). The state-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
 from ranprm.errors import CheckpointError, ConfigError
-from ranprm.models.attention import AttentionHost
-from ranprm.models.registry import BackboneConfig, StateDict, register_backbone
+from ranprm.models.attention import AttentionHost, TrunkConfig
+from ranprm.models.registry import StateDict, register_backbone
 
 _STAGES = {4: "layer1", 8: "layer2", 16: "layer3"}  # stride -> the stage whose output has it
 
 
 @dataclass
-class ResNetConfig(BackboneConfig):
+class ResNetConfig(TrunkConfig):
     """torchvision ResNet-50 up to layer4. `weights`: torchvision's ImageNet weights for `pretrained=imagenet`
-    (IMAGENET1K_V1, as PRM used, or IMAGENET1K_V2); `output_stride` 32 or 16; `attention`: strides (4, 8, 16)
-    after whose stage a RAN mask branch sits, with `attention_init` identity | ran and `mask_grad` full |
-    detached."""
+    (IMAGENET1K_V1, as PRM used, or IMAGENET1K_V2); the trunk options of `TrunkConfig`."""
 
     name: str = "resnet50"
     weights: str = "IMAGENET1K_V1"
-    output_stride: int = 32
-    attention: list[int] = field(default_factory=list)
-    attention_init: str = "identity"
-    mask_grad: str = "full"
 
 
 @dataclass

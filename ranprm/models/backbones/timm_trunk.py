@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from ranprm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ranprm.errors import CheckpointError, ConfigError
-from ranprm.models.attention import AttentionHost
-from ranprm.models.registry import BackboneConfig, StateDict, register_backbone
+from ranprm.models.attention import AttentionHost, TrunkConfig
+from ranprm.models.registry import StateDict, register_backbone
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std) per RGB channel
 
@@ -42,19 +42,12 @@ def import_timm(option: str = "backbone=timm") -> Any:
 
 
 @dataclass
-class TimmConfig(BackboneConfig):
-    """Any convolutional timm model by `model` name. `output_stride` 32 (the model's own; 16 or 8 where it
-    supports dilation);
-    `attention`: strides (4, 8, 16) after whose first stage a RAN mask branch sits, with `attention_init`
-    identity | ran and `mask_grad` full | detached; `kwargs`: extra arguments for `timm.create_model` (e.g.
-    drop_path_rate)."""
+class TimmConfig(TrunkConfig):
+    """Any convolutional timm model by `model` name; the trunk options of `TrunkConfig` (`output_stride` 16 or 8
+    where the model supports dilation); `kwargs`: extra arguments for `timm.create_model` (e.g. drop_path_rate)."""
 
     name: str = "timm"
     model: str = "resnet50"
-    output_stride: int = 32
-    attention: list[int] = field(default_factory=list)
-    attention_init: str = "identity"
-    mask_grad: str = "full"
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 

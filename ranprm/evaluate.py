@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,11 @@ def _evaluate_checkpoint(
     # Only the evaluated images are read (setup() would read every training annotation too).
     datamodule.val_set = datamodule._dataset(ids, train=False)
     module.test_evaluators = evaluators
-    trainer.test(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    with warnings.catch_warnings():
+        # Lightning warns that a DistributedSampler repeats images to even the shares; the evaluators keep one
+        # record per image id, so a repeated image counts once.
+        warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
+        trainer.test(module, dataloaders=datamodule.val_dataloader(), verbose=False)
     assert module.test_result is not None  # on_test_epoch_end ran on every process
     # Unreadable images and images without segmentation are not scored (counted once each, whatever the sampler).
     skipped = len(ids) - module.test_images_evaluated

@@ -148,3 +148,32 @@ def test_a_missing_required_value_is_one_line_with_an_example(tmp_path, command,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ranprm: error:"), proc.stderr
     assert line in lines[0] and "e.g. ranprm-" in lines[0]
+
+
+@pytest.mark.slow  # two 2-process runs from the command line (about 30 s on 2 shared cores)
+def test_two_ddp_processes_predict_what_one_does_and_a_stop_is_one_line(tiny_model, tmp_path):  # noqa: F811
+    voc, ckpt = tiny_model
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(5):  # odd: the processes get 3 and 2 images (Lightning's predict sampler repeats none)
+        shutil.copy(voc / "JPEGImages" / f"2024_00000{i}.jpg", inp / f"im{i}.jpg")
+    (inp / "im5.jpg").write_bytes(b"not an image")
+    torch.set_num_threads(1)  # as each DDP process (OMP_NUM_THREADS=1): the same float sums, so the same scores
+    one = predict(_predict_cfg(ckpt, inp, tmp_path / "one", "progress_bar=none"))
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "progress_bar=none"]
+
+    def cli(out: str, *extra: str) -> subprocess.CompletedProcess:
+        args = [f"ckpt={ckpt}", f"input={inp}", f"output={tmp_path / out}", "image_size=64", *EVERYTHING, *ddp]
+        return subprocess.run([sys.executable, "-m", "ranprm.predict", *args, *extra], capture_output=True,
+                              text=True, env=ENV, timeout=300, cwd=tmp_path)  # fmt: skip
+
+    skip = cli("two")
+    assert skip.returncode == 0, skip.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "predictions.json").read_text()) == json.loads(json.dumps(one))
+    shown = skip.stdout + skip.stderr  # predict logs to the console (stdout)
+    assert shown.count("wrote 5 overlay(s)") == 1 and shown.count("skipped 1 unreadable image(s)") == 1
+    stop = cli("stop", "on_bad_image=stop")
+    assert stop.returncode == 2
+    errors = [line for line in stop.stderr.splitlines() if line.startswith("ranprm: error:")]
+    assert len(errors) == 1 and "im5.jpg" in errors[0] and "Traceback" not in stop.stderr, stop.stderr[-3000:]
+    assert not (tmp_path / "stop" / "predictions.json").exists()

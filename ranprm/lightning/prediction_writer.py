@@ -5,7 +5,8 @@ What it guarantees (the entry point `ranprm.predict` checks the folder before th
 - every overlay name is listed in the unfinished-run marker before its file is written, so a run stopped half way
   (a bad image with `on_bad_image=stop`, a kill) leaves exactly the names its rerun may replace;
 - an unreadable image is skipped with a warning (`on_bad_image=skip`) or stops the run with a one-line error
-  naming it (`stop`);
+  naming it (`stop`; under several processes the one that met it stops writing and the first process raises at
+  the end, so no process is left waiting for another);
 - `predictions.json` is written last, by the first process, in input order over every process's images (one entry
   set per image: a distributed sampler's repeated images count once), and the marker is removed after it.
 """
@@ -43,6 +44,10 @@ def _gather(value: Any) -> list[Any]:
     return [value]
 
 
+def _stop_error(bad: BadImage) -> DataError:
+    return DataError(f"{bad.error}; remove it, or pass on_bad_image=skip to skip such images")
+
+
 class OverlayAndResultsWriter(BasePredictionWriter):
     """Writes `<output>/<stem>.png` for every image as its batch ends and `<output>/predictions.json` at the end.
 
@@ -61,6 +66,7 @@ class OverlayAndResultsWriter(BasePredictionWriter):
         self.on_bad_image = on_bad_image
         self._entries: dict[int, list[dict[str, Any]]] = {}
         self._bad: dict[int, str] = {}
+        self._stopped_at: BadImage | None = None  # the bad image this process stopped at (on_bad_image=stop)
         self.results: list[dict[str, Any]] = []
         self.skipped: list[str] = []
         self.num_images = len(self.images)
@@ -68,6 +74,7 @@ class OverlayAndResultsWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._entries, self._bad, self.results, self.skipped = {}, {}, [], []
+        self._stopped_at = None
 
     def _list_as_unfinished(self, name: str) -> None:
         # Listed before the file exists: a kill mid-write leaves it listed. Appends of one short line are atomic,
@@ -85,10 +92,17 @@ class OverlayAndResultsWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if self._stopped_at is not None:
+            return  # this process met a bad image under on_bad_image=stop: it writes nothing more
         bad: BadImage
         for bad in batch["bad"]:
             if self.on_bad_image == "stop":
-                raise DataError(f"{bad.error}; remove it, or pass on_bad_image=skip to skip such images")
+                if trainer.world_size == 1:
+                    raise _stop_error(bad)
+                # Under several processes one that raised alone would leave the others waiting for it: it stops
+                # writing, and the first process raises for all at the end (`on_predict_epoch_end`).
+                self._stopped_at = bad
+                return
             log.warning("skipping %s", bad.error)
             self._bad[bad.index] = bad.path.name
         for index, path, raw, pred in zip(batch["index"], batch["path"], batch["raw_image"], prediction, strict=True):
@@ -101,17 +115,29 @@ class OverlayAndResultsWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         entries: dict[int, list[dict[str, Any]]] = {}
         bad: dict[int, str] = {}
-        for part_entries, part_bad in _gather((self._entries, self._bad)):
+        stops: list[BadImage] = []
+        for part_entries, part_bad, part_stop in _gather((self._entries, self._bad, self._stopped_at)):
             entries.update(part_entries)
             bad.update(part_bad)
+            stops += [part_stop] if part_stop is not None else []
         self.skipped = [bad[i] for i in sorted(bad)]
         self.results = [entry for i in sorted(entries) for entry in entries[i]]
-        if not entries:
-            raise DataError(
+        # Every process knows the outcome now; only the first raises, so a stop is one line, not one per process
+        # (the others return with nothing written; predictions.json is not written either way).
+        error = None
+        if stops:
+            error = _stop_error(min(stops, key=lambda b: b.index))
+        elif not entries:
+            error = DataError(
                 f"{self.source}: none of the {self.num_images} image(s) could be read; nothing to predict"
                 if self.skipped
                 else f"{self.source}: no image was predicted"
             )
+        if error is not None:
+            if trainer.is_global_zero:
+                raise error
+            self.results = []
+            return
         if trainer.is_global_zero:
             write_results(self.output / PREDICTIONS_FILE, self.results)
             (self.output / UNFINISHED_FILE).unlink(missing_ok=True)

@@ -122,7 +122,7 @@ def calibrate_classes(cfg: DictConfig, module: PRMModule, datamodule: VOCDataMod
                          skip_bad_images=datamodule.cfg.skip_bad_images)  # fmt: skip
     loader = DataLoader(dataset, batch_size=datamodule.cfg.val_batch_size or datamodule.cfg.batch_size,
                         num_workers=datamodule.cfg.num_workers, collate_fn=collate)  # fmt: skip
-    scores = module.calibration_scores(loader)
+    scores = module.calibration_scores(track(loader, len(loader), "calibrating", _progress_bar(cfg), "batch"))
     if len(scores) == 0:
         raise DataError(f"calibration.split={split}: none of its {len(ids)} images could be read")
     name = f"{task}/{split}" + (f" (first {len(ids)})" if calibration.get("max_images") is not None else "")
@@ -169,7 +169,7 @@ def _evaluate_predictions(
     sizes = {i: image_size_of(image_path(root, i)) for i in ids}
     results = read_results(Path(cfg.predictions).expanduser(), datamodule.class_names, sizes)
     skipped = 0
-    for image_id, entries in track(results.items(), len(results), "evaluating", _progress_bar(cfg)):
+    for image_id, entries in track(results.items(), len(results), "evaluating", _progress_bar(cfg), "image"):
         targets = read_instance_masks(root, image_id, sizes[image_id])
         if targets is None:
             skipped += 1

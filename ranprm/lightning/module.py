@@ -1,6 +1,8 @@
 """The LightningModule: wires the network, peak stimulation, loss, optimiser and validation metrics.
 
-It holds no algorithm of its own: peaks and scores come from `ranprm.prm.peaks`, instance inference from
+`ranprm-evaluate` runs it under `Trainer.test` (`test_step`: instances into the evaluators it is given) and
+`ranprm-predict` under `Trainer.predict` (`predict_step`: instances for a prediction writer). It holds no algorithm
+of its own: peaks and scores come from `ranprm.prm.peaks`, instance inference from
 `ranprm.prm.pipeline`, metrics from the evaluators of `ranprm.eval` (named by `eval.metrics`, protocol
 `eval.protocol`).
 """

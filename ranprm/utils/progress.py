@@ -11,8 +11,9 @@ T = TypeVar("T")
 BARS = ("rich", "tqdm", "none")
 
 
-def track(items: Iterable[T], total: int, description: str, bar: str = "tqdm") -> Iterator[T]:
-    """`items` as they come, drawing `bar` (tqdm or rich, both show the ETA; none draws nothing) on stderr."""
+def track(items: Iterable[T], total: int, description: str, bar: str = "tqdm", unit: str = "it") -> Iterator[T]:
+    """`items` as they come, drawing `bar` (tqdm or rich, both show the ETA; none draws nothing) on stderr;
+    `unit` names what an item is (tqdm's rate)."""
     if bar == "none":
         yield from items
     elif bar == "rich":
@@ -23,6 +24,6 @@ def track(items: Iterable[T], total: int, description: str, bar: str = "tqdm") -
     elif bar == "tqdm":
         from tqdm import tqdm
 
-        yield from tqdm(items, desc=description, total=total, unit="image")
+        yield from tqdm(items, desc=description, total=total, unit=unit)
     else:
         raise ValueError(f"bar={bar!r}: choose one of {', '.join(BARS)}")

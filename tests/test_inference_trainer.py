@@ -177,3 +177,14 @@ def test_two_ddp_processes_predict_what_one_does_and_a_stop_is_one_line(tiny_mod
     errors = [line for line in stop.stderr.splitlines() if line.startswith("ranprm: error:")]
     assert len(errors) == 1 and "im5.jpg" in errors[0] and "Traceback" not in stop.stderr, stop.stderr[-3000:]
     assert not (tmp_path / "stop" / "predictions.json").exists()
+
+
+def test_track_yields_every_item_whatever_the_bar(capfd):
+    from ranprm.utils.progress import track
+
+    for bar in ("tqdm", "rich", "none"):
+        assert list(track(iter([3, 1, 2]), 3, "evaluating", bar, "image")) == [3, 1, 2]
+    shown = "".join(capfd.readouterr())
+    assert "evaluating: 100%" in shown and "3/3 [" in shown  # tqdm: done/total [elapsed<remaining, rate]
+    with pytest.raises(ValueError, match="choose one of rich, tqdm, none"):
+        list(track([1], 1, "x", "bars"))

@@ -136,8 +136,8 @@ def test_evaluating_a_results_file_shows_progress(voc_root, tmp_path, capfd):
 @pytest.mark.parametrize(
     ("command", "args", "line"),
     [
-        ("ranprm.predict", [], "ckpt, input, output are required, e.g. ranprm-predict ckpt="),
-        ("ranprm.predict", ["ckpt=x.ckpt", "output=o"], "input is required, e.g. ranprm-predict ckpt="),
+        ("ranprm.predict", [], "a value is required for ckpt, input and output, e.g. ranprm-predict ckpt="),
+        ("ranprm.predict", ["ckpt=x.ckpt", "output=o"], "a value is required for input, e.g. ranprm-predict ckpt="),
         ("ranprm.evaluate", [], "give exactly one of ckpt=PATH (run a model) and predictions=FILE"),
     ],
 )

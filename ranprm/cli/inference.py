@@ -75,8 +75,8 @@ def require(cfg: DictConfig, keys: Sequence[str], example: str) -> None:
     `report_user_errors`), before anything is read."""
     missing = [key for key in keys if OmegaConf.is_missing(cfg, key)]
     if missing:
-        verb = "is" if len(missing) == 1 else "are"
-        raise ConfigError(f"{', '.join(missing)} {verb} required, e.g. {example}")
+        names = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
+        raise ConfigError(f"a value is required for {names}, e.g. {example}")
 
 
 # ------------------------------------------------------------------------------------------ the Trainer

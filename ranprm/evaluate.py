@@ -204,6 +204,8 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
     _progress_bar(cfg)
     if cfg.get("ckpt") is not None:
         inference_trainer_arguments(cfg)  # a bad device= or trainer.* value too
+    elif any(v is not None for v in (to_plain(cfg.get("trainer")) or {}).values() if v not in ("auto", 1)):
+        log.warning("trainer.* is ignored with predictions=FILE: no model runs, the file is scored in this process")
     in_run_folder = output is None and cfg.get("output") is None
     out_dir = Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser()
     prepare_output(out_dir, cfg, "hydra.run.dir" if in_run_folder else "output")

@@ -104,7 +104,8 @@ def inference_trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
     device_name = str(cfg.get("device", "auto"))
     accelerator, devices = trainer.get("accelerator"), trainer.get("devices")
     if accelerator is None and devices is None:
-        accelerator, devices = _from_device(resolve_device(device_name) if device_name != "auto" else None)
+        # auto: CUDA when there is one, else the CPU, as `resolve_device` (Lightning's own auto would also pick MPS)
+        accelerator, devices = _from_device(resolve_device(device_name))
     elif device_name != "auto":
         raise ConfigError(
             f"device={device_name} and trainer.accelerator/trainer.devices both choose the device; give device= for "
@@ -126,10 +127,8 @@ def inference_trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
     return {key: checked[key] for key in (*args, "precision")}
 
 
-def _from_device(device: torch.device | None) -> tuple[str, int | list[int]]:
-    """(accelerator, devices) for one device (`None`: auto, CUDA when there is one)."""
-    if device is None:
-        return "auto", 1
+def _from_device(device: torch.device) -> tuple[str, int | list[int]]:
+    """(accelerator, devices) for one device."""
     if device.type == "cuda":
         return "gpu", [device.index if device.index is not None else torch.cuda.current_device()]
     if device.type in ("cpu", "mps"):

@@ -12,6 +12,12 @@ classification mAP.
 - `predictions=FILE` scores a COCO-style results file as `ranprm-predict` writes it; no model runs. Pointing is
   reported only when the entries carry a `peak`.
 
+The model runs under Lightning's `Trainer.test` (the module's `test_step` feeds the evaluators; they gather every
+process's per-image records, one per image id), so `device=` (one device) or `trainer.devices=N`
+(`trainer.accelerator`, `trainer.strategy=ddp`: one process per device) and a progress bar with the time left
+(`progress_bar=tqdm|rich|none`, also over the images of `predictions=FILE`) come from Lightning. Every process
+computes the same full-set metrics; the first writes them.
+
 Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` into `output` (default: the
 Hydra run folder) and prints a summary. An existing `metrics.json` or `per_class.md` there is replaced only with
 `overwrite=true`; the folder is checked writable, and the evaluated split's masks are checked from their headers,
@@ -22,15 +28,22 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from ranprm.cli.build import run_identity_of
+from ranprm.cli.build import PROGRESS_BARS, run_identity_of
 from ranprm.cli.config import hydra_main, report_user_errors, to_plain
-from ranprm.cli.inference import inference_settings, load_for_inference, resolve_device
+from ranprm.cli.inference import (
+    build_inference_trainer,
+    inference_settings,
+    inference_trainer_arguments,
+    load_for_inference,
+    root_device,
+)
 from ranprm.cli.run_dir import check_output_files, commit_hydra_files
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.data.dataset import VOCDataset, collate
@@ -40,7 +53,7 @@ from ranprm.errors import ConfigError, DataError
 from ranprm.eval import (
     EvalConfig,
     EvaluatorSuite,
-    eval_inputs,
+    SuiteResult,
     ground_truth,
     per_class_table,
     prediction_from_instances,
@@ -52,10 +65,12 @@ from ranprm.lightning.module import PRMModule
 from ranprm.prm.thresholds import ClassCalibration
 from ranprm.utils.checks import check_value
 from ranprm.utils.io import check_writable, clean_stale_temp_files, write_json_atomic, write_text_atomic
+from ranprm.utils.progress import track
 
 log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("metrics.json", "per_class.md")
+EXAMPLE = "ranprm-evaluate ckpt=runs/<run>/checkpoints/last.ckpt data=voc data.root=/data/VOCdevkit/VOC2012"
 
 
 def prepare_output(out_dir: Path, cfg: DictConfig, option: str = "output") -> Path:
@@ -107,7 +122,7 @@ def calibrate_classes(cfg: DictConfig, module: PRMModule, datamodule: VOCDataMod
                          skip_bad_images=datamodule.cfg.skip_bad_images)  # fmt: skip
     loader = DataLoader(dataset, batch_size=datamodule.cfg.val_batch_size or datamodule.cfg.batch_size,
                         num_workers=datamodule.cfg.num_workers, collate_fn=collate)  # fmt: skip
-    scores = module.calibration_scores(loader)
+    scores = module.calibration_scores(track(loader, len(loader), "calibrating", _progress_bar(cfg), "batch"))
     if len(scores) == 0:
         raise DataError(f"calibration.split={split}: none of its {len(ids)} images could be read")
     name = f"{task}/{split}" + (f" (first {len(ids)})" if calibration.get("max_images") is not None else "")
@@ -117,34 +132,36 @@ def calibrate_classes(cfg: DictConfig, module: PRMModule, datamodule: VOCDataMod
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def _evaluate_checkpoint(cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite) -> dict[str, Any]:
+def _evaluate_checkpoint(
+    cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite, out_dir: Path
+) -> tuple[SuiteResult, dict[str, Any], bool]:
+    """The model on the evaluated images through `Trainer.test` (devices, DDP, a progress bar); returns the result,
+    the run's record fields, and whether this process writes the files (the first process does)."""
     _, val_ids = datamodule.split_ids()
     ids = _cap(val_ids, cfg.eval.max_images)
     datamodule.check_val_masks(ids)  # a bad mask is one line now, not after the model ran on the images before it
-    module = load_for_inference(cfg, resolve_device(str(cfg.device)), datamodule.class_names)
+    trainer = build_inference_trainer(cfg, out_dir, progress_bar=_progress_bar(cfg))
+    module = load_for_inference(cfg, root_device(trainer), datamodule.class_names)
     calibrate_classes(cfg, module, datamodule)
     settings = inference_settings(module)
     # Only the evaluated images are read (setup() would read every training annotation too).
     datamodule.val_set = datamodule._dataset(ids, train=False)
-    skipped = 0
-    for batch in datamodule.val_dataloader():
-        skipped += batch["skipped"]
-        if "image" not in batch:
-            continue
-        keep = [i for i, t in enumerate(batch["targets"]) if t is not None]
-        skipped += len(batch["targets"]) - len(keep)
-        if not keep:
-            continue
-        predictions = module.predict_images(
-            batch["image"][keep].to(module.device),
-            [batch["orig_size"][i] for i in keep],
-            [batch["raw_image"][i] for i in keep],
-        )
-        evaluators.update(*eval_inputs(batch, datamodule.class_names, predictions=predictions, keep=keep))
-    return {"mode": "ckpt", "ckpt": str(cfg.ckpt), "skipped_images": skipped, **settings}
+    module.test_evaluators = evaluators
+    with warnings.catch_warnings():
+        # Lightning warns that a DistributedSampler repeats images to even the shares; the evaluators keep one
+        # record per image id, so a repeated image counts once.
+        warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
+        trainer.test(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    assert module.test_result is not None  # on_test_epoch_end ran on every process
+    # Unreadable images and images without segmentation are not scored (counted once each, whatever the sampler).
+    skipped = len(ids) - module.test_images_evaluated
+    info = {"mode": "ckpt", "ckpt": str(cfg.ckpt), "skipped_images": skipped, **settings}
+    return module.test_result, info, trainer.is_global_zero
 
 
-def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite) -> dict[str, Any]:
+def _evaluate_predictions(
+    cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite
+) -> tuple[SuiteResult, dict[str, Any], bool]:
     root = datamodule.root
     _, val_ids = datamodule.split_ids()
     ids = _cap(val_ids, cfg.eval.max_images)
@@ -152,7 +169,7 @@ def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluators
     sizes = {i: image_size_of(image_path(root, i)) for i in ids}
     results = read_results(Path(cfg.predictions).expanduser(), datamodule.class_names, sizes)
     skipped = 0
-    for image_id, entries in results.items():
+    for image_id, entries in track(results.items(), len(results), "evaluating", _progress_bar(cfg), "image"):
         targets = read_instance_masks(root, image_id, sizes[image_id])
         if targets is None:
             skipped += 1
@@ -160,18 +177,35 @@ def _evaluate_predictions(cfg: DictConfig, datamodule: VOCDataModule, evaluators
         objects = read_annotation(root / "Annotations" / f"{image_id}.xml", datamodule.class_names)
         gt = ground_truth(image_id, sizes[image_id], datamodule.class_names, targets=targets, objects=objects)
         evaluators.update([gt], [prediction_from_instances(entries.to_instances())])
-    return {"mode": "predictions", "predictions": str(cfg.predictions), "skipped_images": skipped}
+    info = {"mode": "predictions", "predictions": str(cfg.predictions), "skipped_images": skipped}
+    return evaluators.compute(), info, True
+
+
+def _progress_bar(cfg: DictConfig) -> str:
+    bar = cfg.get("progress_bar", "tqdm")
+    if bar not in PROGRESS_BARS:
+        raise ConfigError(f"progress_bar={bar!r} is unknown; choose one of {', '.join(PROGRESS_BARS)}")
+    return str(bar)
 
 
 def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate, write `metrics.json` and `per_class.md` into `output` (else `cfg.output`), return the metrics."""
+    """Evaluate, write `metrics.json` and `per_class.md` into `output` (else `cfg.output`), return the metrics.
+
+    Under several processes (`trainer.devices=N`) every process computes the same full-set metrics and returns
+    them; the first one writes the files, prints the summary and logs.
+    """
     started = time.perf_counter()
     if (cfg.get("ckpt") is None) == (cfg.get("predictions") is None):
         raise ConfigError(
             "give exactly one of ckpt=PATH (run a model) and predictions=FILE (score a results file)"
-            + ("; both were given" if cfg.get("ckpt") is not None else "")
+            + ("; both were given" if cfg.get("ckpt") is not None else f", e.g. {EXAMPLE}")
         )
     eval_cfg = EvalConfig.from_config(to_plain(cfg.eval))  # a bad eval.* key fails before anything is written
+    _progress_bar(cfg)
+    if cfg.get("ckpt") is not None:
+        inference_trainer_arguments(cfg)  # a bad device= or trainer.* value too
+    elif any(v is not None for v in (to_plain(cfg.get("trainer")) or {}).values() if v not in ("auto", 1)):
+        log.warning("trainer.* is ignored with predictions=FILE: no model runs, the file is scored in this process")
     in_run_folder = output is None and cfg.get("output") is None
     out_dir = Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser()
     prepare_output(out_dir, cfg, "hydra.run.dir" if in_run_folder else "output")
@@ -183,10 +217,9 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
     datamodule = VOCDataModule(DataConfig.from_config(data_cfg))
     evaluators = EvaluatorSuite(datamodule.class_names, eval_cfg)
     if cfg.get("ckpt") is not None:
-        info = _evaluate_checkpoint(cfg, datamodule, evaluators)
+        result, info, writes = _evaluate_checkpoint(cfg, datamodule, evaluators, out_dir)
     else:
-        info = _evaluate_predictions(cfg, datamodule, evaluators)
-    result = evaluators.compute()
+        result, info, writes = _evaluate_predictions(cfg, datamodule, evaluators)
     record = {
         **result.to_record(),
         **info,
@@ -194,6 +227,8 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
         "split": f"{datamodule.cfg.val_task}/{datamodule.cfg.val_split}",
         "wall_s": round(time.perf_counter() - started, 1),
     }
+    if not writes:
+        return record
     write_json_atomic(out_dir / "metrics.json", record)
     write_text_atomic(out_dir / "per_class.md", per_class_table(result))
     print(summary(result))

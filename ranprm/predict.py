@@ -16,6 +16,12 @@ written); the next run into that folder may replace exactly those, so a stopped 
 
 Unreadable images (truncated, corrupt, not an image): `on_bad_image=skip` (default) warns for each, counts them and
 writes overlays and predictions.json for the images it read; `on_bad_image=stop` stops at the first one.
+
+The model runs under Lightning's `Trainer.predict` with a prediction writer (`ranprm.lightning.prediction_writer`):
+a progress bar with the time left (`progress_bar=tqdm|rich|none`), `device=` for one device, or
+`trainer.devices=N` (with `trainer.accelerator`, `trainer.strategy=ddp`) for one process per device, each writing
+its images' overlays; the first process writes predictions.json over all of them. `batch_size` and
+`num_workers` set the image loader (batches of one and no workers by default: images of any size, read in order).
 """
 
 from __future__ import annotations
@@ -25,50 +31,36 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
+from ranprm.cli.build import PROGRESS_BARS
 from ranprm.cli.config import hydra_main, report_user_errors
-from ranprm.cli.inference import load_for_inference, resolve_device
+from ranprm.cli.inference import (
+    build_inference_trainer,
+    inference_trainer_arguments,
+    load_for_inference,
+    require,
+    root_device,
+)
+from ranprm.data.images import IMAGE_SUFFIXES, ImageFileDataset, collate_images, list_images
 from ranprm.data.transforms import build_transform
-from ranprm.data.voc import read_image
-from ranprm.errors import ConfigError, DataError, RunFolderError
-from ranprm.eval.results_io import instances_to_results, write_results
+from ranprm.errors import ConfigError, RunFolderError
+from ranprm.lightning.prediction_writer import (
+    ON_BAD_IMAGE,
+    PREDICTIONS_FILE,
+    UNFINISHED_FILE,
+    OverlayAndResultsWriter,
+)
 from ranprm.utils.checks import check_range, check_value
 from ranprm.utils.io import check_writable, clean_stale_temp_files
-from ranprm.viz.draw import save_png
-from ranprm.viz.overlay import render_overlay
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+__all__ = ["IMAGE_SUFFIXES", "PREDICTIONS_FILE", "UNFINISHED_FILE", "list_images", "predict"]
+
 DEFAULT_IMAGE_SIZE = 448
-PREDICTIONS_FILE = "predictions.json"
-UNFINISHED_FILE = ".ranprm-predict-unfinished"  # overlays written by a run that has not written predictions.json
-ON_BAD_IMAGE = ("skip", "stop")
-
-
-def list_images(path: str | Path) -> list[Path]:
-    """The image files of `path` (a file, or a folder's images in name order, not recursive)."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise DataError(f"input={str(path)!r} is not an image file ({', '.join(IMAGE_SUFFIXES)})")
-        return [path]
-    if not path.exists():
-        raise DataError(f"input={str(path)!r} does not exist; give an image file or a folder of images")
-    if not path.is_dir():
-        raise DataError(f"input={str(path)!r} is neither a file nor a folder")
-    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise DataError(f"input={str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); nothing to predict")
-    stems: dict[str, Path] = {}
-    for p in images:
-        if p.stem in stems:
-            raise DataError(
-                f"input={str(path)!r}: {stems[p.stem].name} and {p.name} share the stem {p.stem!r}, which is "
-                "the image_id in predictions.json; rename one"
-            )
-        stems[p.stem] = p
-    return images
+REQUIRED = ("ckpt", "input", "output")
+EXAMPLE = "ranprm-predict ckpt=runs/<run>/checkpoints/last.ckpt input=photos/ output=predictions/"
 
 
 def unfinished_outputs(output: Path) -> set[str]:
@@ -98,29 +90,41 @@ def _check_outputs(images: list[Path], output: Path, overwrite: bool) -> None:
         )
 
 
-def _settings(cfg: DictConfig) -> tuple[bool, str, int | None]:
-    """(overwrite, on_bad_image, image_size) checked: one line each, before the model loads."""
+def _settings(cfg: DictConfig) -> tuple[bool, str, int | None, int, int, str]:
+    """(overwrite, on_bad_image, image_size, batch_size, num_workers, progress_bar) checked: one line each, before
+    the model loads."""
     overwrite = check_value(cfg.get("overwrite", False), bool, "overwrite")
     on_bad = cfg.get("on_bad_image", "skip")
     if on_bad not in ON_BAD_IMAGE:
         raise ConfigError(f"on_bad_image={on_bad!r} is not valid; choose one of {', '.join(ON_BAD_IMAGE)}")
     image_size = check_value(cfg.get("image_size"), int | None, "image_size")
     check_range(image_size, "image_size", low=32)
-    return overwrite, on_bad, image_size
+    batch_size = check_value(cfg.get("batch_size", 1), int, "batch_size")
+    check_range(batch_size, "batch_size", low=1)
+    workers = check_value(cfg.get("num_workers", 0), int, "num_workers")
+    check_range(workers, "num_workers", low=0)
+    bar = cfg.get("progress_bar", "tqdm")
+    if bar not in PROGRESS_BARS:
+        raise ConfigError(f"progress_bar={bar!r} is unknown; choose one of {', '.join(PROGRESS_BARS)}")
+    inference_trainer_arguments(cfg)  # device= and trainer.* too
+    return overwrite, on_bad, image_size, int(batch_size), int(workers), str(bar)
 
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Run the model on every input image, write overlays and predictions.json; returns the result entries."""
-    overwrite, on_bad, image_size = _settings(cfg)
+    """Run the model on every input image through `Trainer.predict`, write overlays and predictions.json; returns
+    the result entries (on every process, under several devices)."""
+    require(cfg, REQUIRED, EXAMPLE)
+    overwrite, on_bad, image_size, batch_size, workers, bar = _settings(cfg)
     images = list_images(cfg.input)
     output = Path(cfg.output).expanduser()
     if output.exists() and not output.is_dir():
         raise ConfigError(f"output={str(output)!r} is a file; give a folder")
     _check_outputs(images, output, overwrite)
     check_writable(output, "output")
-    device = resolve_device(str(cfg.device))
 
-    module = load_for_inference(cfg, device)
+    writer = OverlayAndResultsWriter(output, images, [], on_bad, source=f"input={cfg.input!r}")
+    trainer = build_inference_trainer(cfg, output, callbacks=[writer], progress_bar=bar)
+    module = load_for_inference(cfg, root_device(trainer))
     if image_size is None:
         image_size = module.hparams.get("image_size")
     if image_size is None:
@@ -130,43 +134,21 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     stride = module.model.stride
     if int(image_size) < stride:
         raise ConfigError(f"image_size={image_size} is smaller than the network stride ({stride} px)")
-    class_names = list(module.class_names)
-    transform = build_transform(int(image_size), train=False)
+    writer.class_names = list(module.class_names)
+    dataset = ImageFileDataset(images, build_transform(int(image_size), train=False))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_images)
 
-    results: list[dict[str, Any]] = []
-    skipped: list[str] = []
     output.mkdir(parents=True, exist_ok=True)
     clean_stale_temp_files(output)
-    with (output / UNFINISHED_FILE).open("a") as unfinished:
-        for path in images:
-            try:
-                image = read_image(path)  # (3, H, W) uint8 RGB, whatever the file's mode
-            except DataError as err:
-                if on_bad == "stop":
-                    raise DataError(f"{err}; remove it, or pass on_bad_image=skip to skip such images") from err
-                log.warning("skipping %s", err)
-                skipped.append(path.name)
-                continue
-            size = (int(image.shape[1]), int(image.shape[2]))
-            raw = image.permute(1, 2, 0).numpy()
-            batch = transform(image)[None].to(device)
-            (prediction,) = module.predict_images(batch, [size], [raw])
-            results.extend(instances_to_results(path.stem, prediction.instances, class_names))
-            overlay = render_overlay(raw, prediction.instances, class_names, peaks=prediction.peaks)
-            unfinished.write(f"{path.stem}.png\n")  # listed before it exists: a kill mid-write leaves it listed
-            unfinished.flush()
-            save_png(output / f"{path.stem}.png", overlay)
-            print(f"{path.name}: {len(prediction.instances.labels)} instance(s)")
-    if len(skipped) == len(images):
-        raise DataError(f"input={cfg.input!r}: none of the {len(images)} image(s) could be read; nothing to predict")
-    write_results(output / PREDICTIONS_FILE, results)
-    (output / UNFINISHED_FILE).unlink(missing_ok=True)
-    read = len(images) - len(skipped)
-    print(f"wrote {read} overlay(s) and {output / PREDICTIONS_FILE} ({len(results)} instances)")
-    if skipped:
-        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        log.warning("skipped %d unreadable image(s) of %d: %s", len(skipped), len(images), shown)
-    return results
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    if trainer.is_global_zero:
+        read = len(images) - len(writer.skipped)
+        print(f"wrote {read} overlay(s) and {output / PREDICTIONS_FILE} ({len(writer.results)} instances)")
+        if writer.skipped:
+            skipped = writer.skipped
+            shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            log.warning("skipped %d unreadable image(s) of %d: %s", len(skipped), len(images), shown)
+    return writer.results
 
 
 @hydra_main("predict")

@@ -110,11 +110,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
         SaveOnSigterm(run_dir / "checkpoints"),
         SkippedImagesReport(),
     ]
-    bar = cfg.callbacks.progress_bar
-    if bar == "rich":
-        callbacks.append(RichProgressBar())
-    elif bar == "tqdm":
-        callbacks.append(TQDMProgressBar())
+    bar = progress_bar_callback(cfg.callbacks.progress_bar)
+    if bar is not None:
+        callbacks.append(bar)
     if has_logger:
         # per step: the cosine schedule steps per batch, so a per-epoch reading would hide its shape
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -154,6 +152,13 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
             )
         )
     return callbacks
+
+
+def progress_bar_callback(name: str, option: str = "callbacks.progress_bar") -> Callback | None:
+    """Lightning's progress bar `name` (rich or tqdm; both show the time left), None for `none`."""
+    if name not in PROGRESS_BARS:
+        raise ConfigError(f"{option}={name!r} is unknown; choose one of {', '.join(PROGRESS_BARS)}")
+    return {"rich": RichProgressBar, "tqdm": TQDMProgressBar}[name]() if name != "none" else None
 
 
 def check_optimizer_config(optimizer: dict[str, Any]) -> None:

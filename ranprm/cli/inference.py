@@ -1,13 +1,20 @@
-"""What `ranprm-predict` and `ranprm-evaluate` share: the device, and a checkpoint with the command line's
-inference settings on top of its own."""
+"""What `ranprm-predict` and `ranprm-evaluate` share: their required values, the Trainer that runs the model
+(`device` / `trainer.*`, a progress bar), and a checkpoint with the command line's inference settings on top of its
+own."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
-from omegaconf import DictConfig
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf
 
+from ranprm.cli.build import progress_bar_callback, trainer_arguments
 from ranprm.cli.config import to_plain
 from ranprm.errors import ConfigError
 from ranprm.lightning.checkpoint import load_module
@@ -60,3 +67,98 @@ def load_for_inference(cfg: DictConfig, device: torch.device, class_names: tuple
     module = load_module(cfg.ckpt, class_names, backbone_overrides=to_plain(cfg.backbone_overrides))
     apply_inference_overrides(module, cfg)
     return module.to(device)
+
+
+# ------------------------------------------------------------------------------------------ required values
+def require(cfg: DictConfig, keys: Sequence[str], example: str) -> None:
+    """One line naming every required (`???`) key of `keys` left unset, with an example command (exit 2 through
+    `report_user_errors`), before anything is read."""
+    missing = [key for key in keys if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        names = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
+        raise ConfigError(f"a value is required for {names}, e.g. {example}")
+
+
+# ------------------------------------------------------------------------------------------ the Trainer
+# Strategies whose processes are started by the Trainer inside this call (multiprocessing spawn/fork): their
+# results (metrics, predictions) stay in the child processes, so the entry points could not write them.
+_CHILD_PROCESS_STRATEGIES = ("spawn", "fork", "notebook")
+INFERENCE_PRECISION = "32-true"
+
+
+def inference_trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """`device` and `trainer.*` of `ranprm-evaluate` / `ranprm-predict` as `L.Trainer` keyword arguments.
+
+    `device=auto|cpu|cuda|cuda:N` is the one-device shorthand (as before the Trainer ran these commands);
+    `trainer.accelerator` / `trainer.devices` choose several devices (one process each, DDP) and then replace it.
+    Precision is fp32: `predict_images` runs the network and the peak backprop without autocast so that instance
+    maps never depend on a precision plugin; `prm.precision=bf16` is the one reduced-precision switch.
+    """
+    trainer = to_plain(cfg.get("trainer")) or {}
+    unknown = sorted(set(trainer) - {"accelerator", "devices", "strategy", "num_nodes"})
+    if unknown:
+        raise ConfigError(
+            f"trainer.{unknown[0]} is not a setting of this command; it takes trainer.accelerator, trainer.devices, "
+            "trainer.strategy and trainer.num_nodes (precision: prm.precision=bf16)"
+        )
+    device_name = str(cfg.get("device", "auto"))
+    accelerator, devices = trainer.get("accelerator"), trainer.get("devices")
+    if accelerator is None and devices is None:
+        # auto: CUDA when there is one, else the CPU, as `resolve_device` (Lightning's own auto would also pick MPS)
+        accelerator, devices = _from_device(resolve_device(device_name))
+    elif device_name != "auto":
+        raise ConfigError(
+            f"device={device_name} and trainer.accelerator/trainer.devices both choose the device; give device= for "
+            "one device, or trainer.devices=N (with trainer.accelerator) for several"
+        )
+    args = {
+        "accelerator": "auto" if accelerator is None else accelerator,
+        "devices": 1 if devices is None else devices,
+        "strategy": trainer.get("strategy") or "auto",
+        "num_nodes": trainer.get("num_nodes") or 1,
+    }
+    strategy = args["strategy"]
+    if isinstance(strategy, str) and any(word in strategy for word in _CHILD_PROCESS_STRATEGIES):
+        raise ConfigError(
+            f"trainer.strategy={strategy}: its processes keep their results to themselves; use trainer.strategy=ddp "
+            "(or auto), which runs this command once per device"
+        )
+    checked = trainer_arguments(DictConfig({"trainer": {**args, "precision": INFERENCE_PRECISION}}))
+    return {key: checked[key] for key in (*args, "precision")}
+
+
+def _from_device(device: torch.device) -> tuple[str, int | list[int]]:
+    """(accelerator, devices) for one device."""
+    if device.type == "cuda":
+        return "gpu", [device.index if device.index is not None else torch.cuda.current_device()]
+    if device.type in ("cpu", "mps"):
+        return device.type, 1
+    raise ConfigError(f"device={device} is not supported here; use auto, cpu, cuda, cuda:N or mps")
+
+
+def build_inference_trainer(
+    cfg: DictConfig, root_dir: Path, callbacks: list[Callback] | None = None, progress_bar: str = "tqdm"
+) -> L.Trainer:
+    """A Trainer for one pass over images (`Trainer.test` / `Trainer.predict`): no logger, no checkpoints, autograd
+    on (PRM backprop), the chosen progress bar with an ETA (`tqdm`, `rich`, or `none`)."""
+    args = inference_trainer_arguments(cfg)
+    bar = progress_bar_callback(progress_bar, "progress_bar")
+    try:
+        return L.Trainer(
+            **args,
+            logger=False,
+            callbacks=[*(callbacks or []), *([bar] if bar is not None else [])],
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=bar is not None,
+            inference_mode=False,  # peak backprop needs autograd
+            default_root_dir=str(root_dir),
+        )
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"trainer: {first} (check device= and the trainer.* values)") from err
+
+
+def root_device(trainer: L.Trainer) -> torch.device:
+    """The device this process runs the model on (before `Trainer.test`/`predict` move it there)."""
+    return trainer.strategy.root_device

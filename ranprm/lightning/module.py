@@ -1,6 +1,8 @@
 """The LightningModule: wires the network, peak stimulation, loss, optimiser and validation metrics.
 
-It holds no algorithm of its own: peaks and scores come from `ranprm.prm.peaks`, instance inference from
+`ranprm-evaluate` runs it under `Trainer.test` (`test_step`: instances into the evaluators it is given) and
+`ranprm-predict` under `Trainer.predict` (`predict_step`: instances for a prediction writer). It holds no algorithm
+of its own: peaks and scores come from `ranprm.prm.peaks`, instance inference from
 `ranprm.prm.pipeline`, metrics from the evaluators of `ranprm.eval` (named by `eval.metrics`, protocol
 `eval.protocol`).
 """
@@ -14,11 +16,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from ranprm.data.datamodule import validation_split
 from ranprm.errors import ConfigError, RanprmError
-from ranprm.eval import EvalConfig, EvaluatorSuite, eval_inputs, summary
+from ranprm.eval import EvalConfig, EvaluatorSuite, SuiteResult, eval_inputs, summary
+from ranprm.eval.base import gather_records
 from ranprm.lightning.callbacks import due_this_epoch
 from ranprm.models.prm_net import PRMNet
 from ranprm.prm.peaks import PeakHead
@@ -79,6 +83,11 @@ class PRMModule(L.LightningModule):
         self.evaluators = EvaluatorSuite(self.class_names, only=[])
         self.last_instance_metrics: dict[str, Any] = {}
         self._instance_images_seen = 0
+        # `ranprm-evaluate` (Trainer.test): its evaluators, the images they scored and, after the pass, the result.
+        self.test_evaluators: EvaluatorSuite | None = None
+        self._test_image_ids: list[str] = []
+        self.test_result: SuiteResult | None = None
+        self.test_images_evaluated = 0
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):
@@ -308,6 +317,46 @@ class PRMModule(L.LightningModule):
             log.warning("%d validation images had more than prm.max_peaks_per_image=%s valid peaks; the strongest "
                         "were kept", self._peaks_over_cap, self.inference_config().max_peaks_per_image)  # fmt: skip
         self._peaks_over_cap = 0
+
+    # ------------------------------------------------------------- ranprm-evaluate (test) and ranprm-predict (predict)
+    def on_test_epoch_start(self) -> None:
+        if self.test_evaluators is None:  # Trainer.test without ranprm-evaluate's suite: the checkpoint's eval.*
+            self.build_evaluators()
+            self.test_evaluators = EvaluatorSuite(self.class_names, self.eval_config)
+        self.test_evaluators.reset()
+        self._test_image_ids = []
+        self.test_result = None
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Instances of the batch's images that have ground truth, fed to the test evaluators (an image without
+        segmentation, or unreadable and skipped, is not scored)."""
+        if "image" not in batch or self.test_evaluators is None:
+            return
+        keep = [i for i, t in enumerate(batch["targets"]) if t is not None]
+        if not keep:
+            return
+        predictions = self.predict_images(
+            batch["image"][keep], [batch["orig_size"][i] for i in keep], [batch["raw_image"][i] for i in keep]
+        )
+        # Lightning moved the whole batch to the device; the evaluators score on the CPU, where the predictions are
+        # (exact copies: the masks are bool, so no number changes).
+        batch = {**batch, "targets": move_data_to_device(batch["targets"], torch.device("cpu"))}
+        self.test_evaluators.update(*eval_inputs(batch, self.class_names, predictions=predictions, keep=keep))
+        self._test_image_ids += [batch["image_id"][i] for i in keep]
+
+    def on_test_epoch_end(self) -> None:
+        # Every process computes: the evaluators gather all processes' records, one per image id (the padding a
+        # distributed sampler adds counts once), so the result is the full set's on every process.
+        if self.test_evaluators is None:
+            return
+        self.test_result = self.test_evaluators.compute()
+        self.test_images_evaluated = len(gather_records([(i, None) for i in self._test_image_ids]))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[ImagePrediction]:
+        """Instances of the readable images of a `ranprm.data.images` batch, in its order (none if it has none)."""
+        if "image" not in batch:
+            return []
+        return self.predict_images(batch["image"], batch["orig_size"], batch["raw_image"])
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimizer over two groups: the backbone's trunk at `lr * backbone_lr_mult` (PRM's recipe

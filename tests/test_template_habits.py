@@ -4,6 +4,7 @@ keys without `+`, trainer=mps, the per-step LR monitor, EarlyStopping and EMA fr
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
@@ -31,6 +32,9 @@ def trainers(monkeypatch) -> list[L.Trainer]:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             built.append(self)
+
+    # ranprm checks trainer.* names against the Trainer's signature: keep the real one
+    Recording.__init__.__signature__ = inspect.signature(L.Trainer.__init__)  # type: ignore[attr-defined]
 
     monkeypatch.setattr(train_mod.L, "Trainer", Recording)
     return built

@@ -144,7 +144,7 @@ def check_composed(cfg: Any, config_name: str, require_all: bool = True) -> None
 
     missing = sorted(OmegaConf.missing_keys(cfg)) if require_all else []
     if missing:
-        named = ", ".join(missing)
+        named = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
         hint = " ".join(f"{key}=..." for key in missing)
         suffix = f", e.g. `{example(config_name)}`" if config_name in ENTRY_POINTS else ""
         raise ConfigError(f"{named} {'is' if len(missing) == 1 else 'are'} required; give {hint}{suffix}")

@@ -3,7 +3,7 @@
 `--help` is Hydra's app help with ranprm's template (`hydra.help.template: ${ranprm_help:<config name>}` in
 `conf/hydra/default.yaml` and `conf/predict.yaml`): a short description, usage, examples, the config groups this
 entry point composes (read from the composed config's `hydra.runtime.choices`, so `ranprm-predict --help` never
-lists train-only groups such as `optimizer` or `debug`) with their options, then its own keys with their values.
+lists train-only groups such as `optimizer` or `debug`) with their options, then its own keys with their current values.
 """
 
 from __future__ import annotations
@@ -79,19 +79,19 @@ def help_template(config_name: str, *, _root_: Any) -> str:
     lines += [f"  {command}" for command in entry.examples]
     lines += ["", "Config groups (group=option; the current choice in brackets):"]
     for group in sorted(groups):
-        shown = ", ".join(f"[{o}]" if o == choices[group] else o for o in _group_options(group))
+        options = _group_options(group)
+        shown = ", ".join(f"[{o}]" if o == choices[group] else o for o in options) or "(none here)"
         lines.append(f"  {group}: {shown}")
     lines += [
         "",
         "Options (key=value; a wrong type or an unknown key is one error line, exit 2; the current values):",
         "",
         "$CONFIG",
-        "Hydra flags:",
-        "$FLAGS_HELP",
+        f"More: {entry.command} --cfg job (the composed config), --info defaults (where each value comes from), "
+        "--hydra-help (Hydra's own flags)",
     ]
     # Hydra fills the template with string.Template: a literal $ must be doubled
-    text = "\n".join(lines)
-    return text.replace("$", "$$").replace("$$CONFIG", "$CONFIG").replace("$$FLAGS_HELP", "$FLAGS_HELP")
+    return "\n".join(lines).replace("$", "$$").replace("$$CONFIG", "$CONFIG")
 
 
 def register_help_resolver() -> None:

@@ -72,7 +72,8 @@ class ResumableDataLoader(DataLoader):
         self._batches_done = batches_done or (lambda: 0)
 
     def state_dict(self) -> dict[str, int]:
-        assert isinstance(self.sampler, EpochSampler)
+        if not isinstance(self.sampler, EpochSampler):  # trainer.overfit_batches swaps in Lightning's own sampler
+            return {}
         return {"epoch": int(self.sampler.epoch), "batches_done": int(self._batches_done())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

@@ -110,6 +110,8 @@ def check_range(
     """A ConfigError naming `option` unless `value` (None passes) lies within the bounds (closed unless `*_open`)."""
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{option}={value!r} must be a finite number")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:

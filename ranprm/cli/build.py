@@ -40,6 +40,7 @@ from ranprm.utils.checks import check_range, check_value
 
 log = logging.getLogger(__name__)
 
+
 def check_callbacks_config(cfg: DictConfig) -> None:
     """Ranges of `callbacks.*` (their types and choices are the schema's, `ranprm.cli.schema.CallbacksSchema`)."""
     ckpt = cfg.callbacks.checkpoint

@@ -372,7 +372,7 @@ def test_a_backbone_value_of_the_wrong_type_fails_when_the_config_is_composed(vo
         ("ranprm.train", ["optimizer.lr=abc"], "optimizer.lr='abc' must be a number"),
         ("ranprm.train", ["data.batch_size=x"], "data.batch_size='x' must be an integer"),
         ("ranprm.predict", ["ckpt=x.ckpt", "input=.", "output=o", "image_size=abc"], "image_size='abc' must be"),
-        ("ranprm.predict", [], "is required"),
+        ("ranprm.predict", [], "are required"),
     ],
 )
 def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path, entry, args, named):

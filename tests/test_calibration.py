@@ -1,5 +1,5 @@
-"""The per-class reading of the RAN-PRM paper's Q3 (threshold=class_q3): calibrated at the end of training, stored in
-the checkpoint, reloaded for inference, and recomputed by ranprm-evaluate on a split the user names."""
+"""The per-class reading of the RAN-PRM paper's Q3 (threshold=class_q3): calibrated at the end of training, stored
+in the checkpoint, reloaded for inference, and recomputed by ranprm-evaluate on a split the user names."""
 
 import json
 from pathlib import Path

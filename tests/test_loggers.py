@@ -240,9 +240,11 @@ def test_checkpoints_become_artifacts_with_best_and_latest(voc_root, tmp_path, o
     """log_model=true: at the end, the best and the last checkpoint as versions of model-<run id>.
 
     mode=min on cls mAP makes epoch 0 the best and epoch 1 the last, so the aliases must land on different files.
+    A best checkpoint is kept only with held-out validation images (never chosen on the evaluated split).
     """
     run_dir = tmp_path / "run"
     overrides = [*wandb_overrides(voc_root, run_dir, epochs=2), "callbacks.panels.num_images=0",
+                 "data.holdout_fraction=0.5",
                  "logger.log_model=true", "callbacks.checkpoint.mode=min"]  # fmt: skip
     train(compose("train", overrides))
     (run,) = offline_runs(run_dir)

@@ -280,7 +280,8 @@ def test_refused_and_failed_attempts_leave_the_run_folder_byte_for_byte_and_resu
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((run / "metrics.json").read_text())
     assert (summary["epochs"], summary["global_step"]) == (2, 4)  # 6 images, batch 4: 2 steps an epoch
-    assert summary["best_checkpoint"] and Path(summary["best_checkpoint"]).is_file()
+    assert summary["best_checkpoint"] is None  # no held-out split: last.ckpt only
+    assert Path(summary["last_checkpoint"]).is_file()
     saved = OmegaConf.load(run / ".hydra" / "overrides.yaml")
     assert "trainer.max_epochs=2" in saved and "logger=none" in saved and "trainer.max_epochs=1" not in saved
     assert not any(str(o).startswith(("ckpt_path", "resume", "hydra.")) for o in saved)
@@ -292,14 +293,15 @@ def test_a_moved_run_folder_resumes_and_metrics_name_files_that_exist(voc_root, 
     import shutil
 
     old, new = tmp_path / "old", tmp_path / "new"
-    train(compose("train", [*tiny_overrides(voc_root, old), "trainer.max_epochs=1"]))
+    held_out = "data.holdout_fraction=0.5"  # 3 of the 6 training images validate, so a best checkpoint is kept
+    train(compose("train", [*tiny_overrides(voc_root, old), "trainer.max_epochs=1", held_out]))
     shutil.move(old, new)
     # no validation after the resume: no new best, so Lightning's restored path (into old/) is what it reports
-    overrides = [*tiny_overrides(voc_root, new), "trainer.max_epochs=2", "ckpt_path=last",
+    overrides = [*tiny_overrides(voc_root, new), "trainer.max_epochs=2", "ckpt_path=last", held_out,
                  "+trainer.limit_val_batches=0", "optimized_metric=null"]  # fmt: skip
     train(compose("train", overrides))
     summary = json.loads((new / "metrics.json").read_text())
-    assert summary["global_step"] == 4 and summary["resumed_from"] == str(new / "checkpoints" / "last.ckpt")
+    assert summary["global_step"] == 2 and summary["resumed_from"] == str(new / "checkpoints" / "last.ckpt")
     assert summary["best_checkpoint"] == str(new / "checkpoints" / "best-epoch000.ckpt")  # not old/...: gone
     assert Path(summary["last_checkpoint"]).is_file()
 

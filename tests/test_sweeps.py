@@ -39,7 +39,7 @@ def _sweep_overrides(voc_root: Path, sweep_dir: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------- composition
 
 
-def test_seed_voc_preset_is_the_seeds_setup():
+def test_seed_voc_preset_is_the_ran_prm_papers_setup():
     cfg = compose("train", ["experiment=seed_voc", "data.root=/data/VOC2012", "paths.output_dir=/tmp/x"])
     assert cfg.data.name == "voc" and cfg.data.train_split == "train"
     assert (cfg.data.train_fraction, cfg.data.holdout_fraction) == (0.2, 0.1)
@@ -47,7 +47,7 @@ def test_seed_voc_preset_is_the_seeds_setup():
     assert cfg.optimizer.name == "sgd"
     assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.01, 0.9, 1e-4)
     assert cfg.trainer.max_epochs == 4
-    assert cfg.backbone.name == "ran" and cfg.threshold.name == "mean"
+    assert cfg.backbone.name == "ran" and cfg.threshold.name == "seed"  # Q3 for classes, the mean for peaks
 
 
 def test_prm_voc_preset_is_the_original_prm():
@@ -56,7 +56,8 @@ def test_prm_voc_preset_is_the_original_prm():
     assert cfg.optimizer.backbone_lr_mult == 0.01 and cfg.optimizer.lr == 0.01
     assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.data.image_size) == (16, 20, 448)
     assert cfg.threshold.name == "fixed"
-    assert cfg.data.val_task == "Segmentation" and cfg.data.train_split == "train"
+    # the official config trains on Main/trainval (which holds Segmentation val's images, labels only)
+    assert cfg.data.val_task == "Segmentation" and cfg.data.train_split == "trainval"
 
 
 def test_a_preset_still_takes_command_line_overrides():

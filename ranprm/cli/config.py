@@ -156,12 +156,14 @@ def check_composed(cfg: Any, config_name: str, require_all: bool = True) -> None
         if kind is not None and dataclasses.is_dataclass(kind):
             known = [f.name for f in dataclasses.fields(kind)]
             for key in node:
-                if key not in known:
+                if key not in known and not (path == "" and key == "hydra"):
                     where = path or "the config"
                     raise ConfigError(f"{path + '.' if path else ''}{key} is not an option of {where}; "
                                       f"its options: {', '.join(known)}")  # fmt: skip
         for key in node:
             child = node._get_node(key)
+            if path == "" and key == "hydra":  # Hydra's own node (return_hydra_config=True), typed by Hydra
+                continue
             if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
                 visit(child, f"{path}.{key}" if path else str(key))
 

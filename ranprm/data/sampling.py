@@ -72,12 +72,15 @@ class ResumableDataLoader(DataLoader):
         self._batches_done = batches_done or (lambda: 0)
 
     def state_dict(self) -> dict[str, int]:
-        if not isinstance(self.sampler, EpochSampler):  # trainer.overfit_batches swaps in Lightning's own sampler
+        # Lightning swaps in its own sampler for some modes (overfit_batches: a sequential one); then the order is
+        # Lightning's, with no position of ours to save.
+        if not isinstance(self.sampler, EpochSampler):
             return {}
         return {"epoch": int(self.sampler.epoch), "batches_done": int(self._batches_done())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        assert isinstance(self.sampler, EpochSampler) and self.batch_size is not None
+        if not state or not isinstance(self.sampler, EpochSampler) or self.batch_size is None:
+            return
         self.sampler.resume_at(int(state["epoch"]), int(state["batches_done"]), self.batch_size)
 
 

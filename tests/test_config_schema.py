@@ -112,6 +112,7 @@ def _run(entry: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         ("ranprm.predict", [], "ranprm: error: ckpt, input and output are required; give ckpt=... input=... "
          "output=..., e.g. `ranprm-predict ckpt=outputs/train/<date>/<time>/checkpoints/last.ckpt input=photos/ "
          "output=predicted/`"),
+        ("ranprm.evaluate", ["--help", "data.batch_size=x"], "ranprm: error: data.batch_size='x' must be an integer"),
     ],
 )  # fmt: skip
 def test_the_console_commands_print_one_line_and_exit_2_before_anything_is_made(tmp_path, entry, args, line):

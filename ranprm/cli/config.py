@@ -8,6 +8,10 @@ Extensions: before any config is composed, `register_extensions()` imports the p
 `RANPRM_PLUGINS=mylab.backbones`), then offers every registered entry that has a config dataclass as an option of
 its Hydra group (unless a YAML file of that name exists there): a new backbone in one file is then
 `backbone=<name>` on the command line.
+
+Every entry point's config is composed against its typed schema (`ranprm.cli.schema`); `hydra_main` and `compose`
+turn a config that does not compose into one line (`config_error_line`), and `check_composed` names the required
+values left unset.
 """
 
 from __future__ import annotations
@@ -46,9 +50,9 @@ def to_plain(cfg: Any) -> Any:
     """A resolved plain container (dict/list) of an OmegaConf node; anything else is returned as it is."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    return (
-        OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
-    )
+    if isinstance(cfg, DictConfig | ListConfig):  # the schema's choices (enums) as their plain strings
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return cfg
 
 
 def register_extensions() -> None:
@@ -173,32 +177,37 @@ def check_composed(cfg: Any, config_name: str, require_all: bool = True) -> None
 @contextmanager
 def _composition_errors_in_one_line() -> Iterator[None]:
     """Within, Hydra reports a config that does not compose as one line and exit 2 (`HYDRA_FULL_ERROR=1`: its
-    traceback). Hydra has no hook for this: its `run_and_report` is wrapped for the call and restored after."""
+    traceback), for runs, sweeps, `--cfg` and `--help` alike. Hydra has no hook for this: its `run_and_report` and
+    `Hydra.app_help` are wrapped for the call and restored after."""
+    from hydra._internal import hydra as hydra_app
     from hydra._internal import utils as hydra_utils
     from hydra.errors import CompactHydraException
 
-    original = getattr(hydra_utils, "run_and_report", None)
-    if original is None:  # another Hydra layout: its own (multi-line) report stays
-        yield
-        return
-
-    def run_and_report(func: Callable[[], Any]) -> Any:
-        def reported() -> Any:
+    def one_line(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def reported(*args: Any, **kwargs: Any) -> Any:
             try:
-                return func()
+                return func(*args, **kwargs)
             except CompactHydraException as err:  # composition, override grammar, a missing config option
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
                 print(f"ranprm: error: {config_error_line(err)}", file=sys.stderr)
                 raise SystemExit(2) from None
 
-        return original(reported)
+        return reported
 
-    hydra_utils.run_and_report = run_and_report
+    run_and_report = getattr(hydra_utils, "run_and_report", None)
+    app_help = getattr(getattr(hydra_app, "Hydra", None), "app_help", None)
+    if run_and_report is None or app_help is None:  # another Hydra layout: its own (multi-line) report stays
+        yield
+        return
+    hydra_utils.run_and_report = lambda func: run_and_report(one_line(func))
+    hydra_app.Hydra.app_help = one_line(app_help)
     try:
         yield
     finally:
-        hydra_utils.run_and_report = original
+        hydra_utils.run_and_report = run_and_report
+        hydra_app.Hydra.app_help = app_help
 
 
 def config_error_line(err: BaseException) -> str:

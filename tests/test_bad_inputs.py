@@ -290,10 +290,10 @@ def test_unknown_option_is_named(tmp_path):
      ("callbacks.panels.precision=fp8", "callbacks.panels.precision='fp8'")],
 )  # fmt: skip
 def test_bad_inference_settings_stop_training_before_the_first_step(voc_root, tmp_path, override, named):
-    """They are used only at the last epoch's evaluation and in the panels: checked when the run is built."""
-    cfg = compose("train", [*tiny_overrides(voc_root, tmp_path), override])
+    """They are used only at the last epoch's evaluation and in the panels: their choices are the schema's, so the
+    config does not even compose."""
     with pytest.raises(ConfigError, match=re.escape(named)):
-        train(cfg)
+        train(compose("train", [*tiny_overrides(voc_root, tmp_path), override]))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -321,8 +321,8 @@ def test_cli_full_traceback_with_hydra_full_error(tmp_path):
     [
         ("optimizer.lr=abc", r"optimizer\.lr='abc' must be a number"),
         ("optimizer.lr=-0.1", r"optimizer\.lr=-0\.1 must lie in \[0\.0, inf\]"),
-        ("optimizer.weight_decay=-1", r"optimizer\.weight_decay=-1 must lie in"),
-        ("optimizer.scheduler=step", r"optimizer\.scheduler='step' is unknown"),
+        ("optimizer.weight_decay=-1", r"optimizer\.weight_decay=-1(\.0)? must lie in"),
+        ("optimizer.scheduler=step", r"optimizer\.scheduler='step' must be one of none, cosine"),
         ("+optimizer.betas=[0.9]", r"optimizer='adam' cannot be built"),
         ("data.batch_size=0", r"data\.batch_size=0 must lie in \[1, inf\]"),
         ("data.batch_size=-1", r"data\.batch_size=-1 must lie in"),
@@ -339,7 +339,7 @@ def test_cli_full_traceback_with_hydra_full_error(tmp_path):
         ("seed=abc", r"seed='abc' must be an integer"),
         ("head.window=0", r"head\.window=0 must lie in \[1, inf\]"),
         ("eval.max_images=0", r"eval\.max_images=0 must lie in \[1, inf\]"),
-        ("callbacks.progress_bar=fancy", r"callbacks\.progress_bar='fancy' is unknown"),
+        ("callbacks.progress_bar=fancy", r"callbacks\.progress_bar='fancy' must be one of rich, tqdm, none"),
         ("callbacks.checkpoint.save_top_k=x", r"callbacks\.checkpoint\.save_top_k='x' must be an integer"),
         ("callbacks.panels.num_images=-1", r"callbacks\.panels\.num_images=-1 must lie in"),
         ("overwrite=maybe", r"overwrite='maybe' must be true or false"),
@@ -360,9 +360,7 @@ def test_bad_values_stop_training_before_any_data_is_read(voc_root, tmp_path, ov
 
 def test_a_backbone_value_of_the_wrong_type_fails_when_the_config_is_composed(voc_root, tmp_path):
     """The backbone's options are typed dataclass fields (ranprm.models.registry), checked by Hydra at compose time."""
-    from hydra.errors import ConfigCompositionException
-
-    with pytest.raises(ConfigCompositionException, match=r"backbone\.width=abc"):
+    with pytest.raises(ConfigError, match=r"^backbone\.width='abc' must be an integer$"):
         compose("train", [*tiny_overrides(voc_root, tmp_path / "out"), "backbone.width=abc"])
     assert not (tmp_path / "out").exists()
 
@@ -374,7 +372,7 @@ def test_a_backbone_value_of_the_wrong_type_fails_when_the_config_is_composed(vo
         ("ranprm.train", ["optimizer.lr=abc"], "optimizer.lr='abc' must be a number"),
         ("ranprm.train", ["data.batch_size=x"], "data.batch_size='x' must be an integer"),
         ("ranprm.predict", ["ckpt=x.ckpt", "input=.", "output=o", "image_size=abc"], "image_size='abc' must be"),
-        ("ranprm.predict", [], "is required"),
+        ("ranprm.predict", [], "are required"),
     ],
 )
 def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path, entry, args, named):

@@ -67,7 +67,7 @@ def test_a_folder_of_only_bad_images_and_bad_options_are_one_line(tiny_model, tm
     with pytest.raises(DataError, match=r"none of the 1 image\(s\) could be read"):
         predict(_predict_cfg(ckpt, inp, tmp_path / "out"))
     assert not (tmp_path / "out" / "predictions.json").exists()
-    with pytest.raises(ConfigError, match=r"on_bad_image='ignore' is not valid; choose one of skip, stop"):
+    with pytest.raises(ConfigError, match=r"on_bad_image='ignore' must be one of skip, stop"):
         predict(_predict_cfg(ckpt, inp, tmp_path / "out", "on_bad_image=ignore"))
     with pytest.raises(ConfigError, match=r"image_size=16 must lie in \[32, inf\]"):
         predict(_predict_cfg(ckpt, inp, tmp_path / "out", "image_size=16"))

@@ -31,16 +31,15 @@ def test_register_get_and_errors_name_the_option_and_the_choices():
 
 
 def test_an_entry_with_a_config_is_a_typed_option_of_its_group_without_yaml():
-    from hydra.errors import ConfigCompositionException
-
     from ranprm.cli.config import compose
+    from ranprm.errors import ConfigError
 
     registry: Registry = Registry("widget", "retrieval.name", group="retrieval")
     try:
         registry.register("toy_option", config=_ToyConfig)(object())
         cfg = compose("train", ["retrieval=toy_option", "retrieval.width=5"])
         assert dict(cfg.retrieval) == {"name": "toy_option", "width": 5}
-        with pytest.raises(ConfigCompositionException):
+        with pytest.raises(ConfigError, match=r"^retrieval\.width='abc' must be an integer$"):
             compose("train", ["retrieval=toy_option", "retrieval.width=abc"])  # the dataclass types the option
     finally:
         ALL_REGISTRIES.remove(registry)

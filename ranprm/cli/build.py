@@ -40,28 +40,16 @@ from ranprm.utils.checks import check_range, check_value
 
 log = logging.getLogger(__name__)
 
-PROGRESS_BARS = ("rich", "tqdm", "none")
-SCHEDULERS = ("none", "cosine")
-
 
 def check_callbacks_config(cfg: DictConfig) -> None:
-    """Types and ranges of `callbacks.*` (the checkpoint rule, the progress bar, the panels)."""
+    """Ranges of `callbacks.*` (their types and choices are the schema's, `ranprm.cli.schema.CallbacksSchema`)."""
     ckpt = cfg.callbacks.checkpoint
-    check_value(ckpt.monitor, str | None, "callbacks.checkpoint.monitor")
-    if ckpt.mode not in ("min", "max"):
-        raise ConfigError(f"callbacks.checkpoint.mode={ckpt.mode!r} is not valid; choose min or max")
-    check_range(check_value(ckpt.save_top_k, int, "callbacks.checkpoint.save_top_k"),
-                "callbacks.checkpoint.save_top_k", low=-1)  # fmt: skip
-    every = check_value(ckpt.get("every_n_train_steps"), int | None, "callbacks.checkpoint.every_n_train_steps")
-    check_range(every, "callbacks.checkpoint.every_n_train_steps", low=1)
-    bar = cfg.callbacks.progress_bar
-    if bar not in PROGRESS_BARS:
-        raise ConfigError(f"callbacks.progress_bar={bar!r} is unknown; choose one of {', '.join(PROGRESS_BARS)}")
+    check_range(ckpt.save_top_k, "callbacks.checkpoint.save_top_k", low=-1)
+    check_range(ckpt.get("every_n_train_steps"), "callbacks.checkpoint.every_n_train_steps", low=1)
     panels = cfg.callbacks.get("panels")
     if panels is not None:
-        for key, kind, low in (("num_images", int, 0), ("every_n_epochs", int | None, 1), ("max_prms", int, 1),
-                               ("tile_size", int | None, 16)):  # fmt: skip
-            check_range(check_value(panels.get(key), kind, f"callbacks.panels.{key}"), f"callbacks.panels.{key}", low)
+        for key, low in (("num_images", 0), ("every_n_epochs", 1), ("max_prms", 1), ("tile_size", 16)):
+            check_range(panels.get(key), f"callbacks.panels.{key}", low)
 
 
 def checkpoint_selection(cfg: DictConfig) -> dict[str, Any]:
@@ -162,31 +150,24 @@ def progress_bar_callback(name: str, option: str = "callbacks.progress_bar") -> 
 
 
 def check_optimizer_config(optimizer: dict[str, Any]) -> None:
-    """The values torch would reject only at the first step (or with a traceback), named one by one."""
-    lr = check_value(optimizer.get("lr"), float, "optimizer.lr")
-    check_range(lr, "optimizer.lr", low=0.0)
-    for key, low, high in (("weight_decay", 0.0, None), ("backbone_lr_mult", 0.0, None), ("momentum", 0.0, 1.0)):
-        if key in optimizer:
-            check_range(check_value(optimizer[key], float, f"optimizer.{key}"), f"optimizer.{key}", low, high)
-    scheduler = optimizer.get("scheduler") or "none"
-    if scheduler not in SCHEDULERS:
-        raise ConfigError(f"optimizer.scheduler={scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    """The values torch would reject only at the first step (or with a traceback), named one by one. The typed keys'
+    types and `scheduler`'s choices are the schema's (`ranprm.cli.schema.OptimizerSchema`); `momentum` is one of the
+    free-form torch keywords, so its type is checked here."""
+    check_range(optimizer.get("lr"), "optimizer.lr", low=0.0)
+    for key in ("weight_decay", "backbone_lr_mult"):
+        check_range(optimizer.get(key), f"optimizer.{key}", low=0.0)
+    if "momentum" in optimizer:
+        check_range(check_value(optimizer["momentum"], float, "optimizer.momentum"), "optimizer.momentum", 0.0, 1.0)
 
 
 def check_training_config(cfg: DictConfig) -> None:
-    """The top-level and `head` / `eval` values a training run uses, checked before anything is built."""
-    check_value(cfg.seed, int, "seed")
-    for key in ("channels_last", "compile"):
-        check_value(cfg.get(key, False), bool, key)
-    check_value(cfg.get("optimized_metric"), str | None, "optimized_metric")
+    """Ranges of the `head` / `eval` values a training run uses, checked before anything is built (their types are
+    the schema's; `head.peak_filter`, a rule name, number or mapping, is checked when the module parses its head)."""
     head = cfg.head
-    check_value(head.stimulation, bool, "head.stimulation")
-    check_value(head.full_peak_gradient, bool, "head.full_peak_gradient")
-    check_range(check_value(head.window, int, "head.window"), "head.window", low=1)
-    check_range(check_value(head.sub_pixel_factor, int, "head.sub_pixel_factor"), "head.sub_pixel_factor", low=1)
-    check_value(head.peak_filter, str | float, "head.peak_filter")
+    check_range(head.window, "head.window", low=1)
+    check_range(head.sub_pixel_factor, "head.sub_pixel_factor", low=1)
     for key in ("every_n_epochs", "max_images"):
-        check_range(check_value(cfg.eval.get(key), int | None, f"eval.{key}"), f"eval.{key}", low=1)
+        check_range(cfg.eval.get(key), f"eval.{key}", low=1)
 
 
 def build_module(cfg: DictConfig, class_names: tuple[str, ...]) -> PRMModule:

@@ -8,19 +8,27 @@ Extensions: before any config is composed, `register_extensions()` imports the p
 `RANPRM_PLUGINS=mylab.backbones`), then offers every registered entry that has a config dataclass as an option of
 its Hydra group (unless a YAML file of that name exists there): a new backbone in one file is then
 `backbone=<name>` on the command line.
+
+Every entry point's config is composed against its typed schema (`ranprm.cli.schema`); `hydra_main` and `compose`
+turn a config that does not compose into one line (`config_error_line`), and `check_composed` names the required
+values left unset.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
 import sys
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ranprm.errors import ConfigError, RanprmError
+from ranprm.utils.checks import describe_type
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the `ranprm` package folder
 T = TypeVar("T")
@@ -42,7 +50,9 @@ def to_plain(cfg: Any) -> Any:
     """A resolved plain container (dict/list) of an OmegaConf node; anything else is returned as it is."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
+    if isinstance(cfg, DictConfig | ListConfig):  # the schema's choices (enums) as their plain strings
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return cfg
 
 
 def register_extensions() -> None:
@@ -51,6 +61,8 @@ def register_extensions() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
+    from ranprm.cli.help import register_help_resolver
+    from ranprm.cli.schema import register_schemas
     from ranprm.utils.registry import ALL_REGISTRIES
 
     for package in EXTENSION_PACKAGES:
@@ -71,25 +83,178 @@ def register_extensions() -> None:
                 node = OmegaConf.structured(entry.config)
                 OmegaConf.set_readonly(node, False)  # a frozen dataclass is read-only: overrides must still apply
                 store.store(group=registry.group, name=entry.name, node=node)
+    register_schemas()
+    register_help_resolver()
 
 
 def hydra_main(config_name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """`hydra.main` over ranprm's configs, with the extensions registered first (see the module docstring)."""
+    """`hydra.main` over ranprm's configs, with the extensions registered first (see the module docstring).
+
+    A config that does not compose (a value of the wrong type, an unknown key or option, an override Hydra cannot
+    parse) and a composed config with required values left `???` are one line on stderr and exit code 2, as any
+    `RanprmError`: composition errors where Hydra reports them (`run_and_report`), the rest before the task starts
+    (`check_composed`).
+    """
     import hydra
 
     report_user_errors(register_extensions)()  # a bad RANPRM_PLUGINS is one line and exit 2, too
-    return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
+
+    def decorator(task: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(task)
+        def checked(cfg: Any, *args: Any, **kwargs: Any) -> T:
+            report_user_errors(check_composed)(cfg, config_name)
+            return task(cfg, *args, **kwargs)
+
+        hydra_task = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(checked)
+
+        @functools.wraps(hydra_task)
+        def run(*args: Any, **kwargs: Any) -> T:
+            with _composition_errors_in_one_line():
+                return hydra_task(*args, **kwargs)
+
+        return run
+
+    return decorator
 
 
 def compose(config_name: str = "train", overrides: list[str] | None = None, return_hydra_config: bool = False):
-    """Compose a config outside a Hydra main (tests, notebooks), e.g. `compose("train", ["backbone=tiny"])`."""
+    """Compose a config outside a Hydra main (tests, notebooks), e.g. `compose("train", ["backbone=tiny"])`.
+
+    A config that does not compose raises a one-line `ConfigError` (`config_error_line`), as the entry points
+    report it; required `???` values may stay unset here (a notebook fills them in later).
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import CompactHydraException
 
     register_extensions()
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name, overrides=overrides or [], return_hydra_config=return_hydra_config)
+        try:
+            cfg = hydra_compose(config_name, overrides=overrides or [], return_hydra_config=return_hydra_config)
+        except CompactHydraException as err:
+            raise ConfigError(config_error_line(err)) from err
+    check_composed(cfg, config_name, require_all=False)
+    return cfg
+
+
+def check_composed(cfg: Any, config_name: str, require_all: bool = True) -> None:
+    """What composition lets through: required `???` values left unset (all named in one line, with an example
+    command), and keys added with `+` to a section that takes only its own keys (`+data.bogus=1`)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from ranprm.cli.help import ENTRY_POINTS, example
+    from ranprm.cli.schema import OPEN_SECTIONS
+
+    missing = sorted(OmegaConf.missing_keys(cfg)) if require_all else []
+    if missing:
+        named = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
+        hint = " ".join(f"{key}=..." for key in missing)
+        suffix = f", e.g. `{example(config_name)}`" if config_name in ENTRY_POINTS else ""
+        raise ConfigError(f"{named} {'is' if len(missing) == 1 else 'are'} required; give {hint}{suffix}")
+
+    def visit(node: DictConfig, path: str) -> None:
+        if path in OPEN_SECTIONS:  # any keyword of the library it configures
+            return
+        kind = OmegaConf.get_type(node)
+        if kind is not None and dataclasses.is_dataclass(kind):
+            known = [f.name for f in dataclasses.fields(kind)]
+            for key in node:
+                if key not in known and not (path == "" and key == "hydra"):
+                    where = path or "the config"
+                    raise ConfigError(f"{path + '.' if path else ''}{key} is not an option of {where}; "
+                                      f"its options: {', '.join(known)}")  # fmt: skip
+        for key in node:
+            child = node._get_node(key)
+            if path == "" and key == "hydra":  # Hydra's own node (return_hydra_config=True), typed by Hydra
+                continue
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+                visit(child, f"{path}.{key}" if path else str(key))
+
+    visit(cfg, "")
+
+
+@contextmanager
+def _composition_errors_in_one_line() -> Iterator[None]:
+    """Within, Hydra reports a config that does not compose as one line and exit 2 (`HYDRA_FULL_ERROR=1`: its
+    traceback), for runs, sweeps, `--cfg` and `--help` alike. Hydra has no hook for this: its `run_and_report` and
+    `Hydra.app_help` are wrapped for the call and restored after."""
+    from hydra._internal import hydra as hydra_app
+    from hydra._internal import utils as hydra_utils
+    from hydra.errors import CompactHydraException
+
+    def one_line(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def reported(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return func(*args, **kwargs)
+            except CompactHydraException as err:  # composition, override grammar, a missing config option
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"ranprm: error: {config_error_line(err)}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+        return reported
+
+    run_and_report = getattr(hydra_utils, "run_and_report", None)
+    app_help = getattr(getattr(hydra_app, "Hydra", None), "app_help", None)
+    if run_and_report is None or app_help is None:  # another Hydra layout: its own (multi-line) report stays
+        yield
+        return
+    hydra_utils.run_and_report = lambda func: run_and_report(one_line(func))
+    hydra_app.Hydra.app_help = one_line(app_help)
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = run_and_report
+        hydra_app.Hydra.app_help = app_help
+
+
+def config_error_line(err: BaseException) -> str:
+    """One line for a config that does not compose: the key, the value and the type it must have
+    (`optimizer.lr='abc' must be a number`), or the unknown key and the section's options."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    cause: BaseException | None = err
+    while cause is not None and not (isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None)):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OmegaConfBaseException):
+        full_key = str(cause.full_key)
+        key = full_key.rsplit(".", 1)[-1]
+        hints = _field_types(getattr(cause, "object_type", None))
+        if isinstance(cause, ValidationError) and key in hints:
+            value = getattr(cause, "value", None)
+            shown = repr(value) if value is not None else _quoted_value(str(cause.msg))
+            return f"{full_key}={shown} must be {describe_type(hints[key])}"
+        if isinstance(cause, ConfigKeyError | ConfigAttributeError) and hints:
+            section = full_key.rsplit(".", 1)[0] if "." in full_key else "the config"
+            return f"{full_key} is not an option of {section}; its options: {', '.join(hints)}"
+        return f"{full_key}: {(str(cause.msg).splitlines() or [type(cause).__name__])[0]}"
+    text = str(err)
+    head, _, rest = text.partition("\n\nAvailable options in ")
+    first = " ".join(head.split())
+    if rest:  # Hydra: "Could not find 'backbone/x'\n\nAvailable options in 'backbone':\n\ta\n\tb\nConfig search ..."
+        group, _, listing = rest.partition(":")
+        options = [line.strip() for line in listing.split("Config search path")[0].splitlines() if line.strip()]
+        return f"{first}; the options of {group}: {', '.join(options)}"
+    first = (text.strip().splitlines() or [type(err).__name__])[0]
+    return f"cannot read an override: {first}" if type(err).__name__ == "OverrideParseException" else first
+
+
+def _field_types(owner: Any) -> dict[str, Any]:
+    if owner is None or not dataclasses.is_dataclass(owner):
+        return {}
+    try:
+        return typing.get_type_hints(owner)
+    except (NameError, TypeError):
+        return {f.name: f.type for f in dataclasses.fields(owner)}
+
+
+def _quoted_value(message: str) -> str:
+    """The value OmegaConf quotes in its message ("Value 'abc' of type ...", "Invalid value 'x', ...")."""
+    start = message.find("'")
+    end = message.find("'", start + 1)
+    return message[start : end + 1] if 0 <= start < end else "?"
 
 
 def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:

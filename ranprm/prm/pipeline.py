@@ -8,7 +8,8 @@ disagree. It depends on torch and the pure `ranprm.prm` stages only. Its setting
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -17,21 +18,42 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ranprm.errors import ConfigError
-from ranprm.prm.backprop import check_mode, peak_response_maps, precision_dtype
+from ranprm.prm.backprop import PRM_MODES, PRM_PRECISIONS, check_mode, peak_response_maps, precision_dtype
 from ranprm.prm.instances import Instances
 from ranprm.prm.peaks import GridPeaks, ImagePeaks, PeakHead, peak_mask, upsample_crm
 from ranprm.prm.retrieval import RetrievalConfig, build_retrieval, retrieve_instances
 from ranprm.prm.thresholds import ClassCalibration, Thresholds, select_classes, select_peaks
 from ranprm.utils.timing import stage
 
-# `prm` config keys and their defaults (checkpoints written before a key existed get its default).
+# The choices of `prm.mode` and `prm.precision` as enums, so a config schema refuses any other value when the config
+# is composed (`ranprm.cli.schema`); they are str, so `PrmMode.probability == "probability"`.
+PrmMode = StrEnum("PrmMode", {mode: mode for mode in PRM_MODES})
+PrmPrecision = StrEnum("PrmPrecision", {name: name for name in PRM_PRECISIONS})
+
+
+@dataclass(frozen=True)
+class PrmConfig:
+    """The `prm` config: peak response maps at inference (what `InferenceConfig.from_config` parses).
+
+    mode:                   probability (PRM's rule) | gradient (plain gradient)
+    sub_pixel_factor:       inference peak finding on the CRM up-sampled this many times (PRM's demo: 1)
+    class_sub_pixel_factor: the class test's up-sampling at inference (PRM's demo: 1)
+    max_peaks_per_image:    keep the strongest N valid peaks of an image; None: no cap
+    chunk_size:             peaks per vectorised backward; None: by device and image size
+    precision:              fp32 | bf16
+    """
+
+    mode: PrmMode = PrmMode.probability  # type: ignore[attr-defined]
+    sub_pixel_factor: int = 1
+    class_sub_pixel_factor: int = 1
+    max_peaks_per_image: int | None = 50
+    chunk_size: int | None = None
+    precision: PrmPrecision = PrmPrecision.fp32  # type: ignore[attr-defined]
+
+
+# `prm` config keys and their defaults as plain values (checkpoints written before a key existed get its default).
 PRM_DEFAULTS: dict[str, Any] = {
-    "mode": "probability",
-    "sub_pixel_factor": 1,
-    "class_sub_pixel_factor": 1,
-    "max_peaks_per_image": 50,
-    "chunk_size": None,
-    "precision": "fp32",
+    f.name: str(f.default) if isinstance(f.default, StrEnum) else f.default for f in fields(PrmConfig)
 }
 
 

@@ -5,6 +5,7 @@ same at compose time; these checks also cover code that builds the dataclasses d
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import types
 import typing
@@ -44,7 +45,14 @@ def _matches(value: Any, kind: Any) -> bool:
     return isinstance(value, kind)
 
 
+def describe_type(kind: Any) -> str:
+    """How an error message names the values of a type: "an integer", "a number or null", "one of a, b"."""
+    return _describe(kind)
+
+
 def _describe(kind: Any) -> str:
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return "one of " + ", ".join(str(member.value) for member in kind)
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         parts = [_describe(k) for k in typing.get_args(kind) if k is not type(None)]
@@ -53,6 +61,8 @@ def _describe(kind: Any) -> str:
     if origin is list:
         (item,) = typing.get_args(kind) or (Any,)
         return f"a list of {_describe(item).removeprefix('a ').removeprefix('an ')}s"
+    if origin is tuple and typing.get_args(kind)[-1:] == (Ellipsis,):
+        return f"a list of {_describe(typing.get_args(kind)[0]).removeprefix('a ').removeprefix('an ')}s"
     if origin is tuple:
         return (
             f"a list of {len(typing.get_args(kind))} values ({', '.join(_describe(k) for k in typing.get_args(kind))})"
@@ -100,6 +110,8 @@ def check_range(
     """A ConfigError naming `option` unless `value` (None passes) lies within the bounds (closed unless `*_open`)."""
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{option}={value!r} must be a finite number")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:

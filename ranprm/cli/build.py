@@ -144,9 +144,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
 
 def progress_bar_callback(name: str, option: str = "callbacks.progress_bar") -> Callback | None:
     """Lightning's progress bar `name` (rich or tqdm; both show the time left), None for `none`."""
-    if name not in PROGRESS_BARS:
-        raise ConfigError(f"{option}={name!r} is unknown; choose one of {', '.join(PROGRESS_BARS)}")
-    return {"rich": RichProgressBar, "tqdm": TQDMProgressBar}[name]() if name != "none" else None
+    bars: dict[str, type[Callback] | None] = {"rich": RichProgressBar, "tqdm": TQDMProgressBar, "none": None}
+    if name not in bars:  # the schemas check it at compose time; this is for callers in Python
+        raise ConfigError(f"{option}={name!r} is unknown; choose one of {', '.join(bars)}")
+    bar = bars[name]
+    return bar() if bar is not None else None
 
 
 def check_optimizer_config(optimizer: dict[str, Any]) -> None:

@@ -211,6 +211,17 @@ class OnBadImage(StrEnum):
     stop = "stop"
 
 
+@dataclass
+class InferenceTrainerSchema:
+    """`trainer.*` of evaluate and predict: where the model runs (null: from `device`). The strategy's values are
+    checked by `ranprm.cli.inference`, which refuses the ones whose results stay in their processes."""
+
+    accelerator: str | None = None
+    devices: Any = None  # N | [i, j] | -1 | auto
+    strategy: str = "auto"
+    num_nodes: int = 1
+
+
 # --------------------------------------------------------------------------------------------- entry points
 @dataclass
 class TrainSchema:
@@ -251,6 +262,8 @@ class EvaluateSchema:
     output: str | None = None
     overwrite: bool = False
     device: str = "auto"
+    trainer: InferenceTrainerSchema = field(default_factory=InferenceTrainerSchema)
+    progress_bar: ProgressBar = ProgressBar.tqdm
     data: DataSchema = field(default_factory=DataSchema)
     threshold: Any = None
     retrieval: Any = None
@@ -273,6 +286,10 @@ class PredictSchema:
     on_bad_image: OnBadImage = OnBadImage.skip
     image_size: int | None = None
     device: str = "auto"
+    trainer: InferenceTrainerSchema = field(default_factory=InferenceTrainerSchema)
+    progress_bar: ProgressBar = ProgressBar.tqdm
+    batch_size: int = 1
+    num_workers: int = 0
     threshold: Any = None
     retrieval: Any = None
     prm: PrmOverrides = field(default_factory=PrmOverrides)

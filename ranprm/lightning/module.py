@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from ranprm.data.datamodule import validation_split
 from ranprm.errors import ConfigError, RanprmError
@@ -259,14 +260,23 @@ class PRMModule(L.LightningModule):
         validation set each time."""
         loaders = self.trainer.val_dataloaders
         loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        # Fresh loaders over the same images: iterating Lightning's own validation loaders here, inside its
+        # validation epoch, leaves that epoch with no batches at all (no cls mAP, no instance metrics). They read
+        # the whole set in every process (no distributed sampler), so every process gets the same calibration.
+        fresh = [
+            DataLoader(
+                loader.dataset,
+                batch_size=loader.batch_size,
+                shuffle=False,
+                num_workers=loader.num_workers,
+                collate_fn=loader.collate_fn,
+            )  # fmt: skip
+            for loader in loaders
+        ]
         # A DataLoader draws its workers' base seed from the global RNG: fork it, so that the extra pass leaves
         # the training's random stream (shuffling, augmentation) exactly as it would be without it.
         with torch.random.fork_rng(devices=[]):
-            scores = self.calibration_scores(batch for loader in loaders for batch in loader)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            shards: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(shards, scores)
-            scores = torch.cat(shards)
+            scores = self.calibration_scores(batch for loader in fresh for batch in loader)
         if len(scores) == 0:
             return
         split, evaluated = validation_split(getattr(self.trainer, "datamodule", None))

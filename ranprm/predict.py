@@ -33,7 +33,6 @@ from typing import Any
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from ranprm.cli.build import PROGRESS_BARS
 from ranprm.cli.config import hydra_main, report_user_errors
 from ranprm.cli.inference import (
     build_inference_trainer,
@@ -103,9 +102,7 @@ def _settings(cfg: DictConfig) -> tuple[bool, str, int | None, int, int, str]:
     check_range(batch_size, "batch_size", low=1)
     workers = check_value(cfg.get("num_workers", 0), int, "num_workers")
     check_range(workers, "num_workers", low=0)
-    bar = cfg.get("progress_bar", "tqdm")
-    if bar not in PROGRESS_BARS:
-        raise ConfigError(f"progress_bar={bar!r} is unknown; choose one of {', '.join(PROGRESS_BARS)}")
+    bar = cfg.get("progress_bar", "tqdm")  # its choices are checked at compose time (ranprm.cli.schema)
     inference_trainer_arguments(cfg)  # device= and trainer.* too
     return overwrite, on_bad, image_size, int(batch_size), int(workers), str(bar)
 

@@ -147,3 +147,17 @@ def test_pip_install_keeps_the_torch_build_already_installed(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     installed = [item["metadata"]["name"] for item in json.loads(report.read_text())["install"]]
     assert installed == ["ranprm"]
+
+
+def test_every_module_imports():
+    """A name removed in one module and still imported by another fails here, not in the first command that
+    reaches it."""
+    import importlib
+    import pkgutil
+
+    import ranprm
+
+    names = [m.name for m in pkgutil.walk_packages(ranprm.__path__, "ranprm.") if not m.name.endswith("__main__")]
+    assert len(names) > 50
+    for name in names:
+        importlib.import_module(name)

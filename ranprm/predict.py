@@ -38,7 +38,6 @@ from ranprm.cli.inference import (
     build_inference_trainer,
     inference_trainer_arguments,
     load_for_inference,
-    require,
     root_device,
 )
 from ranprm.data.images import IMAGE_SUFFIXES, ImageFileDataset, collate_images, list_images
@@ -58,8 +57,6 @@ log = logging.getLogger(__name__)
 __all__ = ["IMAGE_SUFFIXES", "PREDICTIONS_FILE", "UNFINISHED_FILE", "list_images", "predict"]
 
 DEFAULT_IMAGE_SIZE = 448
-REQUIRED = ("ckpt", "input", "output")
-EXAMPLE = "ranprm-predict ckpt=runs/<run>/checkpoints/last.ckpt input=photos/ output=predictions/"
 
 
 def unfinished_outputs(output: Path) -> set[str]:
@@ -110,7 +107,6 @@ def _settings(cfg: DictConfig) -> tuple[bool, str, int | None, int, int, str]:
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run the model on every input image through `Trainer.predict`, write overlays and predictions.json; returns
     the result entries (on every process, under several devices)."""
-    require(cfg, REQUIRED, EXAMPLE)
     overwrite, on_bad, image_size, batch_size, workers, bar = _settings(cfg)
     images = list_images(cfg.input)
     output = Path(cfg.output).expanduser()

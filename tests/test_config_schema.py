@@ -128,9 +128,10 @@ def test_the_console_commands_print_one_line_and_exit_2_before_anything_is_made(
     [
         ("ranprm.train", "ranprm-train experiment=seed_voc", ["optimizer:", "debug:", "backbone:"], ["predictions:"]),
         ("ranprm.evaluate", "ranprm-evaluate predictions=predictions/predictions.json data=voc",
-         ["data:", "threshold:", "retrieval:", "predictions: null"], ["optimizer", "debug", "backbone:", "trainer"]),
+         ["data:", "threshold:", "retrieval:", "predictions: null"], ["optimizer", "debug", "backbone:", "max_epochs"]),
         ("ranprm.predict", "ranprm-predict ckpt=outputs/train/<date>/<time>/checkpoints/last.ckpt input=photos/",
-         ["threshold:", "retrieval:", "on_bad_image: skip"], ["optimizer", "debug", "backbone:", "data:", "trainer"]),
+         ["threshold:", "retrieval:", "on_bad_image: skip"],
+         ["optimizer", "debug", "backbone:", "data:", "max_epochs"]),
     ],
 )  # fmt: skip
 def test_help_lists_only_the_entry_points_own_options_with_examples(tmp_path, entry, example, groups, foreign):

@@ -106,7 +106,7 @@ def test_device_is_the_one_device_shorthand_and_trainer_settings_are_checked(tmp
         args("trainer.devices=0")
     with pytest.raises(ConfigError, match=r"trainer.precision is not a setting of this command.*prm.precision"):
         args("+trainer.precision=bf16-mixed")
-    with pytest.raises(ConfigError, match="progress_bar='bar' is unknown; choose one of rich, tqdm, none"):
+    with pytest.raises(ConfigError, match="progress_bar='bar' must be one of rich, tqdm, none"):
         evaluate(compose("evaluate", ["ckpt=x.ckpt", "progress_bar=bar", f"output={tmp_path}"]))
     assert not (tmp_path / "metrics.json").exists()
 
@@ -137,8 +137,9 @@ def test_evaluating_a_results_file_shows_progress(voc_root, tmp_path, capfd):
 @pytest.mark.parametrize(
     ("command", "args", "line"),
     [
-        ("ranprm.predict", [], "a value is required for ckpt, input and output, e.g. ranprm-predict ckpt="),
-        ("ranprm.predict", ["ckpt=x.ckpt", "output=o"], "a value is required for input, e.g. ranprm-predict ckpt="),
+        # the schema's check at compose time (ranprm.cli.config), with the command's example (ranprm.cli.help)
+        ("ranprm.predict", [], "ckpt, input and output are required; give ckpt=... input=... output=..."),
+        ("ranprm.predict", ["ckpt=x.ckpt", "output=o"], "input is required; give input=..."),
         ("ranprm.evaluate", [], "give exactly one of ckpt=PATH (run a model) and predictions=FILE"),
     ],
 )
@@ -148,7 +149,7 @@ def test_a_missing_required_value_is_one_line_with_an_example(tmp_path, command,
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ranprm: error:"), proc.stderr
-    assert line in lines[0] and "e.g. ranprm-" in lines[0]
+    assert line in lines[0] and "e.g." in lines[0] and f"ranprm-{command.split('.')[1]} " in lines[0]
 
 
 @pytest.mark.slow  # two 2-process runs from the command line (about 30 s on 2 shared cores)

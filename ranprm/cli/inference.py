@@ -4,7 +4,6 @@ own."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ranprm.cli.build import progress_bar_callback, trainer_arguments
 from ranprm.cli.config import to_plain
@@ -67,16 +66,6 @@ def load_for_inference(cfg: DictConfig, device: torch.device, class_names: tuple
     module = load_module(cfg.ckpt, class_names, backbone_overrides=to_plain(cfg.backbone_overrides))
     apply_inference_overrides(module, cfg)
     return module.to(device)
-
-
-# ------------------------------------------------------------------------------------------ required values
-def require(cfg: DictConfig, keys: Sequence[str], example: str) -> None:
-    """One line naming every required (`???`) key of `keys` left unset, with an example command (exit 2 through
-    `report_user_errors`), before anything is read."""
-    missing = [key for key in keys if OmegaConf.is_missing(cfg, key)]
-    if missing:
-        names = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
-        raise ConfigError(f"a value is required for {names}, e.g. {example}")
 
 
 # ------------------------------------------------------------------------------------------ the Trainer

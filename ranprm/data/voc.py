@@ -6,7 +6,9 @@ layout). Nothing here knows about Lightning.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -144,6 +146,24 @@ def image_labels(
     return labels
 
 
+@contextlib.contextmanager
+def _pil_open(path: Path, kind: str, broken: str) -> Iterator[Image.Image]:
+    """`Image.open(path)` with PIL's decompression-bomb limit enforced (its warning raised, not shown), and every
+    way the file can fail, in the open or in the caller's reading inside the block, one `DataError` naming it:
+    "<kind> <path> does not exist", "... is larger than ...", "<kind> <path> <broken> (<reason>)"."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                yield img
+    except FileNotFoundError as err:
+        raise DataError(f"{kind} {path} does not exist") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"{kind} {path} is larger than PIL's decompression-bomb limit; refusing to decode it") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise DataError(f"{kind} {path} {broken} ({err})") from err
+
+
 def read_image(path: Path) -> Tensor:
     """RGB uint8 image (3, H, W), whatever the file's PIL mode (see `_to_rgb` for how each mode is converted).
 
@@ -152,28 +172,19 @@ def read_image(path: Path) -> Tensor:
     tensor, no PIL image or NumPy copy: 1.6-2x faster, identical pixels); anything else, and any JPEG that
     torchvision decodes with a warning or an error (truncated, corrupt), goes through PIL, which refuses it.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.format == "JPEG" and img.mode in ("RGB", "L"):
-                    fast = _decode_with_torchvision(path)
-                    if fast is not None:
-                        return fast
-                img.load()
-                mode = img.mode
-                try:
-                    rgb = _to_rgb(img)
-                except (ValueError, OSError) as err:
-                    raise DataError(
-                        f"image {path} has PIL mode {mode}, which ranprm cannot convert to RGB ({err}); save it as RGB"
-                    ) from err
-    except FileNotFoundError as err:
-        raise DataError(f"image {path} does not exist") from err
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"image {path} is larger than PIL's decompression-bomb limit; refusing to decode it") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        raise DataError(f"image {path} is truncated or corrupt ({err})") from err
+    with _pil_open(path, "image", "is truncated or corrupt") as img:
+        if img.format == "JPEG" and img.mode in ("RGB", "L"):
+            fast = _decode_with_torchvision(path)
+            if fast is not None:
+                return fast
+        img.load()
+        mode = img.mode
+        try:
+            rgb = _to_rgb(img)
+        except (ValueError, OSError) as err:
+            raise DataError(
+                f"image {path} has PIL mode {mode}, which ranprm cannot convert to RGB ({err}); save it as RGB"
+            ) from err
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 
@@ -230,34 +241,18 @@ def _decode_with_torchvision(path: Path) -> Tensor | None:
 
 def _read_index_png(path: Path, header_only: bool = False) -> np.ndarray | tuple[int, int]:
     """The class/instance indices of a VOC mask PNG (H, W) uint8; `header_only`: its (H, W) from the header alone."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.mode not in ("P", "L"):
-                    raise DataError(f"mask {path} has mode {img.mode}; VOC masks are palette (P) or grey (L) PNGs")
-                if header_only:
-                    return int(img.size[1]), int(img.size[0])
-                return np.asarray(img).copy()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"mask {path} is larger than PIL's decompression-bomb limit; refusing to decode it") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        raise DataError(f"mask {path} is unreadable ({err})") from err
+    with _pil_open(path, "mask", "is unreadable") as img:
+        if img.mode not in ("P", "L"):
+            raise DataError(f"mask {path} has mode {img.mode}; VOC masks are palette (P) or grey (L) PNGs")
+        if header_only:
+            return int(img.size[1]), int(img.size[0])
+        return np.asarray(img).copy()
 
 
 def image_size_of(path: Path) -> tuple[int, int]:
     """(H, W) of an image from its header only (PIL reads headers lazily)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                w, h = img.size
-    except FileNotFoundError as err:
-        raise DataError(f"image {path} does not exist") from err
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"image {path} is larger than PIL's decompression-bomb limit; refusing to decode it") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        raise DataError(f"image {path} is unreadable ({err})") from err
+    with _pil_open(path, "image", "is unreadable") as img:
+        w, h = img.size
     return int(h), int(w)
 
 

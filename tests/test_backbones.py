@@ -29,6 +29,7 @@ from ranprm.models.registry import (
 )
 from ranprm.train import train
 from tests.helpers import CLASSES
+from tests.test_train import tiny_overrides
 
 timm = pytest.importorskip("timm", reason="pip install 'ranprm[weights]' (make installs it)")
 
@@ -161,20 +162,9 @@ def build_toy(cfg: ToyConfig) -> ToyNet:
 
 
 def _tiny_run_overrides(voc_root: Path, out: Path) -> list[str]:
-    return [
-        f"data.root={voc_root}",
-        f"data.class_names=[{','.join(CLASSES)}]",
-        "data.image_size=64",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "trainer=cpu",
-        "trainer.precision=32-true",
-        "trainer.max_epochs=1",
-        "logger=csv",
-        "callbacks.progress_bar=none",
-        "callbacks.panels.num_images=0",
-        f"paths.output_dir={out}",
-    ]
+    """test_train's tiny run without its backbone (each test names its own), one epoch, no panels."""
+    kept = [o for o in tiny_overrides(voc_root, out) if not o.startswith(("backbone=", "trainer.max_epochs="))]
+    return [*kept, "trainer.max_epochs=1", "callbacks.panels.num_images=0"]
 
 
 def test_a_toy_backbone_registered_in_process_trains_and_is_named_in_metrics(voc_root: Path, tmp_path: Path) -> None:

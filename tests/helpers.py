@@ -87,3 +87,10 @@ def write_voc(root: Path, num_images: int = 8, size: int = 64, difficult_first: 
 
 # The peak-stimulation head settings of conf/train.yaml, for tests that build a PRMModule directly.
 HEAD = {"stimulation": True, "window": 3, "peak_filter": "median", "sub_pixel_factor": 1, "full_peak_gradient": True}
+
+
+def fp32_sum_bound(n: int, magnitude: float) -> float:
+    """Worst-case absolute error of an fp32 sum of `n` terms whose absolute values add up to `magnitude`
+    (Higham's first-order bound n * u * sum|x|, u = 2^-24). A tolerance from the arithmetic holds on every CPU,
+    whatever order its BLAS accumulates in; one read off a single CPU does not."""
+    return n * 2.0**-24 * magnitude

@@ -15,6 +15,7 @@ from ranprm.prm.peaks import ImagePeaks
 from ranprm.prm.retrieval import build_retrieval, retrieve_instances
 from ranprm.prm.retrieval.prm_only import PrmOnlyConfig, gaussian_blur
 from ranprm.prm.retrieval.proposals import ProposalRetrievalConfig, proposal_terms
+from tests.helpers import fp32_sum_bound
 from ranprm.prm.retrieval.scoring import (
     background_masks,
     bytescale,
@@ -423,12 +424,19 @@ def test_toy_case_sum_normalised_prms_pick_the_tight_proposal_max_normalised_one
     # By hand. T: inside 10000 x 1; contour (5 x 5 gradient) = 2-px bands: outside 104^2 - 100^2 = 816 px x 0.05,
     # inside 100^2 - 96^2 = 784 px x 1, so 824.8; no background. L: inside 10000 + 52500 x 0.05 = 12625; contour:
     # outer band 0, inner band 250^2 - 246^2 = 1984 px x 0.05 = 99.2; background 52500 px.
+    # proposal_terms sums 448^2 fp32 products per term; how the sum is blocked depends on the CPU's BLAS, so the
+    # tolerance is the worst-case bound for that sum (n * 2^-24 * the sum of |terms|), not a value seen on one CPU.
     old = proposal_terms(prm, proposals, bg).score(0.8, 1e-5)[0]
-    assert old.tolist() == pytest.approx([0.8 * 10000 + 824.8, 0.8 * 12625 + 99.2 - 0.525], rel=1e-4)  # fp32 sums
+    assert old.tolist() == pytest.approx(
+        [0.8 * 10000 + 824.8, 0.8 * 12625 + 99.2 - 0.525], abs=fp32_sum_bound(448 * 448, 0.8 * 12625 + 99.2 + 0.525)
+    )
     assert old.argmax().item() == 1  # max-normalised (ranprm before): the 84%-background proposal won
     total = 12625.0  # the PRM's sum: the official code divides by it
     new = proposal_terms(prm / total, proposals, bg).score(0.8, 1e-5)[0]
-    assert new.tolist() == pytest.approx([(8000 + 824.8) / total, (10100 + 99.2) / total - 0.525], rel=1e-4)
+    assert new.tolist() == pytest.approx(
+        [(8000 + 824.8) / total, (10100 + 99.2) / total - 0.525],
+        abs=fp32_sum_bound(448 * 448, (10100 + 99.2) / total + 0.525),
+    )
     assert new.argmax().item() == 0
     # retrieve_instances gets max-normalised PRMs and scores the proposals on their sum-normalised copies.
     out = call({"name": "proposals"}, prm, [[224, 224]], [0], [40.0], [3.0], crm, proposals=proposals)

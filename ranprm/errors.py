@@ -30,6 +30,10 @@ class RunFolderError(ConfigError):
     """A run or output folder already holds results that this command would replace, or cannot be resumed."""
 
 
+class FolderBusyError(RunFolderError):
+    """Another live ranprm process holds the run or output folder (`ranprm.cli.run_dir.hold_folder`)."""
+
+
 class RunInterrupted(Exception):  # noqa: N818  (a state, not an error: the run saved what it had and stopped)
     """A training run stopped on a signal (SIGTERM, Ctrl+C) after saving a checkpoint to resume from.
 

@@ -44,7 +44,7 @@ from ranprm.cli.inference import (
     load_for_inference,
     root_device,
 )
-from ranprm.cli.run_dir import check_output_files, commit_hydra_files
+from ranprm.cli.run_dir import check_output_files, commit_hydra_files, hold_folder
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.data.dataset import VOCDataset, collate
 from ranprm.data.transforms import build_transform
@@ -205,6 +205,13 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
         log.warning("trainer.* is ignored with predictions=FILE: no model runs, the file is scored in this process")
     in_run_folder = output is None and cfg.get("output") is None
     out_dir = Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser()
+    with hold_folder(out_dir, "hydra.run.dir" if in_run_folder else "output"):  # one evaluation per folder at a time
+        return _evaluate_into(cfg, eval_cfg, out_dir, in_run_folder, started)
+
+
+def _evaluate_into(
+    cfg: DictConfig, eval_cfg: EvalConfig, out_dir: Path, in_run_folder: bool, started: float
+) -> dict[str, Any]:
     prepare_output(out_dir, cfg, "hydra.run.dir" if in_run_folder else "output")
     if in_run_folder:  # this evaluation's record goes with its results
         commit_hydra_files(out_dir)

@@ -40,6 +40,7 @@ from ranprm.cli.inference import (
     load_for_inference,
     root_device,
 )
+from ranprm.cli.run_dir import hold_folder
 from ranprm.data.images import IMAGE_SUFFIXES, ImageFileDataset, collate_images, list_images
 from ranprm.data.transforms import build_transform
 from ranprm.errors import ConfigError, RunFolderError
@@ -112,6 +113,21 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     output = Path(cfg.output).expanduser()
     if output.exists() and not output.is_dir():
         raise ConfigError(f"output={str(output)!r} is a file; give a folder")
+    with hold_folder(output, "output"):  # one predict per output folder at a time
+        return _predict(cfg, images, output, overwrite, on_bad, image_size, batch_size, workers, bar)
+
+
+def _predict(
+    cfg: DictConfig,
+    images: list[Path],
+    output: Path,
+    overwrite: bool,
+    on_bad: str,
+    image_size: int | None,
+    batch_size: int,
+    workers: int,
+    bar: str,
+) -> list[dict[str, Any]]:
     _check_outputs(images, output, overwrite)
     check_writable(output, "output")
 

@@ -37,7 +37,7 @@ from ranprm.cli.build import (
 from ranprm.cli.config import hydra_main, report_user_errors, to_plain
 from ranprm.cli.print_config import print_config_tree
 from ranprm.cli.resume import check_checkpoint_matches, main_argv
-from ranprm.cli.run_dir import apply_folder_plan, commit_hydra_files, plan_training_folder
+from ranprm.cli.run_dir import apply_folder_plan, commit_hydra_files, hold_folder, plan_training_folder
 from ranprm.cli.sweep import FAILED_FILE, INTERRUPTED_FILE
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.errors import ConfigError, RunInterrupted
@@ -81,10 +81,16 @@ def _interrupted(trainer: L.Trainer, run_dir: Path, saver: SaveOnSigterm) -> Run
 def train(cfg: DictConfig) -> float | None:
     """Train, write `metrics.json` into the run folder, and return `cfg.optimized_metric` for sweepers.
 
+    The run folder is this process's for the whole run (`hold_folder`: a second run into it refuses at once).
     Order: decide what the run folder allows (no side effect), then check every config value and build the model
     and the data index (one line and exit 2 for anything wrong, before a step runs or a file is replaced), then
     apply the folder decision, then train.
     """
+    with hold_folder(Path(cfg.paths.output_dir), _folder_option()):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
     if cfg.get("resume"):

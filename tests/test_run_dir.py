@@ -23,6 +23,7 @@ from ranprm.cli.run_dir import (
     hydra_files_guard,
     merge_overrides,
     plan_training_folder,
+    staging_dir,
 )
 from ranprm.errors import ConfigError, RunFolderError
 from ranprm.train import train
@@ -106,7 +107,7 @@ def test_a_slurm_requeue_resumes_from_the_folders_checkpoint(tmp_path, monkeypat
 
 
 def _stage(run: Path, overrides: list[str]) -> None:
-    pending = run / ".hydra-pending"
+    pending = staging_dir(run)
     pending.mkdir(parents=True)
     (pending / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
     (pending / "config.yaml").write_text("new: true\n")
@@ -123,7 +124,7 @@ def test_a_refused_attempt_leaves_the_earlier_hydra_files_and_log_as_they_were(t
             log.write("the refused attempt's line\n")
         plan_training_folder(run, None, overwrite=False)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
-    assert not (run / ".hydra-pending").exists()
+    assert not staging_dir(run).exists()
 
 
 def test_a_fresh_folder_keeps_the_record_of_a_failed_run(tmp_path):

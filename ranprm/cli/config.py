@@ -62,6 +62,7 @@ def register_extensions() -> None:
     from omegaconf import OmegaConf
 
     from ranprm.cli.help import register_help_resolver
+    from ranprm.cli.run_dir import register_pid_resolver
     from ranprm.cli.schema import register_schemas
     from ranprm.utils.registry import ALL_REGISTRIES
 
@@ -85,6 +86,7 @@ def register_extensions() -> None:
                 store.store(group=registry.group, name=entry.name, node=node)
     register_schemas()
     register_help_resolver()
+    register_pid_resolver()
 
 
 def hydra_main(config_name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:

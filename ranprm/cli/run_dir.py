@@ -11,6 +11,12 @@ leaves the folder as it was.
   folder checks pass (`commit_hydra_files`; on a resume the saved overrides are updated, not replaced), and
   `hydra_files_guard` drops them after a refused or failed attempt in a folder that already had a `.hydra/`.
 - `check_output_files`: an output file that exists is refused without `overwrite=true` (evaluate's metrics.json).
+- `hold_folder`: one process at a time per run or output folder. An OS lock (`flock` on `.ranprm.lock` in the folder)
+  is held for the command's life; a second train, evaluate or predict into the same folder refuses at once, naming
+  the holder's pid, before it reads or writes anything there. The kernel drops the lock however the holder dies
+  (SIGKILL included), so a stale lock file never blocks a later run.
+- Hydra's staging folder is per process (`.hydra-pending-<pid>`, see `register_pid_resolver`), so a second process
+  starting in a folder cannot replace the first one's record before the first one commits it.
 """
 
 from __future__ import annotations
@@ -19,19 +25,21 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ranprm.errors import RunFolderError
+from ranprm.errors import FolderBusyError, RunFolderError
 from ranprm.utils.io import clean_stale_temp_files, is_stale_temp_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 HYDRA_DIR = ".hydra"
-STAGING_DIR = ".hydra-pending"  # conf/hydra/default.yaml: hydra.output_subdir
+STAGING_PREFIX = ".hydra-pending"  # conf/hydra/default.yaml: hydra.output_subdir = .hydra-pending-${ranprm_pid:}
+LOCK_FILE = ".ranprm.lock"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 # What `ranprm-train` leaves in its run folder (the logger's own folders are left to the logger: a CSV logger
@@ -182,7 +190,10 @@ def commit_hydra_files(run_dir: Path, resumed: bool = False) -> None:
     `resume=<run dir>` keeps working after a second interruption and the record still says how the run was made.
     """
     run_dir = Path(run_dir)
-    pending, target = run_dir / STAGING_DIR, run_dir / HYDRA_DIR
+    pending, target = staging_dir(run_dir), run_dir / HYDRA_DIR
+    for other in run_dir.glob(f"{STAGING_PREFIX}*"):  # a killed attempt's leftovers (callers hold the folder)
+        if other != pending and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
     if not pending.is_dir():
         return
     target.mkdir(exist_ok=True)
@@ -209,12 +220,123 @@ def hydra_files_guard(run_dir: Path) -> Iterator[None]:
     log_sizes = {p: p.stat().st_size for p in run_dir.glob("*.log")}
     try:
         yield
+    except FolderBusyError:  # the folder is another live process's: touch nothing of it, drop only our own files
+        shutil.rmtree(staging_dir(run_dir), ignore_errors=True)
+        raise
     finally:
-        if (run_dir / STAGING_DIR).is_dir():
+        if staging_dir(run_dir).is_dir():
             if fresh:
                 commit_hydra_files(run_dir)
             else:
-                shutil.rmtree(run_dir / STAGING_DIR, ignore_errors=True)
+                shutil.rmtree(staging_dir(run_dir), ignore_errors=True)
                 for path, size in log_sizes.items():  # the refused attempt's lines went to the console
                     with contextlib.suppress(OSError), open(path, "r+b") as handle:
                         handle.truncate(size)
+
+
+def staging_dir(run_dir: Path) -> Path:
+    """This process's Hydra staging folder in `run_dir` (Hydra's `output_subdir` when a Hydra job runs)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and HydraConfig.get().output_subdir:
+        return Path(run_dir) / str(HydraConfig.get().output_subdir)
+    return Path(run_dir) / f"{STAGING_PREFIX}-{os.getpid()}"
+
+
+def register_pid_resolver() -> None:
+    """`${ranprm_pid:}`: this process's id, for the per-process staging folder of conf/hydra/default.yaml."""
+    OmegaConf.register_new_resolver("ranprm_pid", os.getpid, replace=True)
+
+
+# --- one process per folder ---------------------------------------------------------------------------------------
+
+_HELD: dict[Path, int] = {}  # folders this process holds, with how many nested `hold_folder`s hold each
+
+
+def _is_first_rank() -> bool:
+    """The process that owns the folders: the launching process, or global rank 0 under torchrun / SLURM / DDP
+    (the other ranks of the same command write their own files into the folder the first one holds)."""
+    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        value = os.environ.get(variable)
+        if value is not None and value.strip().isdigit():
+            return int(value) == 0
+    return True
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        text = lock_path.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "pid unknown"
+
+
+@contextlib.contextmanager
+def hold_folder(folder: Path, option: str) -> Iterator[Path]:
+    """Own `folder` (created if missing) for the block: an exclusive `flock` on `<folder>/.ranprm.lock`, or one line
+    naming the process that holds it (`FolderBusyError`). Nested holds of the same folder in one process, and the
+    non-first ranks of a multi-process run, take no second lock. The lock file is removed on release; a folder this
+    call created is removed again when it is still empty (a refused command leaves nothing behind).
+
+    A read-only or missing-parent location, or a file where the folder should be, is one line naming `option`.
+    """
+    folder = Path(folder).expanduser().absolute()
+    key = folder.resolve() if folder.exists() else folder
+    if key in _HELD or not _is_first_rank():
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield folder
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one process per folder is then the user's to keep
+        yield folder
+        return
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"{option}={str(folder)!r} is a file; give a folder")
+    created = not folder.exists()
+    lock_path = folder / LOCK_FILE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = open(lock_path, "a+")  # noqa: SIM115 (held open for the block: the lock lives with it)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise FolderBusyError(
+                    f"{option}={folder} is in use by another ranprm process ({_holder(lock_path)}); wait for it to "
+                    "end or choose another folder"
+                ) from None
+            try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+                same = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+    except OSError as err:
+        raise RunFolderError(
+            f"{option}={str(folder)!r} is not writable ({err.strerror or err}); choose another folder or fix its "
+            "permissions"
+        ) from err
+    key = folder.resolve()
+    _HELD[key] = 1
+    try:
+        yield folder
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            lock_path.unlink()  # still locked: a process that opened it meanwhile sees another inode and retries
+        handle.close()
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty

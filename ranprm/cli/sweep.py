@@ -61,12 +61,13 @@ def run_job(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from ranprm.cli.run_dir import hydra_files_guard
+    from ranprm.cli.run_dir import hold_folder, hydra_files_guard
     from ranprm.errors import RunFolderError, RunInterrupted
 
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
-    with hydra_files_guard(job_dir):
+    option = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
+    with hydra_files_guard(job_dir), hold_folder(job_dir, option):
         if hydra_cfg.mode != RunMode.MULTIRUN:
             return task(cfg)
         try:

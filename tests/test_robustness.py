@@ -1,0 +1,115 @@
+"""Nothing lost, ever (issue 27): one process per run or output folder, history kept on resume, user files kept by
+`overwrite=true`, signals answered between images, loader workers that die with their parent, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ranprm.cli.config import compose
+from ranprm.cli.run_dir import LOCK_FILE, hold_folder
+from ranprm.errors import FolderBusyError
+from tests.test_train import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+
+_HOLDER = """
+import sys
+from pathlib import Path
+from ranprm.cli.run_dir import hold_folder
+with hold_folder(Path(sys.argv[1]), "output"):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def _holding(folder: Path) -> subprocess.Popen:
+    """Another process holding `folder` as a ranprm command does, until its stdin is closed."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _release(proc: subprocess.Popen) -> None:
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+
+
+# --- 1. one process per folder ------------------------------------------------------------------------------------
+
+
+def test_a_second_training_into_a_held_run_folder_refuses_naming_the_holder_and_touches_nothing(voc_root, tmp_path):
+    from ranprm.train import train
+
+    run = tmp_path / "run"
+    holder = _holding(run)
+    try:
+        before = sorted(p.relative_to(run) for p in run.rglob("*"))
+        with pytest.raises(FolderBusyError) as info:
+            train(compose("train", tiny_overrides(voc_root, run)))
+        assert str(info.value).startswith(f"hydra.run.dir={run} is in use by another ranprm process (pid {holder.pid} ")
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before == [Path(LOCK_FILE)]
+    finally:
+        _release(holder)
+    assert not run.exists()  # the holder created the folder, and removed it empty with its lock
+
+
+def test_the_lock_is_free_again_after_the_holder_ends_and_nested_holds_take_no_second_lock(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with hold_folder(folder, "output"), hold_folder(folder, "output"):
+        assert (folder / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
+    assert not (folder / LOCK_FILE).exists() and folder.is_dir()  # a folder it did not create stays
+    _release(_holding(folder))
+
+
+def test_a_folder_path_that_is_a_file_or_unwritable_is_one_line(tmp_path):
+    from ranprm.errors import RunFolderError
+
+    (tmp_path / "file").write_text("x")
+    with (
+        pytest.raises(RunFolderError, match=r"output='.*file' is a file; give a folder"),
+        hold_folder(tmp_path / "file", "output"),
+    ):
+        pass
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        with pytest.raises(RunFolderError, match=r"is not writable"), hold_folder(locked / "run", "hydra.run.dir"):
+            pass
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.slow
+def test_two_concurrent_trainings_into_one_folder_one_refuses_the_first_keeps_its_record(voc_root, tmp_path):
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "ranprm.train", *tiny_overrides(voc_root, run)[:-1], f"hydra.run.dir={run}"]
+    first = subprocess.Popen([*base, "trainer.max_epochs=400", "seed=1"], env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / LOCK_FILE).is_file() or "pid" not in (run / LOCK_FILE).read_text():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        second = subprocess.run([*base, "seed=2"], env=ENV, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2
+        assert f"is in use by another ranprm process (pid {first.pid} " in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.terminate()  # SIGTERM: it saves and stops
+        first.wait(timeout=120)
+    assert "seed=1" in (run / ".hydra" / "overrides.yaml").read_text()
+    assert "seed=2" not in (run / ".hydra" / "overrides.yaml").read_text()
+    assert not list(run.glob(".hydra-pending*"))

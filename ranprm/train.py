@@ -121,7 +121,9 @@ def _train(cfg: DictConfig) -> float | None:
 
     apply_folder_plan(plan)
     commit_hydra_files(run_dir, resumed=plan.resume is not None)
-    logger = build_logger(to_plain(cfg.logger), run_dir, run_config=to_plain(cfg), identity=run_identity_of(cfg))
+    resume_step = int(header["global_step"]) if header is not None else None
+    logger = build_logger(to_plain(cfg.logger), run_dir, run_config=to_plain(cfg), identity=run_identity_of(cfg),
+                          resume_step=resume_step)  # fmt: skip
     trainer = build_trainer(cfg, run_dir, logger, build_callbacks(cfg, run_dir, has_logger=logger is not None))
     saver = next(c for c in trainer.callbacks if isinstance(c, SaveOnSigterm))
     if plan.resume is not None:

@@ -1,5 +1,6 @@
 """The optimizer group: optimizers, the backbone lr multiplier and the cosine schedule."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -47,3 +48,45 @@ def test_no_scheduler_returns_the_bare_optimizer():
 def test_unknown_optimizer_or_scheduler_is_a_config_error(optimizer, option):
     with pytest.raises(ConfigError, match=option):
         _configured(optimizer)
+
+
+def test_the_cosine_retargeted_to_a_longer_run_is_that_runs_cosine_from_the_resumed_step_down_to_zero():
+    """Resuming with a larger trainer.max_epochs: from the resumed step on, the lr of a run planned that long, down
+    to 0 at its end (torch's CosineAnnealingLR past its T_max climbed back to the peak)."""
+    config = _configured({"name": "sgd", "lr": 1.0, "scheduler": "cosine"}, steps=10)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)  # (1 + cos(pi * 5 / 10)) / 2
+    state = scheduler.state_dict()
+    resumed = _configured({"name": "sgd", "lr": 1.0, "scheduler": "cosine"}, steps=20)
+    new_optimizer, new_scheduler = resumed["optimizer"], resumed["lr_scheduler"]["scheduler"]
+    new_optimizer.load_state_dict(optimizer.state_dict())
+    new_scheduler.load_state_dict(state)  # as Lightning restores it: the saved length (10) comes back
+    assert new_scheduler.total_steps == 10 and new_scheduler.retarget(20)
+    assert new_optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 20)))
+    lrs = []
+    for _ in range(15):
+        new_optimizer.step()
+        new_scheduler.step()
+        lrs.append(new_optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.5 * (1 + math.cos(math.pi * s / 20)) for s in range(6, 21)], abs=1e-12)
+    assert not new_scheduler.retarget(20)  # the same length: nothing changes (an exact resume stays exact)
+    with pytest.raises(ValueError, match="step 20 is already done"):
+        new_scheduler.retarget(19)
+
+
+def test_a_checkpoint_of_torchs_cosine_resumes_on_the_same_curve():
+    config = _configured({"name": "sgd", "lr": 1.0, "scheduler": "cosine"}, steps=10)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    groups = [{"params": [torch.zeros(1)]} for _ in optimizer.param_groups]
+    legacy = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD(groups, lr=1.0), T_max=10)
+    for _ in range(4):
+        legacy.optimizer.step()
+        legacy.step()
+    scheduler.load_state_dict(legacy.state_dict())
+    assert (scheduler.total_steps, scheduler.last_epoch) == (10, 4)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)  # step 5 of 10

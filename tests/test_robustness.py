@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -113,3 +114,29 @@ def test_two_concurrent_trainings_into_one_folder_one_refuses_the_first_keeps_it
     assert "seed=1" in (run / ".hydra" / "overrides.yaml").read_text()
     assert "seed=2" not in (run / ".hydra" / "overrides.yaml").read_text()
     assert not list(run.glob(".hydra-pending*"))
+
+
+# --- 2. resume keeps every logger's history and a consistent lr schedule ------------------------------------------
+
+
+def test_resume_with_more_epochs_keeps_the_csv_history_and_the_lr_goes_on_down(voc_root, tmp_path):
+    import csv
+
+    from ranprm.train import train
+
+    base = [*tiny_overrides(voc_root, tmp_path), "optimizer=adam", "optimizer.scheduler=cosine",
+            "trainer.log_every_n_steps=1"]  # fmt: skip
+    train(compose("train", [*base, "trainer.max_epochs=2"]))
+    first = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    train(compose("train", [*base, "trainer.max_epochs=4", "ckpt_path=last"]))
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    assert rows[: len(first)] == [{**r, **{k: "" for k in rows[0] if k not in r}} for r in first]
+    assert {r["epoch"] for r in rows if r.get("epoch")} == {"0", "1", "2", "3"}  # 2 steps per epoch
+    lr_key = next(k for k in rows[0] if k.startswith("lr-"))
+    lrs = [(int(r["step"]), float(r[lr_key])) for r in rows if r.get(lr_key)]
+    assert [s for s, _ in lrs] == list(range(8))
+    # steps 0-3: the 4-step cosine, 0 at its end; steps 4-7: the 8-step cosine of the longer run, never back up
+    expected = [(1 + math.cos(math.pi * s / 4)) / 2 for s in range(4)] + [
+        (1 + math.cos(math.pi * s / 8)) / 2 for s in range(4, 8)
+    ]
+    assert [v / 1e-3 for _, v in lrs] == pytest.approx(expected, abs=1e-9)  # conf/optimizer/adam.yaml: lr 1e-3

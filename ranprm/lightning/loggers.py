@@ -16,6 +16,7 @@ W&B, the way its users expect it:
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -27,6 +28,8 @@ from typing import Any
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from ranprm.errors import ConfigError
@@ -222,6 +225,49 @@ class SafeWandbLogger(WandbLogger):
             self._logged_model_time[path] = mtime
 
 
+class _HistoryKeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing `metrics.csv` when it starts; this one, in a resumed run, keeps
+    the rows up to the step the run resumes from (rows after it were logged past the checkpoint and are logged
+    again) and goes on appending, so the file holds the whole run's history."""
+
+    def __init__(self, log_dir: str, resume_step: int | None) -> None:
+        self._resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if self._resume_step is None or not path.is_file():
+            super()._check_log_dir_exists()
+            return
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            keys, rows = list(reader.fieldnames or []), list(reader)
+        kept = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) <= self._resume_step]
+        if len(kept) != len(rows):
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(kept)
+        self.metrics_keys = keys  # a new key rewrites the file with the union header, the old rows kept
+
+
+class HistoryKeepingCSVLogger(CSVLogger):
+    """`CSVLogger` that continues `csv/metrics.csv` in a resumed run (`resume_step`: the checkpoint's global step)
+    instead of replacing it with the resumed epochs only."""
+
+    def __init__(self, save_dir: Path, resume_step: int | None = None) -> None:
+        super().__init__(save_dir=str(save_dir), name="csv", version="")
+        self._resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _HistoryKeepingWriter(self.log_dir, self._resume_step)
+        return self._experiment
+
+
 def _log_model_option(value: Any) -> bool | str:
     """`logger.log_model`: false | true (best and last checkpoints at the end of training) | all (every save)."""
     if isinstance(value, str) and value.lower() in ("true", "false", "all"):
@@ -265,14 +311,19 @@ def build_logger(
     save_dir: Path,
     run_config: dict[str, Any] | None = None,
     identity: RunIdentity | None = None,
+    resume_step: int | None = None,
 ) -> Logger | None:
-    """The configured logger; when W&B cannot start, a warning and a CSV logger instead, never a dead run."""
+    """The configured logger; when W&B cannot start, a warning and a CSV logger instead, never a dead run.
+
+    `resume_step`: the global step a resumed run starts from. The CSV logger then keeps the earlier rows up to it;
+    TensorBoard adds an event file in the same folder and W&B continues the same run (its id is kept in the run
+    folder), both at the steps that follow."""
     name = cfg.get("name", "none")
     save_dir = Path(save_dir)
     if name == "none":
         return None
     if name == "csv":
-        return CSVLogger(save_dir=str(save_dir), name="csv", version="")
+        return HistoryKeepingCSVLogger(save_dir, resume_step)
     if name == "tensorboard":
         import importlib.util
 
@@ -290,7 +341,7 @@ def build_logger(
                 err,
                 save_dir,
             )
-            return CSVLogger(save_dir=str(save_dir), name="csv", version="")
+            return HistoryKeepingCSVLogger(save_dir, resume_step)
     raise ConfigError(f"logger.name={name!r} is unknown; choose one of {', '.join(LOGGER_NAMES)}")
 
 

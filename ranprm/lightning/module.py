@@ -25,6 +25,7 @@ from ranprm.errors import ConfigError, RanprmError
 from ranprm.eval import EvalConfig, EvaluatorSuite, SuiteResult, eval_inputs, summary
 from ranprm.eval.base import gather_records
 from ranprm.lightning.callbacks import due_this_epoch
+from ranprm.lightning.schedule import CosineToZero
 from ranprm.models.prm_net import PRMNet
 from ranprm.prm.peaks import PeakHead
 from ranprm.prm.pipeline import ImagePrediction, InferenceConfig, predict_batch
@@ -399,6 +400,22 @@ class PRMModule(L.LightningModule):
             raise ConfigError(f"optimizer.scheduler={schedule!r} is unknown; choose none or cosine")
         # Per step, down to 0 at the last step of the run: short from-scratch runs end on a settled model
         # instead of wherever the last large step left it.
-        steps = max(1, int(self.trainer.estimated_stepping_batches))
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        cosine = CosineToZero(optimizer, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A resumed run with another length (`trainer.max_epochs` / `max_steps`): the cosine restored from the
+        checkpoint becomes the cosine of the new length (`ranprm.lightning.schedule`), instead of climbing back up."""
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if isinstance(scheduler, CosineToZero):
+                old, steps = scheduler.total_steps, int(self.trainer.estimated_stepping_batches)
+                if steps <= scheduler.last_epoch:
+                    raise ConfigError(
+                        f"the run being resumed is at step {scheduler.last_epoch} and this one would end at step "
+                        f"{steps}; its lr schedule cannot end in the past: pass a larger trainer.max_epochs"
+                    )
+                if scheduler.retarget(steps):
+                    log.warning("lr schedule: the cosine that ended at step %d now ends at step %d; from step %d "
+                                "the lr is that run length's (%.3g x optimizer.lr)", old, steps,
+                                scheduler.last_epoch, scheduler.factor(scheduler.last_epoch))  # fmt: skip

@@ -67,10 +67,15 @@ def test_overwrite_removes_only_the_earlier_runs_results(tmp_path):
     run = tmp_path / "run"
     _finished_run(run)
     (run / "notes.txt").write_text("mine")
+    (run / "checkpoints" / "mine.ckpt").write_bytes(b"the user's own")  # issue 27: was deleted unnamed
+    (run / "checkpoints" / "best-epoch003.ckpt").write_bytes(b"ckpt")
+    (run / "panels" / "epoch_000").mkdir(parents=True)
+    (run / "panels" / "epoch_000" / "2024_000001.png").write_bytes(b"png")
     plan = plan_training_folder(run, None, overwrite=True)
     assert (run / "metrics.json").exists()  # planning touches nothing
     apply_folder_plan(plan)
-    assert sorted(p.name for p in run.iterdir()) == [".hydra", "notes.txt"]
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints", "notes.txt"]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["mine.ckpt"]
 
 
 def test_ckpt_path_last_needs_a_checkpoint_and_resolves_to_the_newest(tmp_path):

@@ -47,6 +47,9 @@ LAST_CHECKPOINT = "last.ckpt"
 RESULT_FILES = ("metrics.json", "failed.json", "interrupted.json")
 RESULT_DIRS = (CHECKPOINT_DIR, "panels")
 HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"  # Lightning's SLURM auto-requeue checkpoints, in the run folder
+# The files ranprm writes inside RESULT_DIRS (cli/build.py's checkpoint names, lightning/panels.py's panels):
+# `overwrite=true` removes these and never anything else there (a user's own .ckpt in checkpoints/ is kept).
+OWN_FILES = {CHECKPOINT_DIR: ("last.ckpt", "last-v*.ckpt", "best-epoch*.ckpt"), "panels": ("epoch_*/*.png",)}
 # Overrides that say how this attempt runs, not what the run is: never carried into a resumed run's saved overrides.
 ATTEMPT_KEYS = ("ckpt_path", "resume", "overwrite")
 
@@ -130,20 +133,40 @@ def plan_training_folder(
             f"run folder {run_dir} already holds {_names(results, run_dir)} of an earlier run; {how}pass "
             f"overwrite=true to replace them, or choose another {folder_option}"
         )
-    return FolderPlan(run_dir, resume, tuple(results))
+    remove = [p for p in results if p.is_file()]
+    for name, patterns in OWN_FILES.items():
+        remove += sorted({f for pattern in patterns for f in (run_dir / name).glob(pattern) if f.is_file()})
+    return FolderPlan(run_dir, resume, tuple(remove))
+
+
+def foreign_files(run_dir: Path) -> list[Path]:
+    """Files in the run's result folders that ranprm did not write (not in OWN_FILES, not a stale temp file)."""
+    run_dir = Path(run_dir)
+    found = []
+    for name, patterns in OWN_FILES.items():
+        own = {f for pattern in patterns for f in (run_dir / name).glob(pattern)}
+        found += [f for f in sorted((run_dir / name).rglob("*")) if f.is_file() and f not in own
+                  and not is_stale_temp_file(f)]  # fmt: skip
+    return found
 
 
 def apply_folder_plan(plan: FolderPlan) -> None:
-    """Remove the stale temp files of killed writes and, with `overwrite=true`, the earlier run's results."""
+    """Remove the stale temp files of killed writes and, with `overwrite=true`, the files the earlier run wrote;
+    a user's own files in its folders are kept (and named)."""
     clean_stale_temp_files(plan.run_dir, plan.run_dir / CHECKPOINT_DIR)
     for path in plan.remove:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    for name in RESULT_DIRS:  # the folders ranprm's files leave empty, deepest first
+        inside = sorted((plan.run_dir / name).rglob("*"), key=lambda p: len(p.parts), reverse=True)
+        for folder in [*inside, plan.run_dir / name]:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     if plan.remove:
         log.warning("overwrite=true: removed %s of an earlier run in %s", _names(list(plan.remove), plan.run_dir),
                     plan.run_dir)  # fmt: skip
+        kept = foreign_files(plan.run_dir)
+        if kept:
+            log.warning("overwrite=true: kept %s, not written by ranprm", _names(kept, plan.run_dir))
 
 
 def check_output_files(paths: list[Path], overwrite: bool, option: str) -> None:

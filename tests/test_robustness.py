@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -140,3 +141,55 @@ def test_resume_with_more_epochs_keeps_the_csv_history_and_the_lr_goes_on_down(v
         (1 + math.cos(math.pi * s / 8)) / 2 for s in range(4, 8)
     ]
     assert [v / 1e-3 for _, v in lrs] == pytest.approx(expected, abs=1e-9)  # conf/optimizer/adam.yaml: lr 1e-3
+
+
+# --- 5. loader workers die with the main process ------------------------------------------------------------------
+
+_PARENT = """
+import sys, time
+from pathlib import Path
+from torch.utils.data import DataLoader, Dataset
+from ranprm.data.sampling import worker_init
+
+class Forever(Dataset):
+    def __len__(self):
+        return 1
+    def __getitem__(self, i):
+        import os
+        Path(sys.argv[1]).write_text(str(os.getpid()))
+        time.sleep(3600)
+
+next(iter(DataLoader(Forever(), num_workers=1, worker_init_fn=worker_init)))
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in state  # a zombie nobody reaps (a container's init) is dead too
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_loader_worker_dies_when_its_main_process_is_sigkilled(tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(pid_file)], env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        assert not _gone(worker)
+    finally:
+        parent.kill()  # SIGKILL: no handler, no cleanup of its own
+        parent.wait()
+    deadline = time.monotonic() + 60  # a bound for a loaded CI machine, not a speed target: it dies at once
+    while not _gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert _gone(worker)
+    finally:
+        if not _gone(worker):  # a failing run must not leave the orphan behind either
+            os.kill(worker, signal.SIGKILL)

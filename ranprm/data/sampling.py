@@ -8,14 +8,21 @@ and a checkpoint taken mid-epoch restarts the epoch from its first batch. Here:
   `(index, sample_seed)` pairs; the dataset seeds each image's augmentation with `sample_seed`.
 - `ResumableDataLoader` implements Lightning's stateful-loader interface (`state_dict` / `load_state_dict`, saved
   in every checkpoint): the epoch and the number of batches already trained, so a resumed epoch skips exactly those.
-- `worker_init` makes loader workers ignore SIGTERM: a scheduler signals the whole process group, and a worker that
-  dies first takes the main process down before it can save (issue 18). The main process still stops them.
+- `worker_init` makes loader workers ignore SIGTERM, SIGINT and SIGHUP: a scheduler (or Ctrl+C, or a closed
+  terminal) signals the whole process group, and a worker that dies first takes the main process down with a
+  traceback before it can save (issue 18). The main process still stops them. And on Linux a worker asks the
+  kernel to kill it when the main process dies, however it dies (`die_with_parent`): a SIGKILLed or OOM-killed
+  training left workers alive for hours, holding gigabytes (issue 27).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import multiprocessing
+import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 SampleKey = tuple[int, int]  # (dataset index, seed for that image's augmentation in this epoch)
 _PRIME = 1_000_003
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -84,9 +92,26 @@ class ResumableDataLoader(DataLoader):
         self.sampler.resume_at(int(state["epoch"]), int(state["batches_done"]), self.batch_size)
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (`prctl(PR_SET_PDEATHSIG)`); and if the
+    parent is already gone, go now. A no-op elsewhere (macOS and Windows have no such call)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # a sandbox that forbids it: the worker behaves as before
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid != os.getppid():  # it died before the call above took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def worker_init(worker_id: int, chained: Callable[[int], None] | None = None) -> None:
-    """Loader worker start-up: ignore SIGTERM (the main process saves, then stops the workers), then `chained`
-    (Lightning's seeding worker init when `seed_everything(workers=True)` asked for it)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Loader worker start-up: ignore the signals a scheduler, Ctrl+C or a closed terminal send the whole process
+    group (the main process saves, then stops the workers), die with the main process (`die_with_parent`), then
+    `chained` (Lightning's seeding worker init when `seed_everything(workers=True)` asked for it)."""
+    for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, signal.SIG_IGN)
+    die_with_parent()
     if chained is not None:
         chained(worker_id)

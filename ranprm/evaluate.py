@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from ranprm.cli.build import run_identity_of
 from ranprm.cli.config import hydra_main, report_user_errors, to_plain
 from ranprm.cli.inference import (
+    answering_signals,
     build_inference_trainer,
     inference_settings,
     inference_trainer_arguments,
@@ -66,6 +67,7 @@ from ranprm.prm.thresholds import ClassCalibration
 from ranprm.utils.checks import check_value
 from ranprm.utils.io import check_writable, clean_stale_temp_files, write_json_atomic, write_text_atomic
 from ranprm.utils.progress import track
+from ranprm.utils.stop import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,7 @@ def _evaluate_predictions(
     results = read_results(Path(cfg.predictions).expanduser(), datamodule.class_names, sizes)
     skipped = 0
     for image_id, entries in track(results.items(), len(results), "evaluating", _progress_bar(cfg), "image"):
+        check_stop()
         targets = read_instance_masks(root, image_id, sizes[image_id])
         if targets is None:
             skipped += 1
@@ -205,7 +208,7 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
         log.warning("trainer.* is ignored with predictions=FILE: no model runs, the file is scored in this process")
     in_run_folder = output is None and cfg.get("output") is None
     out_dir = Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser()
-    with hold_folder(out_dir, "hydra.run.dir" if in_run_folder else "output"):  # one evaluation per folder at a time
+    with hold_folder(out_dir, "hydra.run.dir" if in_run_folder else "output"), answering_signals():
         return _evaluate_into(cfg, eval_cfg, out_dir, in_run_folder, started)
 
 

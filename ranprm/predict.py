@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from ranprm.cli.config import hydra_main, report_user_errors
 from ranprm.cli.inference import (
+    answering_signals,
     build_inference_trainer,
     inference_trainer_arguments,
     load_for_inference,
@@ -42,6 +43,7 @@ from ranprm.cli.inference import (
 )
 from ranprm.cli.run_dir import hold_folder
 from ranprm.data.images import IMAGE_SUFFIXES, ImageFileDataset, collate_images, list_images
+from ranprm.data.sampling import worker_init
 from ranprm.data.transforms import build_transform
 from ranprm.errors import ConfigError, RunFolderError
 from ranprm.lightning.prediction_writer import (
@@ -113,7 +115,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     output = Path(cfg.output).expanduser()
     if output.exists() and not output.is_dir():
         raise ConfigError(f"output={str(output)!r} is a file; give a folder")
-    with hold_folder(output, "output"):  # one predict per output folder at a time
+    with hold_folder(output, "output"), answering_signals():  # one predict per output folder at a time
         return _predict(cfg, images, output, overwrite, on_bad, image_size, batch_size, workers, bar)
 
 
@@ -145,7 +147,13 @@ def _predict(
         raise ConfigError(f"image_size={image_size} is smaller than the network stride ({stride} px)")
     writer.class_names = list(module.class_names)
     dataset = ImageFileDataset(images, build_transform(int(image_size), train=False))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_images)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_images,
+        worker_init_fn=worker_init if workers else None,
+    )  # fmt: skip  (workers leave signals to us)
 
     output.mkdir(parents=True, exist_ok=True)
     clean_stale_temp_files(output)

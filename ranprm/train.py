@@ -47,6 +47,7 @@ from ranprm.lightning.loggers import build_logger
 from ranprm.lightning.module import PRMModule
 from ranprm.utils.checks import check_value
 from ranprm.utils.io import check_writable, write_json_atomic
+from ranprm.utils.stop import StopRequested, received, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,9 @@ def checkpoint_bytes(module: PRMModule) -> int:
 def _interrupted(trainer: L.Trainer, run_dir: Path, saver: SaveOnSigterm) -> RunInterrupted:
     """Record the interruption in the run folder (`interrupted.json`, read by the sweep summary) and describe it."""
     resume = f"ranprm-train resume={run_dir}"
+    name = saver.signal_name
     record = {
-        "signal": "SIGTERM",
+        "signal": name,
         "checkpoint": str(saver.saved) if saver.saved else None,
         "global_step": trainer.global_step,
         "epoch": trainer.current_epoch,
@@ -74,7 +76,7 @@ def _interrupted(trainer: L.Trainer, run_dir: Path, saver: SaveOnSigterm) -> Run
         write_json_atomic(run_dir / INTERRUPTED_FILE, record)
     saved = f"saved {saver.saved} at step {trainer.global_step}" if saver.saved else "no checkpoint could be saved"
     return RunInterrupted(
-        f"SIGTERM: {saved}; continue with `{resume}`", "SIGTERM", 128 + signal.SIGTERM, record["checkpoint"]
+        f"{name}: {saved}; continue with `{resume}`", name, 128 + signal.Signals[name], record["checkpoint"]
     )
 
 
@@ -86,7 +88,7 @@ def train(cfg: DictConfig) -> float | None:
     and the data index (one line and exit 2 for anything wrong, before a step runs or a file is replaced), then
     apply the folder decision, then train.
     """
-    with hold_folder(Path(cfg.paths.output_dir), _folder_option()):
+    with hold_folder(Path(cfg.paths.output_dir), _folder_option()), stop_on_signals():
         return _train(cfg)
 
 
@@ -130,9 +132,9 @@ def _train(cfg: DictConfig) -> float | None:
         log.info("resuming from %s (epoch %s, global step %s)", plan.resume, header["epoch"], header["global_step"])
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.resume) if plan.resume else None)
-    except SIGTERMException:
+    except (SIGTERMException, StopRequested):
         raise _interrupted(trainer, run_dir, saver) from None
-    if trainer.received_sigterm and trainer.global_step < _planned_steps(trainer):
+    if (trainer.received_sigterm or received() is not None) and trainer.global_step < _planned_steps(trainer):
         raise _interrupted(trainer, run_dir, saver)  # stopped between epochs, before the loop could raise
 
     metrics: dict[str, Any] = {

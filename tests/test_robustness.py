@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -193,3 +194,75 @@ def test_a_loader_worker_dies_when_its_main_process_is_sigkilled(tmp_path):
     finally:
         if not _gone(worker):  # a failing run must not leave the orphan behind either
             os.kill(worker, signal.SIGKILL)
+
+
+# --- 4. signals answered between images ---------------------------------------------------------------------------
+
+
+def test_stop_signals_are_recorded_raised_at_the_next_check_and_the_old_handlers_come_back():
+    from ranprm.utils.stop import StopRequested, check_stop, stop_on_signals
+
+    before = signal.getsignal(signal.SIGHUP)
+    with stop_on_signals():
+        check_stop()  # nothing received: goes on
+        os.kill(os.getpid(), signal.SIGHUP)  # a closed terminal: recorded, the process lives on
+        with pytest.raises(StopRequested) as info:
+            check_stop()
+    assert (info.value.signal_name, info.value.exit_code) == ("SIGHUP", 129)
+    assert signal.getsignal(signal.SIGHUP) == before
+    check_stop()  # outside: nothing recorded any more
+
+
+def _signal_at_first_retrieval(monkeypatch, signum: int) -> list[int]:
+    """Send `signum` to this process while the first image's instances are retrieved; returns the per-image calls."""
+    import ranprm.prm.pipeline as pipeline
+
+    calls: list[int] = []
+    real = pipeline.retrieve_instances
+
+    def retrieve(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "retrieve_instances", retrieve)
+    return calls
+
+
+def test_ctrl_c_in_validations_instance_evaluation_stops_at_the_next_image_saves_and_hints(
+    voc_root, tmp_path, monkeypatch
+):
+    from ranprm.errors import RunInterrupted
+    from ranprm.train import train
+
+    calls = _signal_at_first_retrieval(monkeypatch, signal.SIGINT)
+    overrides = [*tiny_overrides(voc_root, tmp_path), "trainer.max_epochs=1", "data.val_batch_size=4"]
+    with pytest.raises(RunInterrupted) as info:
+        train(compose("train", overrides))
+    assert len(calls) == 1  # the batch holds 2 images: the second was never processed
+    assert info.value.exit_code == 130 and info.value.signal_name == "SIGINT"
+    assert f"continue with `ranprm-train resume={tmp_path}`" in str(info.value)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    record = json.loads((tmp_path / "interrupted.json").read_text())
+    assert record["signal"] == "SIGINT" and record["checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert not (tmp_path / "metrics.json").exists()
+    # the signal handlers are the process's own again: a later command in this process starts clean
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_to_evaluate_stops_between_images_and_is_not_swallowed(voc_root, tmp_path, monkeypatch):
+    from ranprm.evaluate import evaluate
+    from ranprm.train import train
+    from ranprm.utils.stop import StopRequested
+
+    train(compose("train", [*tiny_overrides(voc_root, tmp_path / "run"), "trainer.max_epochs=1"]))
+    calls = _signal_at_first_retrieval(monkeypatch, signal.SIGTERM)
+    out = tmp_path / "eval"
+    cfg = compose("evaluate", ["data=voc", f"data.root={voc_root}", "data.class_names=[square,disk]",
+                               "data.image_size=64", "data.val_batch_size=2", "device=cpu", "progress_bar=none",
+                               f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"output={out}"])  # fmt: skip
+    with pytest.raises(StopRequested) as info:
+        evaluate(cfg)
+    assert info.value.exit_code == 143 and len(calls) == 1
+    assert not (out / "metrics.json").exists()

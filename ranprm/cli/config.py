@@ -265,6 +265,7 @@ def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
     from omegaconf.errors import MissingMandatoryValue
 
     from ranprm.errors import RunInterrupted
+    from ranprm.utils.stop import StopRequested
 
     @functools.wraps(task)
     def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -272,6 +273,10 @@ def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
             return task(*args, **kwargs)
         except RunInterrupted as err:
             print(f"ranprm: interrupted: {err}", file=sys.stderr)
+            raise SystemExit(err.exit_code) from None
+        except StopRequested as err:  # before anything could be saved (a command with nothing to save)
+            print(f"ranprm: interrupted: {err.signal_name}: stopped before finishing; run the same command again "
+                  "(overwrite=true where it wrote results already)", file=sys.stderr)  # fmt: skip
             raise SystemExit(err.exit_code) from None
         except (RanprmError, MissingMandatoryValue) as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":

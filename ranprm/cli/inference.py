@@ -4,13 +4,15 @@ own."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig
 
 from ranprm.cli.build import progress_bar_callback, trainer_arguments
@@ -19,6 +21,7 @@ from ranprm.errors import ConfigError
 from ranprm.lightning.checkpoint import load_module
 from ranprm.lightning.module import PRMModule
 from ranprm.prm.pipeline import PRM_DEFAULTS
+from ranprm.utils.stop import StopRequested, stop_on_signals
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,3 +154,17 @@ def build_inference_trainer(
 def root_device(trainer: L.Trainer) -> torch.device:
     """The device this process runs the model on (before `Trainer.test`/`predict` move it there)."""
     return trainer.strategy.root_device
+
+
+@contextlib.contextmanager
+def answering_signals() -> Iterator[None]:
+    """Around predict and evaluate: SIGTERM / SIGINT / SIGHUP stop the command between images (`ranprm.utils.stop`)
+    and exit non-zero. Lightning's own answer to SIGTERM in `Trainer.test` / `predict` is a `SIGTERMException`, a
+    `SystemExit` with code 0: evaluate then ended as if it had succeeded; here it is the signal's exit code."""
+    with stop_on_signals():
+        try:
+            yield
+        except SIGTERMException:
+            import signal
+
+            raise StopRequested(signal.SIGTERM) from None

@@ -63,6 +63,7 @@ def run_job(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None:
 
     from ranprm.cli.run_dir import hold_folder, hydra_files_guard
     from ranprm.errors import RunFolderError, RunInterrupted
+    from ranprm.utils.stop import StopRequested
 
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
@@ -72,7 +73,7 @@ def run_job(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None:
             return task(cfg)
         try:
             return task(cfg)
-        except RunInterrupted:
+        except (RunInterrupted, StopRequested):
             sweep_dir = Path(hydra_cfg.sweep.dir)
             log.error("job %s interrupted: ending the sweep; summary in %s", hydra_cfg.job.num, sweep_dir)
             with contextlib.suppress(Exception):  # the summary must not hide the interruption

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from ranprm.errors import CheckpointError, ConfigError
 from ranprm.lightning.module import PRMModule
 from ranprm.utils.io import is_disk_error, load_torch_file, write_via_temp
+from ranprm.utils.stop import StopRequested, check_stop
 
 log = logging.getLogger(__name__)
 
@@ -104,26 +105,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class SaveOnSigterm(Callback):
-    """On SIGTERM (cluster pre-emption; SLURM signals the whole process group) save `<dirpath>/last.ckpt` before
-    Lightning stops the run, and remember it so that `ranprm.train` can exit non-zero (`RunInterrupted`).
+    """On a stop signal (SIGTERM: cluster pre-emption, SLURM signals the whole process group; SIGINT: Ctrl+C;
+    SIGHUP: a closed terminal) save `<dirpath>/last.ckpt` before the run stops, and remember it and the signal so
+    that `ranprm.train` can exit non-zero with a resume hint (`RunInterrupted`).
 
     Lightning only sets `trainer.received_sigterm` and raises `SIGTERMException` (a `SystemExit` with code 0) at the
-    next batch boundary; it saves nothing. The state saved there is consistent: the step that was running finished.
-    A DataLoader worker that died of the same signal (it should not: `ranprm.data.sampling.worker_init` makes
-    workers ignore SIGTERM) surfaces as another exception between batches; `received_sigterm` still says why.
+    next batch boundary, and for Ctrl+C saves nothing. Here every stop signal is recorded (`ranprm.utils.stop`),
+    checked after each training batch (a consistent state: the step that was running finished) and between images
+    in validation, panels and peak backpropagation (`StopRequested`), so a run answers within seconds however
+    long its validation batches are. A DataLoader worker that died of the same signal (it should not:
+    `ranprm.data.sampling.worker_init` makes workers ignore these signals) surfaces as another exception between
+    batches; `received_sigterm` still says why.
     """
 
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
         self.saved: Path | None = None
+        self.signal_name = "SIGTERM"
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        check_stop()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not (isinstance(exception, SIGTERMException) or trainer.received_sigterm):
+        if isinstance(exception, StopRequested):
+            self.signal_name = exception.signal_name
+        elif not (isinstance(exception, SIGTERMException) or trainer.received_sigterm):
             return
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
         self.saved = path
-        log.warning("received SIGTERM: saved %s at global step %d", path, trainer.global_step)
+        log.warning("received %s: saved %s at global step %d", self.signal_name, path, trainer.global_step)
 
 
 RESUME_KEYS = ("state_dict", "hyper_parameters", "optimizer_states", "loops", "global_step", "epoch")

@@ -46,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from ranprm.errors import ConfigError
 from ranprm.prm.peaks import upsample_crm
+from ranprm.utils.stop import check_stop
 
 PRMMode = Literal["probability", "gradient"]
 PRM_MODES: tuple[str, ...] = ("probability", "gradient")
@@ -674,6 +675,7 @@ def peak_response_maps(
             most = max(counts[b] for b in group)
             step = max(1, chunk_size // len(group))
             for start in range(0, most, step):
+                check_stop()  # a chunk of PRMs can take seconds: a stop signal is answered between chunks
                 width = min(step, most - start)  # the last pass runs only the slots that are left
                 rows = members[(ranks[members] >= start) & (ranks[members] < start + width)]
                 slot, image = ranks[rows] - start, local[peaks[rows, 0]]

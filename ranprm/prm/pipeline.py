@@ -23,6 +23,7 @@ from ranprm.prm.instances import Instances
 from ranprm.prm.peaks import GridPeaks, ImagePeaks, PeakHead, peak_mask, upsample_crm
 from ranprm.prm.retrieval import RetrievalConfig, build_retrieval, retrieve_instances
 from ranprm.prm.thresholds import ClassCalibration, Thresholds, select_classes, select_peaks
+from ranprm.utils.stop import check_stop
 from ranprm.utils.timing import stage
 
 # The choices of `prm.mode` and `prm.precision` as enums, so a config schema refuses any other value when the config
@@ -242,6 +243,7 @@ def predict_batch(
     with stage(stage_times, "retrieval", device):
         predictions = []
         for b, size in enumerate(orig_sizes):
+            check_stop()  # between images: a stop signal is answered in seconds, not at the end of the batch
             size = (int(size[0]), int(size[1]))
             rows = peaks.rows_of(b)
             image_peaks = peaks.in_image(b, size)

@@ -266,3 +266,26 @@ def test_sigterm_to_evaluate_stops_between_images_and_is_not_swallowed(voc_root,
         evaluate(cfg)
     assert info.value.exit_code == 143 and len(calls) == 1
     assert not (out / "metrics.json").exists()
+
+
+# --- 6. one line instead of a traceback ---------------------------------------------------------------------------
+
+
+def test_a_class_mask_value_outside_the_classes_is_one_line_naming_file_and_value_before_training(voc_root, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ranprm.errors import DataError
+    from ranprm.train import train
+
+    path = voc_root / "SegmentationClass" / "2024_000007.png"  # a validation image (the last quarter of the ids)
+    png = Image.open(path)
+    values = np.array(png)
+    values[30, 30] = 42
+    bad = Image.fromarray(values, mode="P")
+    bad.putpalette(png.getpalette())
+    bad.save(path)
+    with pytest.raises(DataError) as info:
+        train(compose("train", tiny_overrides(voc_root, tmp_path / "run")))
+    assert str(info.value).startswith(f"mask {path} holds class value 42; with 2 classes in data.class_names")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained

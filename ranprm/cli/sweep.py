@@ -8,7 +8,8 @@ job's evaluators gave them, recorded in its metrics.json). A job that raised has
 (written by `ranprm.train`); a job with none of them (killed, still running) is `missing`.
 
 A SIGTERM ends the whole sweep, not only its job (the scheduler wants the process gone): the interrupted job is
-recorded, the summary is written for the jobs that ran, and the process exits non-zero.
+recorded, the summary is written for the jobs that ran, and the process exits non-zero. A sweep in which a job
+failed runs its other jobs, then exits 1 after the summary, naming the failed jobs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import csv
 import json
 import logging
 import math
+import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -213,3 +215,10 @@ class SweepSummary(Callback):
             return
         log.info("sweep summary: %s, %s", csv_path, md_path)
         print(f"sweep summary: {md_path}")
+        rows = collect(sweep_dir)
+        failed = [r["job"] for r in rows if r["status"] in ("failed", "missing")]
+        if failed:  # a scheduler or script must see that the sweep did not do all it was asked to
+            shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+            print(f"ranprm: error: {len(failed)} of {len(rows)} jobs failed or are missing ({shown}); see {md_path}",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(1)

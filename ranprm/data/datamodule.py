@@ -198,7 +198,7 @@ class VOCDataModule(L.LightningDataModule):
         cfg = self.cfg
         required = cfg.val_task == "Segmentation" and cfg.holdout_fraction == 0
         name = f"ImageSets/{cfg.val_task}/{cfg.val_split}.txt" if cfg.holdout_fraction == 0 else "(hold-out)"
-        return check_masks(self.root, val_ids, required=required, split_name=name)
+        return check_masks(self.root, val_ids, required=required, split_name=name, num_classes=len(self.class_names))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -261,12 +261,14 @@ def mask_paths(root: Path, image_id: str) -> tuple[Path, Path]:
     return root / "SegmentationObject" / f"{image_id}.png", root / "SegmentationClass" / f"{image_id}.png"
 
 
-def check_masks(root: Path, ids: list[str], required: bool, split_name: str) -> int:
-    """Check the mask PNGs of `ids` from their headers only (present, palette or grey, the size of their image)
-    before anything trains, so a bad mask stops the run now with one line instead of at the first evaluation.
+def check_masks(root: Path, ids: list[str], required: bool, split_name: str, num_classes: int | None = None) -> int:
+    """Check the mask PNGs of `ids` from their headers (present, palette or grey, the size of their image) before
+    anything trains, so a bad mask stops the run now with one line instead of at the first evaluation.
 
     `required`: every id must have masks (VOC's Segmentation splits); else ids without a SegmentationObject PNG are
-    images without instances, as in VOC's Main splits. Returns the number of ids with masks.
+    images without instances, as in VOC's Main splits. `num_classes`: also read each class PNG and refuse a value
+    other than 0 (background), 1..num_classes and 255 (void), naming the file and the value (such a value gave a
+    traceback at the first validation, after a whole training epoch). Returns the number of ids with masks.
     """
     with_masks = 0
     for image_id in ids:
@@ -287,8 +289,23 @@ def check_masks(root: Path, ids: list[str], required: bool, split_name: str) -> 
                 raise DataError(
                     f"mask {path} is {w}x{h} but its image is {size[1]}x{size[0]}; masks must match their image's size"
                 )
+        if num_classes is not None:
+            check_class_values(cls_path, num_classes)
         with_masks += 1
     return with_masks
+
+
+def check_class_values(cls_path: Path, num_classes: int) -> None:
+    """A SegmentationClass PNG holds 0 (background), 1..num_classes (class i + 1) and 255 (void) only."""
+    values = np.unique(_read_index_png(cls_path))
+    bad = [int(v) for v in values if not (0 <= v <= num_classes or v == VOID)]
+    if bad:
+        raise DataError(
+            f"mask {cls_path} holds class value {bad[0]}"
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+            + f"; with {num_classes} classes in data.class_names its values must be 0 (background), 1..{num_classes} "
+            "or 255 (void): fix the mask or the class list"
+        )
 
 
 @dataclass

@@ -130,9 +130,10 @@ class PanelCallback(Callback):
         return PRM_PRECISIONS["bf16" if trainer_precision.startswith("bf16") else "fp32"]
 
     def render(
-        self, pl_module: Any, batch: dict[str, Any], prm_dtype: torch.dtype = torch.float32
+        self, pl_module: Any, batch: dict[str, Any], prm_dtype: torch.dtype = torch.float32, pad: bool = True
     ) -> tuple[list[np.ndarray], list[str]]:
-        """Panels (H', W', 3) uint8 and captions for a collated batch of validation samples.
+        """Panels (H', W', 3) uint8 and captions for a collated batch of validation samples; `pad`: each padded to
+        the run's panel size (`canvas_hw`), else at its own size.
 
         The samples carry their original pixels (`raw_image`), so nothing is read from disk again.
         """
@@ -157,6 +158,8 @@ class PanelCallback(Callback):
             panels.append(render_panel(inputs, max_prms=self.max_prms, tile_size=self.tile_size,
                                        display_score=self.display_score, prm_scale=self.prm_scale))  # fmt: skip
             captions.append(panel_caption(inputs, image_id=batch["image_id"][b]))
+        if not pad:
+            return panels, captions
         num_attention = max((len(p.attention or ()) for p in predictions), default=0)
         largest = largest_layout([raw.shape[:2] for raw in raw_images], pl_module.class_names, num_attention,
                                  self.max_prms, self.tile_size).size  # fmt: skip

@@ -12,7 +12,7 @@ LOCK_VENV := .lock-venv
 # `make lock` keeps torch at this version unless told otherwise: make lock TORCH=2.14.0
 TORCH ?= $(shell sed -n 's/^torch==\([^,]*\).*/\1/p' $(CONSTRAINTS))
 
-.PHONY: install train test test-fast test-slow bench lint format study lock clean
+.PHONY: install train test test-fast test-slow bench lint format study lock clean docs-images
 
 # Re-installs only when pyproject.toml or constraints.txt changed since the last install (or .venv is missing).
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -37,6 +37,18 @@ test-slow: install
 
 bench: install
 	$(BIN)/python -m ranprm.bench all $(ARGS)
+
+# The README's pictures from the current code: the default run's panel (trained into outputs/docs-images unless
+# CKPT= names a checkpoint), written to docs/images/. ARGS go to ranprm.docs_images, e.g. a real-photo panel:
+# ARGS="--photo-ckpt RUN/checkpoints/last.ckpt --photo-data data.root=... --photo-provenance FILE.provenance.json"
+DOCS_RUN := outputs/docs-images
+docs-images: install
+ifeq ($(CKPT),)
+	$(BIN)/python -m ranprm.train hydra.run.dir=$(DOCS_RUN) overwrite=true logger=csv print_config=false
+	$(BIN)/python -m ranprm.docs_images --ckpt $(DOCS_RUN)/checkpoints/last.ckpt $(ARGS)
+else
+	$(BIN)/python -m ranprm.docs_images --ckpt $(CKPT) $(ARGS)
+endif
 
 study: install
 	experiments/ran_vs_resnet/run.sh $(ARGS)

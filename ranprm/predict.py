@@ -54,6 +54,7 @@ from ranprm.lightning.prediction_writer import (
 )
 from ranprm.utils.checks import check_range, check_value
 from ranprm.utils.io import check_writable, clean_stale_temp_files
+from ranprm.viz.draw import DISPLAY_SCORE
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,10 @@ def _predict(
     _check_outputs(images, output, overwrite)
     check_writable(output, "output")
 
-    writer = OverlayAndResultsWriter(output, images, [], on_bad, source=f"input={cfg.input!r}")
+    display_score = check_value(cfg.get("display_score", DISPLAY_SCORE), float, "display_score")
+    check_range(display_score, "display_score", 0.0, 1.0)
+    writer = OverlayAndResultsWriter(output, images, [], on_bad, source=f"input={cfg.input!r}",
+                                     display_score=float(display_score))  # fmt: skip
     trainer = build_inference_trainer(cfg, output, callbacks=[writer], progress_bar=bar)
     module = load_for_inference(cfg, root_device(trainer))
     if image_size is None:

@@ -16,9 +16,16 @@ TAB10_WITHOUT_GREY = (
 )  # fmt: skip
 
 
-def test_palette_is_matplotlibs_tab10_without_its_grey() -> None:
-    assert draw.palette() == draw.palette("tab10") == TAB10_WITHOUT_GREY
+def test_class_palette_is_tab20_dark_hues_first_without_its_greys() -> None:
+    # tab20 lists tab10's colours (dark) each followed by a lighter one; the greys (the 8th pair) are dropped.
+    assert draw.palette("tab10") == TAB10_WITHOUT_GREY
+    colours = draw.palette()
+    assert len(colours) == 18 and colours[:9] == TAB10_WITHOUT_GREY
+    assert colours[9] == (174, 199, 232)  # tab20's second entry: the light blue
     assert len(draw.palette("viridis")) == 10  # a continuous map: ten samples
+    # A class's colour is a function of its index alone, the same in every picture.
+    assert draw.class_colour(0) == (31, 119, 180) and draw.class_colour(3) == (214, 39, 40)
+    assert draw.class_colour(18) == draw.class_colour(0) and draw.class_colour(19) == draw.class_colour(1)
 
 
 def test_ink_is_dark_on_light_boxes_and_light_on_dark_ones() -> None:
@@ -88,6 +95,58 @@ def test_instances_are_labelled_at_their_masks_top_left_and_their_seeds_marked()
     assert out[5, 5].tolist() == [128, 128, 128] and (img == 128).all()  # outside untouched; input unchanged
 
 
+def test_a_label_moves_off_what_is_occupied_to_the_nearest_free_spot() -> None:
+    # A 20 x 10 box anchored at (5, 5) on a 60 x 40 image; a marker covers x < 30, y < 20. The search steps 11 px
+    # (the box's height + 1) vertically and max(11, 10) horizontally: ring 1 overlaps everywhere, ring 2 first
+    # tries up (clipped to y = 0: overlaps), then right (x = 27 < 30: overlaps), then down to y = 27: free.
+    assert draw.place_label((40, 60), (20, 10), [(5, 5)], [(0, 0, 30, 20)]) == (5, 27, 25, 37)
+    assert draw.place_label((40, 60), (20, 10), [(5, 5)], []) == (5, 5, 25, 15)  # free: at its anchor
+    # Nowhere free: the spot covering the least (here any spot; the first tried).
+    assert draw.place_label((40, 60), (20, 10), [(5, 5)], [(0, 0, 60, 40)]) == (5, 5, 25, 15)
+    assert draw.overlap_area((0, 0, 10, 10), (5, 5, 20, 20)) == 25
+    assert draw.overlap_area((0, 0, 5, 5), (5, 0, 9, 5)) == 0  # touching is not overlapping
+
+
+def test_labels_of_instances_at_one_corner_never_cover_each_other_or_a_seed() -> None:
+    img = np.full((80, 120, 3), 128, np.uint8)
+    masks = np.zeros((3, 80, 120), np.uint8)
+    masks[:, 10:60, 10:90] = 1  # three masks with the same top-left corner: the same preferred spot
+    seeds = np.array([[12.0, 14.0], [40.0, 50.0], [30.0, 30.0]])  # the first seed right at that corner
+    occupied: list = []
+    draw.draw_instances(img, masks, seeds, ["cat 0.90", "dog 0.50", "cat 0.20"], alpha=0.4, marker=7,
+                        font_scale=0.35, occupied=occupied)  # fmt: skip
+    markers, labels = occupied[:3], occupied[3:]
+    assert len(labels) == 3
+    for i, a in enumerate(labels):
+        assert min(a[0], a[1]) >= 0 and a[2] <= 120 and a[3] <= 80  # inside the image
+        assert all(draw.overlap_area(a, m) == 0 for m in markers)
+        assert all(draw.overlap_area(a, b) == 0 for b in labels[i + 1 :])
+
+
+def test_colour_bar_runs_low_to_high_and_dims_above_a_maps_own_maximum() -> None:
+    tile = np.zeros((101, 20, 3), np.uint8)
+    draw.draw_colour_bar(tile, "viridis", 4)
+    table = draw.colour_table("viridis")
+    assert tile[0, -1].tolist() == (table[255] + 0.5).astype(int).tolist()  # top: the map's high end
+    assert tile[100, -1].tolist() == (table[0] + 0.5).astype(int).tolist()
+    assert (tile[:, -5] == 0).all() and (tile[:, :15] == 0).all()  # a dark edge; the map itself untouched
+    draw.draw_colour_bar(tile, "viridis", 4, level=0.5)  # a map reaching half the shared scale
+    assert (tile[50, -1] == 255).all()  # the white tick at its maximum: row (1 - 0.5) * 100
+    assert tile[10, -1].tolist() == (table[230] * 0.25 + 0.5).astype(int).tolist()  # dimmed above it
+
+
+def test_legend_wraps_items_to_the_width_and_draws_a_swatch_per_class() -> None:
+    items = [("cat", (31, 119, 180)), ("dog", (255, 127, 14)), ("2 below 0.10 not drawn", None)]
+    one_line = draw.legend_lines(items, 1000, 0.4)
+    assert one_line == [items]
+    narrow = draw.legend_lines(items, 60, 0.4)
+    assert [len(line) for line in narrow] == [1, 1, 1]  # each item wider than half the width: one per line
+    img = np.zeros((40, 300, 3), np.uint8)
+    draw.draw_legend(img, one_line, 0, 0, 0.4)
+    assert (img == (31, 119, 180)).all(axis=2).any() and (img == (255, 127, 14)).all(axis=2).any()
+    assert draw.legend_size(one_line, 0.4)[1] == draw.legend_line_height(0.4)
+
+
 def _instances(hw: tuple[int, int]) -> Instances:
     mask = torch.zeros(1, *hw, dtype=torch.bool)
     mask[0, 10:40, 10:50] = True
@@ -105,10 +164,31 @@ def test_overlay_fills_outlines_and_marks_with_the_kit() -> None:
     hw = (60, 100)
     image = np.full((*hw, 3), 100, np.uint8)
     out = render_overlay(image, _instances(hw), ["cat", "dog"], peaks=torch.tensor([[0, 50.0, 80.0]]), alpha=0.45)
-    blue = np.array(TAB10_WITHOUT_GREY[0])
-    assert out[35, 15].tolist() == (100 * 0.55 + blue * 0.45 + 0.5).astype(int).tolist()
+    orange = np.array(draw.class_colour(1))  # the instance is a dog: class 1's colour
+    assert out[35, 15].tolist() == (100 * 0.55 + orange * 0.45 + 0.5).astype(int).tolist()
     assert (out[50, 80] > 240).all() and (out[50, 88] == 100).all()  # a further valid peak: a white cross
-    assert out[5, 5].tolist() == [100, 100, 100] and (image == 100).all()
+    assert out[58, 5].tolist() == [100, 100, 100] and (image == 100).all()
+    # The legend names the class in the corner the mask covers least (the top-right), on a dark box.
+    assert (out[:15, 60:] == orange).all(axis=2).any() and out[2, 98].tolist() == [30, 30, 30]
+
+
+def test_overlay_leaves_out_instances_below_the_display_score_and_says_so() -> None:
+    hw = (120, 200)
+    masks = torch.zeros(2, *hw, dtype=torch.bool)
+    masks[0, 10:50, 10:60] = True
+    masks[1, 60:110, 120:190] = True
+    inst = Instances(hw, masks=masks, labels=torch.tensor([0, 1]), scores=torch.tensor([0.8, 0.05]),
+                     peaks=torch.tensor([[30.0, 30.0], [85.0, 150.0]]), prms=masks.float())  # fmt: skip
+    image = np.full((*hw, 3), 100, np.uint8)
+    out = render_overlay(image, inst, ["cat", "dog"], display_score=0.1)
+    assert (out[80, 130] == 100).all()  # the 0.05 dog is not drawn
+    assert not (out == draw.class_colour(1)).all(axis=2).any()
+    assert (out[45, 15] != 100).any()  # the cat is
+    every = render_overlay(image, inst, ["cat", "dog"], display_score=0.0)
+    assert (every[80, 130] != 100).any()
+    # The legend's note: its box is taller with the extra line on a 200 px image (legend width 100 px).
+    note = (out[:, :, 0] == 30) & (out[:, :, 1] == 30)
+    assert note.sum() > ((every[:, :, 0] == 30) & (every[:, :, 1] == 30)).sum()
     with pytest.raises(ValueError, match="masks are"):
         render_overlay(np.zeros((30, 50, 3), np.uint8), _instances(hw), ["cat", "dog"])
 

@@ -10,9 +10,18 @@ import pytest
 import torch
 
 from ranprm.prm.instances import Instances
-from ranprm.viz.draw import fit_text, save_png
-from ranprm.viz.layout import caption_height, panel_layout, tile_shape
-from ranprm.viz.panels import PanelInputs, PanelStyle, choose_prms, layout_for, panel_caption, render_panel
+from ranprm.viz import draw
+from ranprm.viz.draw import fit_text, label_size, legend_line_height, save_png
+from ranprm.viz.layout import caption_height, font_scale, pad_to, panel_layout, tile_shape
+from ranprm.viz.panels import (
+    PanelInputs,
+    PanelStyle,
+    choose_prms,
+    largest_layout,
+    layout_for,
+    panel_caption,
+    render_panel,
+)
 
 NAMES = ["cat", "dog", "person", "car"]
 H, W = 64, 96  # not square, so a swapped height and width shows up
@@ -86,11 +95,13 @@ def test_full_panel_has_the_known_layout_and_size() -> None:
     assert layout.rows == (("overview", 2), ("crm", 2), ("prm", 3), ("attention", 3))
     assert layout.cols == 3 and layout.tile_hw == (H, W)
     # A 96 px tile takes the smallest font (0.35), whose caption strip is 18 px: 4 cells of 64 + 18 and 5 gaps
-    # of 4 by 3 cells of 96 and 4 gaps.
+    # of 4, plus the legend's one line ("cat", "dog", the PRM scale: 37 + 39 + 142 px of the 296 px) of 18 px and
+    # a gap, by 3 cells of 96 and 4 gaps.
     assert layout.caption_h == caption_height(W) == 18
-    assert layout.size == (4 * (64 + 18) + 5 * 4, 3 * 96 + 4 * 4) == (348, 304)
+    assert layout.footer_h == legend_line_height(0.35) == 18
+    assert layout.size == (4 * (64 + 18) + 5 * 4 + 18 + 4, 3 * 96 + 4 * 4) == (370, 304)
     panel = render_panel(inputs)
-    assert panel.shape == (348, 304, 3) and panel.dtype == np.uint8 and panel.flags.c_contiguous
+    assert panel.shape == (370, 304, 3) and panel.dtype == np.uint8 and panel.flags.c_contiguous
 
 
 def test_layout_wraps_rows_at_max_cols_and_caps_prms() -> None:
@@ -161,7 +172,18 @@ def test_gt_outline_is_drawn_on_the_mask_boundary_only(gt_scale: int) -> None:
     changed = (tile != 128).any(axis=2)
     mask = box_mask(y0, y1, x0, x1).numpy()
     assert changed[band(mask, 1)].mean() > 0.9  # the boundary is outlined all round
-    assert not changed[~band(mask, 3)].any()  # nothing far inside or outside changes
+    # The outline and the label are dog's colour (class 1); the label "dog" sits at the mask's top-left corner.
+    dog = draw.class_colour(1)
+    lw, lh = label_size("dog", font_scale(W) * 0.9)
+    label = np.zeros_like(mask)
+    label[y0 : y0 + lh, x0 : x0 + lw] = True
+    assert tile[y0, x0].tolist() == list(dog)
+    # Anti-aliased: each outline pixel mixes the grey with dog's colour, so it moves from the grey towards it.
+    towards = tile[band(mask, 1) & changed & ~label].astype(float) - 128
+    direction = np.asarray(dog, float) - 128
+    cosine = towards @ direction / (np.linalg.norm(towards, axis=1) * np.linalg.norm(direction))
+    assert (cosine > 0.95).mean() > 0.9
+    assert not changed[~band(mask, 3) & ~label].any()  # nothing else far inside or outside changes
     assert not changed[(y0 + y1) // 2, (x0 + x1) // 2] and not changed[2, 2]
 
 
@@ -170,15 +192,22 @@ def test_peak_marker_is_drawn_where_the_peak_is() -> None:
     inputs = empty_inputs(valid_classes=torch.tensor([1]), peaks=torch.tensor([[1, py, px], [2, 10, 10]]))
     panel = render_panel(inputs)
     tile = tile_of(panel, inputs, 1, 0)
-    # A flat CRM is a flat heat map: every pixel but the marker has one colour.
+    bar = max(4, W // 40) + 1  # the colour bar and its dark edge along the right
+    tile = tile[:, :-bar]
+    # A flat CRM is a flat heat map: every pixel but the marker and its number has one colour.
     background = tile[2, 2]
     changed = (tile != background).any(axis=2)
     assert (tile[py, px] > 200).all()  # the cross's white centre
-    ys, xs = np.nonzero(changed)
-    assert len(ys) > 10
+    marker = max(7, min(H, W) // 16)
     # The black outline is 2 px longer than the white cross, and 4 px thick with anti-aliasing.
-    reach = (max(7, min(H, W) // 16) + 2) // 2 + 3
-    assert np.abs(ys - py).max() <= reach and np.abs(xs - px).max() <= reach
+    reach = (marker + 2) // 2 + 3
+    near = np.zeros_like(changed)
+    near[py - reach : py + reach + 1, px - reach : px + reach + 1] = True
+    assert changed[near].sum() > 10
+    # Beyond the cross: only the peak's number, "1" on class 1's colour, up and to the right of it.
+    ys, xs = np.nonzero(changed & ~near)
+    assert len(ys) and ys.max() < py and xs.min() > px and ys.min() >= py - marker - 20 and xs.max() < px + 30
+    assert (tile[ys, xs] == draw.class_colour(1)).all(axis=1).mean() > 0.5
     # The peak of class 2 is not drawn on class 1's CRM.
     assert not changed[10, 10]
 
@@ -205,6 +234,70 @@ def test_instances_are_filled_where_their_masks_are() -> None:
     assert (tile[10, 10] == 128).all() and (tile[25, 40] == 128).all()  # outside: the input
 
 
+def test_instances_take_their_class_colour_and_those_below_the_display_score_are_left_out() -> None:
+    masks = torch.stack([box_mask(30, 60, 50, 90), box_mask(5, 25, 5, 40)])
+    inst = Instances((H, W), masks=masks, labels=torch.tensor([3, 0]), scores=torch.tensor([0.8, 0.05]),
+                     peaks=torch.tensor([[45.0, 70.0], [15.0, 20.0]]), prms=torch.rand(2, H, W))  # fmt: skip
+    inputs = empty_inputs(instances=inst)
+    tile = tile_of(render_panel(inputs), inputs, 0, 1)
+    car = np.array(draw.class_colour(3))
+    assert tile[55, 85].tolist() == (128 * 0.55 + car * 0.45 + 0.5).astype(int).tolist()
+    assert (tile[20, 10] == 128).all()  # the 0.05 cat is below the default display score (0.1): not drawn
+    every = tile_of(render_panel(inputs, display_score=0.0), inputs, 0, 1, display_score=0.0)
+    cat = np.array(draw.class_colour(0))
+    assert every[20, 10].tolist() == (128 * 0.55 + cat * 0.45 + 0.5).astype(int).tolist()
+
+    # The legend says so: "car" and the note "1 instance below 0.10 not drawn" (about 180 px) instead of "car" and
+    # "cat" (about 80 px): its text reaches further right.
+    def legend_end(panel: np.ndarray) -> int:
+        footer = panel[-22:-4]
+        return int(np.nonzero((footer != PanelStyle().background).any(axis=(0, 2)))[0].max())
+
+    assert legend_end(render_panel(inputs)) > legend_end(render_panel(inputs, display_score=0.0)) + 60
+
+
+@pytest.mark.parametrize("prm_scale", ["shared", "per_map"])
+def test_prms_share_one_scale_so_a_weak_map_looks_weak_unless_each_is_scaled_to_its_own(prm_scale: str) -> None:
+    prms = torch.zeros(2, H, W)
+    prms[0, 5:25, 5:25] = 2.0  # the strong PRM
+    prms[1, 5:25, 5:25] = 0.5  # a map a quarter as strong
+    peaks = torch.tensor([[0, 40.0, 60.0], [1, 40.0, 60.0]])
+    inputs = empty_inputs(valid_classes=torch.tensor([0, 1]), peaks=peaks, prms=prms)
+    panel = render_panel(inputs, prm_scale=prm_scale)
+    strong, weak = (tile_of(panel, inputs, 2, col, prm_scale=prm_scale)[15, 15] for col in (0, 1))
+    grey = draw.grey_of(np.full((1, 1, 3), 128, np.uint8), dim=0.85)
+    table = draw.heat_over(grey.repeat(256, 1), np.linspace(0, 1, 256, dtype=np.float32)[None], "inferno",
+                           PanelStyle().heat_alpha)[0]  # fmt: skip
+    assert strong.tolist() == table[255].tolist()  # the top of the scale
+    # Shared: 0.5 of 2.0 is level 0.25 * 255 = 63.75 -> 64; per map: the weak map's own top.
+    assert weak.tolist() == table[64 if prm_scale == "shared" else 255].tolist()
+    with pytest.raises(ValueError, match="prm_scale"):
+        render_panel(inputs, prm_scale="log")
+
+
+def test_peaks_are_numbered_in_the_prm_rows_order_with_their_crm_value() -> None:
+    crms = torch.zeros(4, 2, 3)
+    crms[0, 0, 0], crms[0, 1, 2], crms[1, 1, 0] = 9.0, 4.0, 2.5
+    peaks = np.array([[0, 50.0, 80.0], [1, 50.0, 10.0], [0, 5.0, 5.0]])
+    numbered = choose_prms(peaks, crms.numpy(), (H, W), [0, 1], max_prms=3)
+    # #1 cat's strongest (row 2, value 9), #2 dog (2.5), #3 cat's second (4.0): the numbers the CRM tiles draw
+    # beside the crosses and the PRM captions start with.
+    assert [(p.index, p.label, p.value) for p in numbered] == [(2, 0, 9.0), (1, 1, 2.5), (0, 0, 4.0)]
+
+
+def test_one_run_size_fits_every_panel_and_padding_keeps_the_panel_at_the_top_left() -> None:
+    inputs = full_inputs()
+    largest = largest_layout([(H, W)], NAMES, num_attention=3, max_prms=8)
+    panel = render_panel(inputs)
+    assert panel.shape[0] <= largest.size[0] and panel.shape[1] <= largest.size[1]
+    padded = pad_to(panel, largest.size, PanelStyle().background)
+    assert padded.shape == (*largest.size, 3)
+    np.testing.assert_array_equal(padded[: panel.shape[0], : panel.shape[1]], panel)
+    assert (padded[-1, -1] == PanelStyle().background).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_to(padded, panel.shape[:2], (0, 0, 0))
+
+
 def test_crm_and_prm_tiles_are_hot_where_the_maps_are_high() -> None:
     crms = torch.zeros(4, 2, 3)
     crms[0, 1, 2] = 10.0  # bottom-right cell
@@ -216,7 +309,8 @@ def test_crm_and_prm_tiles_are_hot_where_the_maps_are_high() -> None:
     prm_tile = tile_of(panel, inputs, 2, 0).astype(int)
     # viridis runs from dark blue-purple to bright yellow: the hot corner is far brighter.
     assert crm_tile[56, 86].sum() > crm_tile[10, 10].sum() + 150
-    assert prm_tile[12, 12].sum() > prm_tile[50, 80].sum() + 150
+    # (the peak's cross and number cover part of the hot square)
+    assert prm_tile[5:15, 5:15].sum(axis=2).max() > prm_tile[50, 80].sum() + 150
 
 
 def test_prm_choice_follows_the_crm_order_and_takes_every_class_before_a_second_peak() -> None:

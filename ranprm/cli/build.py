@@ -37,6 +37,7 @@ from ranprm.lightning.loggers import RunIdentity, run_identity
 from ranprm.lightning.module import PRMModule
 from ranprm.lightning.panels import PanelCallback
 from ranprm.utils.checks import check_range, check_value
+from ranprm.viz.draw import DISPLAY_SCORE
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def check_callbacks_config(cfg: DictConfig) -> None:
     if panels is not None:
         for key, low in (("num_images", 0), ("every_n_epochs", 1), ("max_prms", 1), ("tile_size", 16)):
             check_range(panels.get(key), f"callbacks.panels.{key}", low)
+        check_range(panels.get("display_score"), "callbacks.panels.display_score", 0.0, 1.0)
 
 
 def checkpoint_selection(cfg: DictConfig) -> dict[str, Any]:
@@ -137,6 +139,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
                 tile_size=panels.tile_size,
                 output_dir=run_dir,
                 precision=panels.precision,
+                prm_scale=str(panels.get("prm_scale", "shared")),
+                display_score=float(panels.get("display_score", DISPLAY_SCORE)),
             )
         )
     return callbacks

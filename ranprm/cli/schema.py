@@ -151,6 +151,11 @@ class PanelPrecision(StrEnum):
     bf16 = "bf16"
 
 
+class PrmScale(StrEnum):
+    shared = "shared"  # one scale for a panel's PRMs: a weak map looks weak
+    per_map = "per_map"  # each PRM to its own maximum
+
+
 @dataclass
 class CheckpointSchema:
     monitor: str | None = "val/cls_map"
@@ -164,8 +169,10 @@ class PanelsSchema:
     num_images: int = 8
     every_n_epochs: int | None = 1
     max_prms: int = 8
-    tile_size: int | None = None
+    tile_size: int | None = 224
     precision: PanelPrecision = PanelPrecision.auto
+    prm_scale: PrmScale = PrmScale.shared
+    display_score: float = 0.1
 
 
 @dataclass
@@ -284,6 +291,7 @@ class PredictSchema:
     output: str = MISSING
     overwrite: bool = False
     on_bad_image: OnBadImage = OnBadImage.skip
+    display_score: float = 0.1
     image_size: int | None = None
     device: str = "auto"
     trainer: InferenceTrainerSchema = field(default_factory=InferenceTrainerSchema)

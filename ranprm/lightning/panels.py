@@ -1,8 +1,10 @@
 """The Lightning callback that renders CRM/PRM panels after each validation epoch.
 
-Panels go to `<run>/panels/epoch_NNN/<image_id>.png` whatever the logger, and to W&B through
-`WandbLogger.log_image` when that is the logger. Rendering is `ranprm.viz.panels`; this file only picks the
-images, runs inference and hands the results over. A logging failure is a warning, never a dead run.
+Panels go to `<run>/panels/epoch_NNN/<image_id>.png` whatever the logger, to W&B through `WandbLogger.log_image`
+and to TensorBoard as one image per panel image (`val/panels/<image_id>`). Every panel of a run is padded to one
+size (`largest_layout`, grown only by a panel busier than it), so W&B shows them side by side without its "Images
+sizes do not match" warning and TensorBoard's slider keeps one frame. Rendering is `ranprm.viz.panels`; this file
+only picks the images, runs inference and hands the results over. A logging failure is a warning, never a dead run.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from ranprm.data.dataset import collate
 from ranprm.data.voc import InstanceTargets
@@ -25,8 +27,9 @@ from ranprm.errors import ConfigError
 from ranprm.lightning.callbacks import due_this_epoch
 from ranprm.prm.backprop import PRM_PRECISIONS
 from ranprm.prm.pipeline import ImagePrediction
-from ranprm.viz.draw import save_png
-from ranprm.viz.panels import PanelInputs, panel_caption, render_panel
+from ranprm.viz.draw import DISPLAY_SCORE, save_png
+from ranprm.viz.layout import pad_to
+from ranprm.viz.panels import PRM_SCALES, PanelInputs, PanelStyle, largest_layout, panel_caption, render_panel
 
 log = logging.getLogger(__name__)
 PANEL_KEY = "val/panels"
@@ -48,11 +51,18 @@ class PanelCallback(Callback):
         tile_size: int | None = None,
         output_dir: str | Path | None = None,
         precision: str = "auto",
+        prm_scale: str = "shared",
+        display_score: float = DISPLAY_SCORE,
     ) -> None:
         if precision != AUTO_PRECISION and precision not in PRM_PRECISIONS:
             choices = [AUTO_PRECISION, *PRM_PRECISIONS]
             raise ConfigError(f"callbacks.panels.precision={precision!r} is not valid; choose one of {choices}")
+        if prm_scale not in PRM_SCALES:
+            raise ConfigError(f"callbacks.panels.prm_scale={prm_scale!r} is not valid; choose one of {PRM_SCALES}")
         self.precision = precision
+        self.prm_scale = prm_scale
+        self.display_score = display_score
+        self.canvas_hw: tuple[int, int] | None = None  # the size of every panel of this run (grown, never shrunk)
         self.num_images = num_images
         self.every_n_epochs = max(1, every_n_epochs)
         self.max_prms = max_prms
@@ -80,12 +90,14 @@ class PanelCallback(Callback):
         for file, panel in zip(files, panels, strict=True):
             save_png(file, panel)
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                try:
+            try:
+                if isinstance(logger, WandbLogger):
                     self._log_to_wandb(logger, [str(f) for f in files], captions, trainer)
-                except Exception as err:  # W&B must never cost the run
-                    log.warning("could not log panels to W&B (%s: %s); the PNGs are in %s", type(err).__name__,
-                                err, out_dir)  # fmt: skip
+                elif isinstance(logger, TensorBoardLogger):
+                    self._log_to_tensorboard(logger, list(batch["image_id"]), panels, trainer)
+            except Exception as err:  # a logger must never cost the run
+                log.warning("could not log panels to %s (%s: %s); the PNGs are in %s", type(logger).__name__,
+                            type(err).__name__, err, out_dir)  # fmt: skip
         # The cost is logged so that it can be weighed against the epoch's (BENCHMARKS.md, "Panels").
         log.info("panels of epoch %d: %d images in %.2f s, in %s", trainer.current_epoch, len(panels),
                  time.perf_counter() - started, out_dir)  # fmt: skip
@@ -102,6 +114,15 @@ class PanelCallback(Callback):
         experiment.log({"epoch": trainer.current_epoch}, commit=False)  # joins the row log_image commits
         logger.log_image(key=PANEL_KEY, images=files, step=trainer.global_step, caption=captions)
 
+    @staticmethod
+    def _log_to_tensorboard(
+        logger: TensorBoardLogger, image_ids: list[str], panels: list[np.ndarray], trainer: L.Trainer
+    ) -> None:
+        """One image per panel image, `val/panels/<image_id>`, at the global step (TensorBoard's x-axis for the
+        run's scalars too); its slider then steps through the epochs of each image."""
+        for image_id, panel in zip(image_ids, panels, strict=True):
+            logger.experiment.add_image(f"{PANEL_KEY}/{image_id}", panel, trainer.global_step, dataformats="HWC")
+
     def prm_dtype(self, trainer_precision: str) -> torch.dtype:
         """The dtype of the panels' peak backprop for a run that trains in `trainer_precision` ("bf16-mixed")."""
         if self.precision != AUTO_PRECISION:
@@ -109,9 +130,10 @@ class PanelCallback(Callback):
         return PRM_PRECISIONS["bf16" if trainer_precision.startswith("bf16") else "fp32"]
 
     def render(
-        self, pl_module: Any, batch: dict[str, Any], prm_dtype: torch.dtype = torch.float32
+        self, pl_module: Any, batch: dict[str, Any], prm_dtype: torch.dtype = torch.float32, pad: bool = True
     ) -> tuple[list[np.ndarray], list[str]]:
-        """Panels (H', W', 3) uint8 and captions for a collated batch of validation samples.
+        """Panels (H', W', 3) uint8 and captions for a collated batch of validation samples; `pad`: each padded to
+        the run's panel size (`canvas_hw`), else at its own size.
 
         The samples carry their original pixels (`raw_image`), so nothing is read from disk again.
         """
@@ -133,9 +155,22 @@ class PanelCallback(Callback):
         panels, captions = [], []
         for b, prediction in enumerate(predictions):
             inputs = panel_inputs(prediction, raw_images[b], batch["targets"][b], pl_module.class_names)
-            panels.append(render_panel(inputs, max_prms=self.max_prms, tile_size=self.tile_size))
+            panels.append(render_panel(inputs, max_prms=self.max_prms, tile_size=self.tile_size,
+                                       display_score=self.display_score, prm_scale=self.prm_scale))  # fmt: skip
             captions.append(panel_caption(inputs, image_id=batch["image_id"][b]))
-        return panels, captions
+        if not pad:
+            return panels, captions
+        num_attention = max((len(p.attention or ()) for p in predictions), default=0)
+        largest = largest_layout([raw.shape[:2] for raw in raw_images], pl_module.class_names, num_attention,
+                                 self.max_prms, self.tile_size).size  # fmt: skip
+        sizes = [largest, *(p.shape[:2] for p in panels), *([self.canvas_hw] if self.canvas_hw else [])]
+        canvas = (max(h for h, _ in sizes), max(w for _, w in sizes))
+        if self.canvas_hw is not None and canvas != self.canvas_hw:
+            log.info("panels grow from %s to %s px: a panel is busier than the run's largest so far",
+                     self.canvas_hw, canvas)  # fmt: skip
+        self.canvas_hw = canvas
+        background = PanelStyle().background
+        return [pad_to(panel, canvas, background) for panel in panels], captions
 
 
 def panel_inputs(

@@ -25,7 +25,7 @@ from ranprm.data.images import BadImage
 from ranprm.errors import DataError
 from ranprm.eval.results_io import instances_to_results, write_results
 from ranprm.prm.pipeline import ImagePrediction
-from ranprm.viz.draw import save_png
+from ranprm.viz.draw import DISPLAY_SCORE, save_png
 from ranprm.viz.overlay import render_overlay
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class OverlayAndResultsWriter(BasePredictionWriter):
     """
 
     def __init__(self, output: Path, images: list[Path], class_names: list[str], on_bad_image: str = "skip",
-                 source: str = "input") -> None:  # fmt: skip
+                 source: str = "input", display_score: float = DISPLAY_SCORE) -> None:  # fmt: skip
         super().__init__(write_interval="batch")
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image={on_bad_image!r}: choose one of {ON_BAD_IMAGE}")
@@ -71,6 +71,7 @@ class OverlayAndResultsWriter(BasePredictionWriter):
         self.skipped: list[str] = []
         self.num_images = len(self.images)
         self.source = source  # how messages name the input (the option that gave it)
+        self.display_score = display_score  # overlays draw the instances scored at least this; the JSON keeps all
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._entries, self._bad, self.results, self.skipped = {}, {}, [], []
@@ -107,7 +108,9 @@ class OverlayAndResultsWriter(BasePredictionWriter):
             self._bad[bad.index] = bad.path.name
         for index, path, raw, pred in zip(batch["index"], batch["path"], batch["raw_image"], prediction, strict=True):
             self._entries[index] = instances_to_results(path.stem, pred.instances, self.class_names)
-            overlay = render_overlay(raw, pred.instances, self.class_names, peaks=pred.peaks)
+            # The instances and their seeds only: the valid peaks that seeded nothing shown are the panels' business
+            # (on photos they lined the border and hid the labels).
+            overlay = render_overlay(raw, pred.instances, self.class_names, display_score=self.display_score)
             self._list_as_unfinished(f"{path.stem}.png")
             save_png(self.output / f"{path.stem}.png", overlay)
             log.debug("%s: %d instance(s)", path.name, len(pred.instances.labels))

@@ -11,13 +11,25 @@ from typing import Literal
 
 import numpy as np
 
-from ranprm.viz.draw import RGB, WHITE, filled, fit_text, put_text, text_size
+from ranprm.viz.draw import (
+    RGB,
+    WHITE,
+    LegendItem,
+    draw_legend,
+    filled,
+    fit_text,
+    legend_line_height,
+    legend_lines,
+    put_text,
+    text_size,
+)
 
 RowKind = Literal["overview", "crm", "prm", "attention"]
 ROW_KINDS: tuple[RowKind, ...] = ("overview", "crm", "prm", "attention")
 # A caption, or alternatives from most to least informative: the first that fits the tile is drawn.
 Caption = str | tuple[str, ...]
-Cell = tuple[np.ndarray, Caption]
+# A cell: its picture, its caption, and the class colour of the swatch that starts the caption (None: no swatch).
+Cell = tuple[np.ndarray, Caption, RGB | None]
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,7 @@ class PanelLayout:
     tile_hw:   (h, w) of the picture in a cell
     caption_h: height of the caption strip above each picture
     gap:       space between cells and around the border
+    footer_h:  height of the legend strip below the last row (0: none)
     """
 
     rows: tuple[tuple[RowKind, int], ...]
@@ -36,6 +49,7 @@ class PanelLayout:
     tile_hw: tuple[int, int]
     caption_h: int
     gap: int
+    footer_h: int = 0
 
     @property
     def cell_hw(self) -> tuple[int, int]:
@@ -43,10 +57,12 @@ class PanelLayout:
 
     @property
     def size(self) -> tuple[int, int]:
-        """(H', W') of the panel: `rows * cell_h + (rows + 1) * gap` by `cols * tile_w + (cols + 1) * gap`."""
+        """(H', W') of the panel: `rows * cell_h + (rows + 1) * gap` (plus the footer and a gap below it) by
+        `cols * tile_w + (cols + 1) * gap`."""
         cell_h, cell_w = self.cell_hw
         n = len(self.rows)
-        return n * cell_h + (n + 1) * self.gap, self.cols * cell_w + (self.cols + 1) * self.gap
+        footer = self.footer_h + self.gap if self.footer_h else 0
+        return n * cell_h + (n + 1) * self.gap + footer, self.cols * cell_w + (self.cols + 1) * self.gap
 
     def origin(self, row: int, col: int) -> tuple[int, int]:
         """(y, x) of the top-left corner of a cell (of its caption strip)."""
@@ -85,6 +101,14 @@ def caption_height(tile_w: int) -> int:
     return text_h + baseline + 6
 
 
+def with_legend(layout: PanelLayout, items: Sequence[LegendItem]) -> tuple[PanelLayout, list[list[LegendItem]]]:
+    """`layout` with a footer tall enough for `items` wrapped to the panel's width, and the wrapped lines."""
+    scale = font_scale(layout.tile_hw[1])
+    lines = legend_lines(items, layout.size[1] - 2 * layout.gap, scale)
+    footer_h = len(lines) * legend_line_height(scale) if lines else 0
+    return PanelLayout(layout.rows, layout.cols, layout.tile_hw, layout.caption_h, layout.gap, footer_h), lines
+
+
 def panel_layout(
     image_hw: tuple[int, int],
     num_crms: int,
@@ -117,8 +141,10 @@ def compose(
     cells: Mapping[RowKind, Sequence[Cell]],
     background: RGB,
     caption_background: RGB,
+    legend: Sequence[Sequence[LegendItem]] = (),
 ) -> np.ndarray:
-    """Paste each kind's cells (picture at the tile size, caption) into the panel, following `layout`."""
+    """Paste each kind's cells (picture at the tile size, caption) into the panel, following `layout`, and the
+    `legend` lines (`with_legend`) into its footer."""
     for kind in ROW_KINDS:
         wanted, given = len(layout.cells_of(kind)), len(cells.get(kind, ()))
         if wanted != given:
@@ -129,11 +155,32 @@ def compose(
     _, text_h, _ = text_size("Ag", scale)
     strip = filled((layout.caption_h, tw, 3), caption_background)
     for kind in ROW_KINDS:
-        for (row, col), (tile, caption) in zip(layout.cells_of(kind), cells.get(kind, ()), strict=True):
+        for (row, col), (tile, caption, swatch) in zip(layout.cells_of(kind), cells.get(kind, ()), strict=True):
             y, x = layout.origin(row, col)
             panel[y : y + layout.caption_h, x : x + tw] = strip
-            put_text(panel[y : y + layout.caption_h, x : x + tw], fit_text(caption, tw - 6, scale), 3, 3 + text_h,
-                     scale, WHITE)  # fmt: skip
+            text_x = 3
+            if swatch is not None:  # the class's colour, as its masks and labels have it
+                panel[y + 3 : y + 3 + text_h + 1, x + 3 : x + 3 + text_h] = swatch
+                text_x += text_h + 4
+            put_text(panel[y : y + layout.caption_h, x : x + tw], fit_text(caption, tw - 3 - text_x, scale), text_x,
+                     3 + text_h, scale, WHITE)  # fmt: skip
             py, px = layout.picture_origin(row, col)
             panel[py : py + th, px : px + tw] = tile
+    if layout.footer_h and legend:
+        n = len(layout.rows)
+        top = n * (layout.cell_hw[0] + layout.gap) + layout.gap
+        draw_legend(panel, legend, layout.gap, top, scale, WHITE)
     return panel
+
+
+def pad_to(panel: np.ndarray, hw: tuple[int, int], background: RGB) -> np.ndarray:
+    """`panel` on a canvas of `hw` (its top-left corner at the canvas's), the rest `background`: loggers show the
+    panels of a run at one size. A panel larger than `hw` is refused (ValueError), never cut."""
+    h, w = panel.shape[:2]
+    if h > hw[0] or w > hw[1]:
+        raise ValueError(f"a {h} x {w} panel does not fit a {hw[0]} x {hw[1]} canvas")
+    if (h, w) == tuple(hw):
+        return panel
+    canvas = filled((hw[0], hw[1], 3), background)
+    canvas[:h, :w] = panel
+    return canvas

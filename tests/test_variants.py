@@ -38,6 +38,10 @@ def test_a_list_takes_names_mappings_and_gradient_paths():
         {"threshold": {"name": "mean", "min_class_prob": 0.3}, "mask_grad": "detached"},
     ])  # fmt: skip
     assert [s.name for s in specs] == ["q3", "official", "mean(min_class_prob=0.3)/detached"]
+    custom = {"name": "all", "classes": {"kind": "none"}, "peaks": {"kind": "none"}}
+    assert parse_variants({"threshold": [custom], "retrieval": [{"name": "proposals", "size": 448}]})[0].name == (
+        "all/proposals(size=448)"
+    )
     assert specs[0].retrieval is None  # left out: the command line's / checkpoint's
     assert specs[1].retrieval["size"] == 448 and specs[1].retrieval["balance"] == 0.8
     assert specs[2].threshold["min_class_prob"] == 0.3 and specs[2].threshold["peaks"] == {"kind": "mean"}
@@ -80,10 +84,8 @@ def test_one_pass_equals_each_variant_alone(tiny_model, tmp_path):  # noqa: F811
     alone = {
         "mean/prm_only": ["threshold=mean", "retrieval=prm_only"],
         "q3/proposals": ["threshold=q3", "retrieval=proposals"],
-        "fixed(classes={'kind': 'fixed', 'value': -1000000000.0},peaks={'kind': 'fixed', 'value': -1000000000.0, "
-        "'strict': True})/prm_only": [*ALL_ALONE, "retrieval=prm_only"],
-        "fixed(classes={'kind': 'fixed', 'value': -1000000000.0},peaks={'kind': 'fixed', 'value': -1000000000.0, "
-        "'strict': True})/proposals": [*ALL_ALONE, "retrieval=proposals"],
+        "fixed(classes.value=-1e+09,peaks.value=-1e+09)/prm_only": [*ALL_ALONE, "retrieval=prm_only"],
+        "fixed(classes.value=-1e+09,peaks.value=-1e+09)/proposals": [*ALL_ALONE, "retrieval=proposals"],
     }
     by_name = {v["name"]: v for v in record["variants"]}
     assert set(alone) <= set(by_name), sorted(by_name)

@@ -58,15 +58,32 @@ def _load_preset(group: str, name: str) -> dict[str, Any] | None:
     return dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
 
 
-def _label(value: Any) -> str:
-    if isinstance(value, Mapping):
-        rest = ",".join(f"{k}={v}" for k, v in value.items() if k != "name")
-        return f"{value.get('name', 'custom')}({rest})" if rest else str(value.get("name", "custom"))
-    return str(value)
+def _flat(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _label(group: str, value: Any) -> str:
+    """A value's part of a variant name: a name as it is; a mapping as its `name` and, when that is a preset of
+    `group`, the options that differ from it (`mean(min_class_prob=0.3)`, `proposals(size=448)`)."""
+    if not isinstance(value, Mapping):
+        return str(value)
+    name = str(value.get("name", "custom"))
+    preset = _flat(_load_preset(group, name) or {})
+    changed = {k: v for k, v in _flat(value).items() if k != "name" and (k not in preset or preset[k] != v)}
+    if not preset or not changed:  # not a preset: its own name says what it is
+        return name
+    return f"{name}(" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in changed.items()) + ")"
 
 
 def _threshold(value: Any) -> dict[str, Any]:
-    """A preset name, or a mapping: `{name: <preset>, <keys on top>}` or a whole rule (classes and peaks)."""
+    """A preset name, or a mapping: `{name: <preset>, <keys on top>}`, or a whole rule (classes and peaks) whose
+    `name` (not a preset's) labels it."""
     if isinstance(value, str):
         preset = _load_preset("threshold", value)
         if preset is None:
@@ -103,7 +120,7 @@ def _spec(entry: Mapping[str, Any], name: str | None) -> VariantSpec:
     unknown = sorted(set(entry) - set(AXES) - {"name"})
     if unknown:
         raise ConfigError(f"variants: unknown key(s) {unknown}; a variant has {list(AXES)} (and a `name`)")
-    label = name or str(entry.get("name") or "/".join(_label(entry[a]) for a in AXES if a in entry) or "default")
+    label = name or str(entry.get("name") or "/".join(_label(a, entry[a]) for a in AXES if a in entry) or "default")
     return VariantSpec(
         name=label,
         threshold=_threshold(entry["threshold"]) if "threshold" in entry else None,

@@ -17,7 +17,9 @@ from ranprm.evaluate import evaluate
 from ranprm.lightning.checkpoint import load_module
 from tests.helpers import CLASSES
 from tests.test_evaluate import _data
+from tests.test_loggers import no_wandb_key, offline_wandb  # noqa: F401  (fixtures)
 from tests.test_predict import tiny_model  # noqa: F401  (the module-scoped fixture)
+from tests.wandb_records import history, offline_runs
 
 # Every class and every peak valid (the tiny model is barely trained): the fixed preset with its cut-offs lowered.
 ALL = "{name:fixed,classes:{kind:fixed,value:-1e9},peaks:{kind:fixed,value:-1e9,strict:true}}"
@@ -137,3 +139,19 @@ def test_training_and_evaluation_report_one_cls_map(tiny_model, tmp_path):  # no
                         enable_model_summary=False, inference_mode=False)  # fmt: skip
     trainer.validate(module, datamodule=data, verbose=False)
     assert float(trainer.callback_metrics["val/cls_map"]) == pytest.approx(_metrics_of(tmp_path)["cls_map"], abs=0)
+
+
+def test_variants_table_goes_to_wandb(tiny_model, tmp_path, offline_wandb):  # noqa: F811
+    voc, ckpt = tiny_model
+    out = tmp_path / "eval"
+    evaluate(compose("evaluate", [*_data(voc), f"ckpt={ckpt}", f"output={out}", f"paths.output_dir={out}",
+                                  "eval.max_images=2", "progress_bar=none", "logger=wandb",
+                                  f"variants={{threshold:[mean,{ALL}]}}"]))  # fmt: skip
+    record = _metrics_of(out)
+    (run,) = offline_runs(out)
+    logged = {key: value for row in history(run) for key, value in row.items()}
+    for variant in record["variants"]:
+        assert logged[f"eval/{variant['name']}/abo"] == pytest.approx(variant["metrics"]["abo"])
+    table = json.loads(next(run.glob("files/media/table/eval/variants_*.table.json")).read_text())
+    assert table["columns"][:3] == ["rank", "variant", "threshold"]
+    assert [row[1] for row in table["data"]] == [v["name"] for v in record["variants"]]

@@ -266,6 +266,20 @@ def test_results_files_use_coco_ids_and_read_back(coco_root, tmp_path):
             read_results(tmp_path / "bad.json", dm.class_names, sizes, ids)
 
 
+def test_predict_finds_coco_ids_by_file_name_and_class_name(coco_root):
+    from ranprm.data.coco import result_ids_for_images
+
+    gt_path = coco_root / "annotations" / "instances_val.json"
+    images = sorted((coco_root / "val").iterdir())
+    ids = result_ids_for_images(gt_path, VOC_CLASSES, images)  # a checkpoint trained with classes=voc
+    assert dict(ids.image_ids) == {"000000000101": 101, "000000000102": 102, "000000000103": 103}
+    assert ids.category_ids[VOC_CLASSES.index("aeroplane")] == 5 and ids.category_names[0] == "airplane"
+    with pytest.raises(DataError, match=r"does not list 1 input image\(s\) \(first: '000000000001.jpg'\)"):
+        result_ids_for_images(gt_path, VOC_CLASSES, [*images, coco_root / "train" / "000000000001.jpg"])
+    with pytest.raises(DataError, match="the checkpoint's classes do not match"):
+        result_ids_for_images(gt_path, ("square", "disk"), images)
+
+
 # --------------------------------------------------------------------------------------- train and evaluate
 def test_a_short_training_run_and_evaluate_with_both_protocols(coco_root, tmp_path):
     from ranprm.train import train
@@ -289,3 +303,22 @@ def test_a_short_training_run_and_evaluate_with_both_protocols(coco_root, tmp_pa
         assert written["protocol"] == protocol and written["split"] == "instances_val"
         assert written["num_gt"] == 4 and written["skipped_images"] == 0
         assert 0.0 <= metrics["map_r_50"] <= 1.0 and "cls_map" in metrics
+
+    # ranprm-predict on the val images with their annotation file writes COCO's ids, which COCO's tools and
+    # ranprm-evaluate data=coco read back
+    from pycocotools.coco import COCO
+
+    from ranprm.predict import predict
+
+    gt_path = coco_root / "annotations" / "instances_val.json"
+    preds = tmp_path / "preds"
+    predict(compose("predict", [f"ckpt={ckpt}", f"input={coco_root / 'val'}", f"output={preds}", "device=cpu",
+                                f"coco_annotations={gt_path}", "progress_bar=none"]))  # fmt: skip
+    entries = json.loads((preds / "predictions.json").read_text())
+    assert entries and {e["image_id"] for e in entries} <= {101, 102, 103}
+    assert all(COCO_IDS[e["category"]] == e["category_id"] for e in entries)  # COCO's names and ids, not VOC's
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert len(COCO(str(gt_path)).loadRes(str(preds / "predictions.json")).anns) == len(entries)
+    cfg = compose("evaluate", [*_data(coco_root), f"predictions={preds / 'predictions.json'}",
+                               f"output={tmp_path / 'from_file'}"])  # fmt: skip
+    assert evaluate(cfg)["num_predictions"] == len(entries)

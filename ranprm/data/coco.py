@@ -508,3 +508,31 @@ class COCOSource(AnnotationSource):
             category_ids=selection.category_ids,
             category_names=selection.category_names,
         )
+
+
+def result_ids_for_images(path: Path, class_names: Sequence[str], images: Sequence[Path]) -> ResultIds:
+    """COCO's ids for `ranprm-predict coco_annotations=<instances JSON>`: each input image's id by its file name
+    (keyed by stem, as the results are), each class's category id by name (a VOC name of a renamed class finds its
+    COCO category). An input image the JSON does not list is a DataError, before anything is written."""
+    from ranprm.eval.results_io import ResultIds
+
+    data = read_json(path)
+    try:
+        selection = select_classes(list(class_names), read_categories(data, path), path)
+    except ConfigError as err:
+        raise DataError(f"coco_annotations={str(path)!r}: the checkpoint's classes do not match ({err})") from err
+    id_of_name: dict[str, int] = {}
+    for image in data["images"]:
+        if isinstance(image, dict) and _is_int(image.get("id")) and isinstance(image.get("file_name"), str):
+            id_of_name[PurePosixPath(image["file_name"]).name] = image["id"]
+    missing = [p.name for p in images if p.name not in id_of_name]
+    if missing:
+        raise DataError(
+            f"coco_annotations={str(path)!r} does not list {len(missing)} input image(s) (first: {missing[0]!r}); "
+            "give the annotation file of the images' split"
+        )
+    return ResultIds(
+        image_ids={p.stem: id_of_name[p.name] for p in images},
+        category_ids=selection.category_ids,
+        category_names=selection.category_names,
+    )

@@ -1,16 +1,16 @@
 """`python -m ranprm.evaluate (ckpt=PATH | predictions=FILE) [data=...]` (also `ranprm-evaluate`).
 
-Scores instances on the data's validation split (VOC: `ImageSets/Segmentation/val.txt`; the synthetic data's
-own) with the evaluators of `eval.metrics` under `eval.protocol` (default `voc`, chainercv's): mAP^r at IoU
-0.25/0.5/0.75, ABO, and, where a model ran, pointing accuracy (ours), the pointing game's mAP (PRM's) and
-classification mAP.
+Scores instances on the data's validation split (VOC: `ImageSets/Segmentation/val.txt`; COCO:
+`annotations/instances_<data.val_split>.json`, val2017 by default; the synthetic data's own) with the evaluators
+of `eval.metrics` under `eval.protocol` (default `voc`, chainercv's): mAP^r at IoU 0.25/0.5/0.75, ABO, and, where
+a model ran, pointing accuracy (ours), the pointing game's mAP (PRM's) and classification mAP.
 
 - `ckpt=PATH` runs the model (its threshold/retrieval/prm settings unless given here, as in `ranprm-predict`;
   network input side `data.image_size`).
 - `calibration.split=<split>` (with `ckpt`): recompute the per-class calibration that
   `threshold.class_distribution: dataset` (threshold=class_q3) uses, on ImageSets/<calibration.task>/<split>.txt.
 - `predictions=FILE` scores a COCO-style results file as `ranprm-predict` writes it; no model runs. Pointing is
-  reported only when the entries carry a `peak`.
+  reported only when the entries carry a `peak`. On `data=coco` the file uses COCO's int image ids and category ids.
 
 The model runs under Lightning's `Trainer.test` (the module's `test_step` feeds the evaluators; they gather every
 process's per-image records, one per image id), so `device=` (one device) or `trainer.devices=N`

@@ -122,7 +122,8 @@ def check_classes_option(classes: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- the index
-@dataclass(frozen=True)
+# slots: COCO 2017 train holds 118k images and 860k annotations; a record without a __dict__ is about half the size.
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     """One image of a split: its file, its size as the JSON gives it, and its annotations of kept classes."""
 
@@ -133,7 +134,7 @@ class ImageRecord:
     annotations: tuple[AnnotationRecord, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AnnotationRecord:
     """One annotation of a kept class. `segmentation` is None where it was not kept (training splits)."""
 

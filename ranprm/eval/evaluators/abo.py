@@ -2,7 +2,8 @@
 
 For every ground-truth instance of the set, the best IoU with any predicted mask of its image, of any class (0 when
 the image has none), averaged over all GT instances (0.0 for a set without any). The masks follow `eval.protocol`'s
-void rule: GT without void pixels; predictions whole under `voc`, without void under `coco`.
+void rule: GT without void pixels; predictions whole under `voc`, without void under `coco`. COCO's crowd regions are
+not instances to overlap (void under `voc`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Written to chainercv's definition (`calc_instance_segmentation_voc_prec_rec` + `
 `use_07_metric=False`; IRN, BESTIE and others report with it), vectorised over pixels and thresholds:
 
 - **Masks.** Ground-truth masks exclude void (255) pixels; a predicted mask is scored whole, so its void pixels
-  count in the union (chainercv's VOC instance masks are built from instance ids and never contain void).
+  count in the union (chainercv's VOC instance masks are built from instance ids and never contain void). COCO's
+  crowd regions (`data=coco`) are void in the same way, as VOC's void marks what is not scored.
 - **IoU** is the exact ratio of pixel counts rounded to float32, the dtype chainercv stores it in.
 - **Matching, per image and class.** The image's predictions of the class are taken by score, high to low; each is
   matched to its argmax-IoU ground-truth instance of that class (the first of equal IoUs, in instance-id order). If

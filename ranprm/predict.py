@@ -22,6 +22,9 @@ a progress bar with the time left (`progress_bar=tqdm|rich|none`), `device=` for
 `trainer.devices=N` (with `trainer.accelerator`, `trainer.strategy=ddp`) for one process per device, each writing
 its images' overlays; the first process writes predictions.json over all of them. `batch_size` and
 `num_workers` set the image loader (batches of one and no workers by default: images of any size, read in order).
+
+`coco_annotations=<instances_<split>.json>`: predictions.json uses COCO's int image ids (matched by file name) and
+category ids (by class name), so COCO's tools and `ranprm-evaluate predictions=... data=coco` read it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ranprm.cli.inference import (
     root_device,
 )
 from ranprm.cli.run_dir import hold_folder
+from ranprm.data.coco import result_ids_for_images
 from ranprm.data.images import IMAGE_SUFFIXES, ImageFileDataset, collate_images, list_images
 from ranprm.data.sampling import worker_init
 from ranprm.data.transforms import build_transform
@@ -150,6 +154,8 @@ def _predict(
     if int(image_size) < stride:
         raise ConfigError(f"image_size={image_size} is smaller than the network stride ({stride} px)")
     writer.class_names = list(module.class_names)
+    if cfg.get("coco_annotations") is not None:  # checked before the output folder is made
+        writer.ids = result_ids_for_images(Path(cfg.coco_annotations).expanduser(), module.class_names, images)
     dataset = ImageFileDataset(images, build_transform(int(image_size), train=False))
     loader = DataLoader(
         dataset,

@@ -309,6 +309,7 @@ class PredictSchema:
     progress_bar: ProgressBar = ProgressBar.tqdm
     batch_size: int = 1
     num_workers: int = 0
+    coco_annotations: str | None = None
     threshold: Any = None
     retrieval: Any = None
     prm: PrmOverrides = field(default_factory=PrmOverrides)

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ranprm.data.images import BadImage
 from ranprm.errors import DataError
-from ranprm.eval.results_io import instances_to_results, write_results
+from ranprm.eval.results_io import ResultIds, instances_to_results, write_results
 from ranprm.prm.pipeline import ImagePrediction
 from ranprm.viz.draw import DISPLAY_SCORE, save_png
 from ranprm.viz.overlay import render_overlay
@@ -56,7 +56,8 @@ class OverlayAndResultsWriter(BasePredictionWriter):
     """
 
     def __init__(self, output: Path, images: list[Path], class_names: list[str], on_bad_image: str = "skip",
-                 source: str = "input", display_score: float = DISPLAY_SCORE) -> None:  # fmt: skip
+                 source: str = "input", display_score: float = DISPLAY_SCORE,
+                 ids: ResultIds | None = None) -> None:  # fmt: skip
         super().__init__(write_interval="batch")
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image={on_bad_image!r}: choose one of {ON_BAD_IMAGE}")
@@ -72,6 +73,7 @@ class OverlayAndResultsWriter(BasePredictionWriter):
         self.num_images = len(self.images)
         self.source = source  # how messages name the input (the option that gave it)
         self.display_score = display_score  # overlays draw the instances scored at least this; the JSON keeps all
+        self.ids = ids  # COCO's image and category ids for predictions.json (`coco_annotations`); None: ranprm's
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._entries, self._bad, self.results, self.skipped = {}, {}, [], []
@@ -107,7 +109,7 @@ class OverlayAndResultsWriter(BasePredictionWriter):
             log.warning("skipping %s", bad.error)
             self._bad[bad.index] = bad.path.name
         for index, path, raw, pred in zip(batch["index"], batch["path"], batch["raw_image"], prediction, strict=True):
-            self._entries[index] = instances_to_results(path.stem, pred.instances, self.class_names)
+            self._entries[index] = instances_to_results(path.stem, pred.instances, self.class_names, self.ids)
             # The instances and their seeds only: the valid peaks that seeded nothing shown are the panels' business
             # (on photos they lined the border and hid the labels).
             overlay = render_overlay(raw, pred.instances, self.class_names, display_score=self.display_score)

@@ -2,7 +2,8 @@
 
 For every ground-truth instance of the set, the best IoU with any predicted mask of its image, of any class (0 when
 the image has none), averaged over all GT instances (0.0 for a set without any). The masks follow `eval.protocol`'s
-void rule: GT without void pixels; predictions whole under `voc`, without void under `coco`.
+void rule: GT without void pixels; predictions whole under `voc`, without void under `coco`. COCO's crowd regions are
+not instances to overlap (void under `voc`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ class AverageBestOverlap(Evaluator):
     def process(self, gt: GroundTruth, pred: Prediction) -> Any:
         if gt.instances is None:
             return None
-        gt_masks, _ = gt.scored_instances
+        masks, _, crowd, void = self.protocol.scored_ground_truth(gt)
+        gt_masks = masks[~crowd]  # a crowd region is not an object to overlap
         if pred.instances is None or not len(pred.instances) or not len(gt_masks):
             return torch.zeros(len(gt_masks), dtype=torch.float64)
-        pred_masks = self.protocol.scored_predictions(pred.instances.masks.detach().cpu().bool(), gt.void)
+        pred_masks = self.protocol.scored_predictions(pred.instances.masks.detach().cpu().bool(), void)
         return mask_iou(gt_masks, pred_masks).max(1).values
 
     def reduce(self, records: list[Any]) -> Evaluation:

@@ -4,7 +4,8 @@ Written to chainercv's definition (`calc_instance_segmentation_voc_prec_rec` + `
 `use_07_metric=False`; IRN, BESTIE and others report with it), vectorised over pixels and thresholds:
 
 - **Masks.** Ground-truth masks exclude void (255) pixels; a predicted mask is scored whole, so its void pixels
-  count in the union (chainercv's VOC instance masks are built from instance ids and never contain void).
+  count in the union (chainercv's VOC instance masks are built from instance ids and never contain void). COCO's
+  crowd regions (`data=coco`) are void in the same way, as VOC's void marks what is not scored.
 - **IoU** is the exact ratio of pixel counts rounded to float32, the dtype chainercv stores it in.
 - **Matching, per image and class.** The image's predictions of the class are taken by score, high to low; each is
   matched to its argmax-IoU ground-truth instance of that class (the first of equal IoUs, in instance-id order). If
@@ -88,8 +89,15 @@ class VOCProtocol(Protocol):
         return masks
 
     def image_record(
-        self, pred_masks: Tensor, pred_labels: Tensor, pred_scores: Tensor, gt_masks: Tensor, gt_labels: Tensor
+        self,
+        pred_masks: Tensor,
+        pred_labels: Tensor,
+        pred_scores: Tensor,
+        gt_masks: Tensor,
+        gt_labels: Tensor,
+        gt_iscrowd: Tensor | None = None,
     ) -> Any:
+        # No crowd reaches here: the default `scored_ground_truth` made crowd regions void.
         return match_image(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels)
 
     def class_aps(self, records: list[Any], num_classes: int, gt_per_class: Tensor) -> dict[str, Tensor]:

@@ -19,7 +19,9 @@ process's per-image records, one per image id), so `device=` (one device) or `tr
 computes the same full-set metrics; the first writes them.
 
 Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` into `output` (default: the
-Hydra run folder) and prints a summary. An existing `metrics.json` or `per_class.md` there is replaced only with
+Hydra run folder) and prints a summary; `records=true` also writes `records.pt`, every evaluator's per-image records
+(`EvaluatorSuite.image_records`: no masks), from which a bootstrap over images recomputes each metric with the
+evaluator's own `reduce`. An existing `metrics.json` or `per_class.md` there is replaced only with
 `overwrite=true`; the folder is checked writable, and the evaluated split's masks are checked from their headers,
 before the model runs.
 """
@@ -32,6 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
@@ -64,12 +67,18 @@ from ranprm.lightning.loggers import log_evaluation
 from ranprm.lightning.module import PRMModule
 from ranprm.prm.thresholds import ClassCalibration
 from ranprm.utils.checks import check_value
-from ranprm.utils.io import check_writable, clean_stale_temp_files, write_json_atomic, write_text_atomic
+from ranprm.utils.io import (
+    check_writable,
+    clean_stale_temp_files,
+    write_json_atomic,
+    write_text_atomic,
+    write_via_temp,
+)
 from ranprm.utils.progress import track
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("metrics.json", "per_class.md")
+OUTPUT_FILES = ("metrics.json", "per_class.md", "records.pt")
 EXAMPLE = "ranprm-evaluate ckpt=runs/<run>/checkpoints/last.ckpt data=voc data.root=/data/VOCdevkit/VOC2012"
 
 
@@ -226,6 +235,10 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
     }
     if not writes:
         return record
+    if check_value(cfg.get("records", False), bool, "records"):  # before metrics.json: that one marks the end
+        write_via_temp(out_dir / "records.pt", lambda tmp: torch.save(evaluators.image_records(), tmp))
+    else:  # an earlier evaluation's records (overwrite=true got here) would not match these metrics
+        (out_dir / "records.pt").unlink(missing_ok=True)
     write_json_atomic(out_dir / "metrics.json", record)
     write_text_atomic(out_dir / "per_class.md", per_class_table(result))
     print(summary(result))

@@ -30,16 +30,19 @@ class AverageBestOverlap(Evaluator):
         return ("abo",)
 
     def process(self, gt: GroundTruth, pred: Prediction) -> Any:
+        """(best IoU (M,) float64, class (M,) long) per GT instance; the class lets a study restrict ABO to some
+        (image, class) pairs."""
         if gt.instances is None:
             return None
-        gt_masks, _ = gt.scored_instances
+        gt_masks, gt_labels = gt.scored_instances
+        labels = gt_labels.cpu().long()
         if pred.instances is None or not len(pred.instances) or not len(gt_masks):
-            return torch.zeros(len(gt_masks), dtype=torch.float64)
+            return torch.zeros(len(gt_masks), dtype=torch.float64), labels
         pred_masks = self.protocol.scored_predictions(pred.instances.masks.detach().cpu().bool(), gt.void)
-        return mask_iou(gt_masks, pred_masks).max(1).values
+        return mask_iou(gt_masks, pred_masks).max(1).values, labels
 
     def reduce(self, records: list[Any]) -> Evaluation:
-        best = [r for r in records if r is not None]
+        best = [r[0] for r in records if r is not None]
         if not best:
             return Evaluation()
         overlaps = torch.cat(best)

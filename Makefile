@@ -38,8 +38,10 @@ test-slow: install
 bench: install
 	$(BIN)/python -m ranprm.bench all $(ARGS)
 
+# The attention-PRM study (experiments/attention_prm/README.md): runs the missing cells, then writes RESULTS.md.
+#   make study ARGS="--budget-min 150"   |   make study ARGS=--report   |   make study ARGS=--list
 study: install
-	experiments/ran_vs_resnet/run.sh $(ARGS)
+	$(BIN)/python -m experiments.attention_prm $(ARGS)
 
 lint: install
 	$(BIN)/ruff check ranprm tests experiments

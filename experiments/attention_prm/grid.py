@@ -18,6 +18,8 @@ from pathlib import Path
 
 from ranprm.data.synthetic import default_cache_dir
 
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
 # The real-photo development set (experiments/devset/build.py writes it in COCO 2017 layout into the cache).
 DEVSET_NAME = "coco-snapshots-v1"
 DEVSET_BUILD = "python -m experiments.devset.build --snapshot <snapshot folder> (see experiments/devset/build.py)"
@@ -38,12 +40,20 @@ class Data:
     epochs: int
     required_root: Path | None = None
     build_hint: str = ""
+    required_config: str | None = None  # a config file under conf/ that reading it needs, e.g. data/coco.yaml
 
     def missing_reason(self) -> str | None:
-        """None when the data can be used here; else one line saying how to make it."""
+        """None when the data can be used here; else one line saying what is missing and how to make it."""
+        if self.required_config is not None and not (CONF / self.required_config).is_file():
+            return f"this checkout has no conf/{self.required_config}, which reading {self.name} needs"
         if self.required_root is None or (self.required_root / "annotations").is_dir():
             return None
-        return f"{self.required_root} does not exist: build it with `{self.build_hint}`"
+        return f"{shown(self.required_root)} does not exist: build it with `{self.build_hint}`"
+
+
+def shown(path: Path | str) -> str:
+    """A path as the report shows it: the cache folder as `$RANPRM_CACHE`, so that no machine's home is written."""
+    return str(path).replace(str(default_cache_dir()), "$RANPRM_CACHE")
 
 
 @dataclass(frozen=True)
@@ -134,8 +144,10 @@ TRUNKS = (
 
 def _devset() -> Data:
     root = default_cache_dir() / "devset" / DEVSET_NAME
-    return Data("devset", f"real photos ({DEVSET_NAME})", ("data=coco", f"data.root={root}", "data.image_size=256"),
-                epochs=8, required_root=root, build_hint=DEVSET_BUILD)  # fmt: skip
+    overrides = ("data=coco", f"data.root={root}", "data.train_split=train", "data.val_split=val", "data.classes=voc",
+                 "data.image_size=256", "data.num_workers=1")  # fmt: skip
+    return Data("devset", f"real photos ({DEVSET_NAME}, the 20 VOC classes)", overrides, epochs=8, required_root=root,
+                build_hint=DEVSET_BUILD, required_config="data/coco.yaml")  # fmt: skip
 
 
 def main_grid() -> Grid:

@@ -23,7 +23,7 @@ from experiments.attention_prm.analysis import (
     seed_spread,
     verdict,
 )
-from experiments.attention_prm.grid import Grid, Variant
+from experiments.attention_prm.grid import Grid, Variant, shown
 from experiments.attention_prm.runner import plan
 from ranprm.utils.io import write_bytes_atomic, write_text_atomic
 
@@ -179,7 +179,7 @@ def setup_lines(grid: Grid, cells: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["## Set-up", ""]
     for data in grid.data:
         lines.append(
-            f"- **{data.label}** (`{data.name}`): {data.epochs} epochs; overrides `{' '.join(data.overrides)}`"
+            f"- **{data.label}** (`{data.name}`): {data.epochs} epochs; overrides `{shown(' '.join(data.overrides))}`"
         )
     for trunk in grid.trunks:
         lines.append(f"- **{trunk.label}** (`{trunk.name}`): `{' '.join(trunk.overrides)}`")

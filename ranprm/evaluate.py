@@ -28,9 +28,12 @@ before the model runs.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,7 @@ from ranprm.cli.inference import (
     root_device,
 )
 from ranprm.cli.run_dir import check_output_files, commit_hydra_files
+from ranprm.cli.variants import VariantSpec, parse_variants, variant_config
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.data.dataset import VOCDataset, collate
 from ranprm.data.transforms import build_transform
@@ -63,10 +67,11 @@ from ranprm.eval import (
     read_results,
     summary,
 )
+from ranprm.eval.report import rank_variants, variants_markdown, variants_rows
 from ranprm.lightning.loggers import log_evaluation
 from ranprm.lightning.module import PRMModule
 from ranprm.prm.thresholds import ClassCalibration
-from ranprm.utils.checks import check_value
+from ranprm.utils.checks import check_range, check_value
 from ranprm.utils.io import (
     check_writable,
     clean_stale_temp_files,
@@ -78,7 +83,11 @@ from ranprm.utils.progress import track
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("metrics.json", "per_class.md", "records.pt")
+# One variant of a `variants=` evaluation: what it was asked as, its full settings, its metrics, its evaluators.
+VariantResult = tuple[VariantSpec, dict[str, Any], SuiteResult, EvaluatorSuite]
+
+OUTPUT_FILES = ("metrics.json", "per_class.md", "variants.md", "variants.csv", "records.pt")
+DEFAULT_IMAGE_SIZE = 448
 EXAMPLE = "ranprm-evaluate ckpt=runs/<run>/checkpoints/last.ckpt data=voc data.root=/data/VOCdevkit/VOC2012"
 
 
@@ -102,16 +111,18 @@ def _cap(ids: list[str], max_images: Any) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- class calibration
-def calibrate_classes(cfg: DictConfig, module: PRMModule, datamodule: VOCDataModule) -> None:
+def calibrate_classes(cfg: DictConfig, module: PRMModule, datamodule: VOCDataModule, needs: bool | None = None) -> None:
     """`calibration.split=<split>`: recompute the class calibration of `threshold.class_distribution: dataset`
     on ImageSets/<calibration.task>/<split>.txt (the class-test scores of those images) and give it to `module`.
 
     Without a split the checkpoint's own calibration is used; a threshold that needs one when the checkpoint has
-    none is a one-line error here, before any image is evaluated.
+    none is a one-line error here, before any image is evaluated. `needs`: whether one is needed (some variant's
+    threshold takes it); None: whether the module's own threshold does.
     """
     calibration = cfg.get("calibration") or {}
     split = calibration.get("split")
-    needs = module.inference_config().thresholds.class_distribution == "dataset"
+    if needs is None:
+        needs = module.inference_config().thresholds.class_distribution == "dataset"
     if split is None:
         if needs and module.class_calibration is None:
             raise ConfigError(
@@ -143,19 +154,29 @@ def calibrate_classes(cfg: DictConfig, module: PRMModule, datamodule: VOCDataMod
 # ---------------------------------------------------------------------------------------------- evaluation
 def _evaluate_checkpoint(
     cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite, out_dir: Path
-) -> tuple[SuiteResult, dict[str, Any], bool]:
-    """The model on the evaluated images through `Trainer.test` (devices, DDP, a progress bar); returns the result,
-    the run's record fields, and whether this process writes the files (the first process does)."""
+) -> tuple[list[VariantResult] | SuiteResult, dict[str, Any], bool]:
+    """The model on the evaluated images through `Trainer.test` (devices, DDP, a progress bar); returns the result
+    (with `variants=`: one (spec, settings, result, suite) per variant, all from one pass), the run's record fields, and
+    whether this process writes the files (the first process does)."""
     _, val_ids = datamodule.split_ids()
     ids = _cap(val_ids, cfg.eval.max_images)
     datamodule.check_val_masks(ids)  # a bad mask is one line now, not after the model ran on the images before it
+    specs = parse_variants(to_plain(cfg.get("variants")))  # a bad variant is one line before the model loads
     trainer = build_inference_trainer(cfg, out_dir, progress_bar=_progress_bar(cfg))
     module = load_for_inference(cfg, root_device(trainer), datamodule.class_names)
-    calibrate_classes(cfg, module, datamodule)
+    size_info = _use_image_size(cfg, module, datamodule)
+    variants = [(spec, *variant_config(module, spec)) for spec in specs] if specs else None
+    needs = any(c.thresholds.class_distribution == "dataset" for _, c, _ in variants) if variants else None
+    calibrate_classes(cfg, module, datamodule, needs)
+    if variants:  # re-parsed after the calibration: the per-class cut-offs come from it
+        variants = [(spec, *variant_config(module, spec)) for spec, _, _ in variants]
     settings = inference_settings(module)
     # Only the evaluated images are read (setup() would read every training annotation too).
     datamodule.val_set = datamodule._dataset(ids, train=False)
-    module.test_evaluators = evaluators
+    if variants:
+        module.test_variants = [(c, EvaluatorSuite(evaluators.class_names, evaluators.cfg)) for _, c, _ in variants]
+    else:
+        module.test_evaluators = evaluators
     with warnings.catch_warnings():
         # Lightning warns that a DistributedSampler repeats images to even the shares; the evaluators keep one
         # record per image id, so a repeated image counts once.
@@ -164,8 +185,32 @@ def _evaluate_checkpoint(
     assert module.test_result is not None  # on_test_epoch_end ran on every process
     # Unreadable images and images without segmentation are not scored (counted once each, whatever the sampler).
     skipped = len(ids) - module.test_images_evaluated
-    info = {"mode": "ckpt", "ckpt": str(cfg.ckpt), "skipped_images": skipped, **settings}
-    return module.test_result, info, trainer.is_global_zero
+    info = {"mode": "ckpt", "ckpt": str(cfg.ckpt), "skipped_images": skipped, **size_info}
+    if not variants:
+        return module.test_result, {**info, **settings}, trainer.is_global_zero
+    per_variant = [(spec, s, r, suite) for (spec, _, s), r, (_, suite)
+                   in zip(variants, module.test_results, module.test_variants, strict=True)]  # fmt: skip
+    return per_variant, info, trainer.is_global_zero
+
+
+def _use_image_size(cfg: DictConfig, module: PRMModule, datamodule: VOCDataModule) -> dict[str, Any]:
+    """The network input side: `data.image_size` when given, else the checkpoint's training size (else 448); set on
+    the data, logged, and returned for metrics.json."""
+    given = cfg.data.get("image_size")
+    trained = module.hparams.get("image_size")
+    if given is not None:
+        size, source = int(given), "data.image_size"
+        if trained is not None and int(trained) != size:
+            log.warning("evaluating at data.image_size=%d px; ckpt was trained at %d px", size, int(trained))
+    elif trained is not None:
+        size, source = int(trained), "checkpoint"
+    else:
+        size, source = DEFAULT_IMAGE_SIZE, "default"
+        log.warning("ckpt records no training image size; evaluating at %d px (set data.image_size= to change)", size)
+    check_range(size, "data.image_size", low=1)
+    datamodule.cfg.image_size = size
+    log.info("evaluating at %d x %d px (%s)", size, size, source)
+    return {"image_size": size, "image_size_from": source}
 
 
 def _evaluate_predictions(
@@ -218,33 +263,106 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
     if in_run_folder:  # this evaluation's record goes with its results
         commit_hydra_files(out_dir)
     data_cfg = dict(to_plain(cfg.data))
+    if data_cfg.get("image_size") is None:  # ckpt mode: the checkpoint's size, set once it is loaded
+        data_cfg["image_size"] = DEFAULT_IMAGE_SIZE
     if cfg.get("predictions") is not None:
         data_cfg["num_workers"] = 0
     datamodule = VOCDataModule(DataConfig.from_config(data_cfg))
     evaluators = EvaluatorSuite(datamodule.class_names, eval_cfg)
+    rank_by = _rank_by(cfg, evaluators)
     if cfg.get("ckpt") is not None:
         result, info, writes = _evaluate_checkpoint(cfg, datamodule, evaluators, out_dir)
     else:
+        if cfg.get("variants") is not None:
+            raise ConfigError("variants= needs ckpt=PATH (a results file holds one variant's instances already)")
         result, info, writes = _evaluate_predictions(cfg, datamodule, evaluators)
-    record = {
-        **result.to_record(),
-        **info,
+    common = {
         "data": datamodule.cfg.name,
         "split": f"{datamodule.cfg.val_task}/{datamodule.cfg.val_split}",
         "wall_s": round(time.perf_counter() - started, 1),
     }
+    if isinstance(result, list):
+        if writes:
+            _save_records(cfg, out_dir, lambda: {spec.name: suite.image_records() for spec, _, _, suite in result})
+        return _write_variants(cfg, out_dir, result, {**info, **common}, rank_by, writes)
+    record = {**result.to_record(), **info, **common}
     if not writes:
         return record
-    if check_value(cfg.get("records", False), bool, "records"):  # before metrics.json: that one marks the end
-        write_via_temp(out_dir / "records.pt", lambda tmp: torch.save(evaluators.image_records(), tmp))
-    else:  # an earlier evaluation's records (overwrite=true got here) would not match these metrics
-        (out_dir / "records.pt").unlink(missing_ok=True)
+    _save_records(cfg, out_dir, evaluators.image_records)
     write_json_atomic(out_dir / "metrics.json", record)
     write_text_atomic(out_dir / "per_class.md", per_class_table(result))
     print(summary(result))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'per_class.md'}")
     if cfg.logger.name != "none":  # logger=wandb (or csv, tensorboard): the metrics and per-class table there too
         log_evaluation(to_plain(cfg.logger), out_dir, record, run_config=cfg, identity=run_identity_of(cfg))
+    return record
+
+
+def _save_records(cfg: DictConfig, out_dir: Path, records: Callable[[], dict[str, Any]]) -> None:
+    """`records=true`: records.pt, every evaluator's per-image records (`EvaluatorSuite.image_records`; with
+    `variants=`, {variant name: those}), written before metrics.json, which marks a finished evaluation. Else an
+    earlier evaluation's records.pt there (overwrite=true got here) is removed: it would not match these metrics."""
+    if check_value(cfg.get("records", False), bool, "records"):
+        write_via_temp(out_dir / "records.pt", lambda tmp: torch.save(records(), tmp))
+    else:
+        (out_dir / "records.pt").unlink(missing_ok=True)
+
+
+def _rank_by(cfg: DictConfig, evaluators: EvaluatorSuite) -> str:
+    """`variants_rank_by`, checked against the metrics the evaluators compute (before anything runs)."""
+    rank_by = str(cfg.get("variants_rank_by") or "map_r_50")
+    if cfg.get("variants") is not None and rank_by not in evaluators.names():
+        raise ConfigError(f"variants_rank_by={rank_by} is not a metric of this evaluation; choose one of "
+                          f"{list(evaluators.names())}")  # fmt: skip
+    return rank_by
+
+
+def _write_variants(
+    cfg: DictConfig,
+    out_dir: Path,
+    results: list[VariantResult],
+    info: dict[str, Any],
+    rank_by: str,
+    writes: bool,
+) -> dict[str, Any]:
+    """metrics.json with one entry per variant, ranked by `rank_by` (README "Inference variants"), and the
+    table as variants.md / variants.csv (and to the logger)."""
+    entries = []
+    for spec, settings, result, _ in results:
+        record = result.to_record()
+        entries.append({
+            "name": spec.name,
+            "settings": settings,
+            "metrics": result.metrics,
+            "counts": result.counts,
+            "summary": summary(result),
+            "per_class": record["per_class"],
+        })  # fmt: skip
+    order = rank_variants([e["metrics"] for e in entries], rank_by)
+    ranked = [{"rank": position + 1, **entries[i]} for position, i in enumerate(order)]
+    metric_names = list(results[0][2].metrics)
+    record = {
+        "ranked_by": rank_by,
+        "protocol": results[0][2].protocol,
+        "metric_names": metric_names,
+        "variants": ranked,
+        **info,
+    }
+    if not writes:
+        return record
+    columns, rows = variants_rows(ranked, metric_names)
+    write_json_atomic(out_dir / "metrics.json", record)
+    write_text_atomic(out_dir / "variants.md", variants_markdown(columns, rows, rank_by))
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([columns, *rows])
+    write_text_atomic(out_dir / "variants.csv", buffer.getvalue())
+    for entry in ranked:
+        print(f"{entry['rank']:>3}. {entry['name']}: {entry['summary']}")
+    print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'variants.md'} and {out_dir / 'variants.csv'}")
+    if cfg.logger.name != "none":
+        scalars = {f"{e['name']}/{k}": v for e in ranked for k, v in e["metrics"].items()}
+        log_evaluation(to_plain(cfg.logger), out_dir, {**scalars, "image_size": info.get("image_size")},
+                       run_config=cfg, identity=run_identity_of(cfg), tables={"variants": (columns, rows)})  # fmt: skip
     return record
 
 

@@ -86,3 +86,14 @@ def test_stage_times_change_nothing_in_the_predictions() -> None:
     assert set(times) == {"forward", "select", "prm", "retrieval"} and all(t >= 0 for t in times.values())
     for a, b in zip(timed, plain, strict=True):
         assert torch.equal(a.peaks, b.peaks) and torch.equal(a.instances.masks, b.instances.masks)
+
+
+def test_variants_case_times_one_pass_against_separate_runs(voc_root, capsys) -> None:
+    from ranprm.bench import variants
+
+    variants.main(["--quick", *_data(voc_root)])
+    (row,) = _rows(capsys)
+    assert row["variants"] == 2 and row["images"] == 2 and row["size"] == 64
+    assert row["one_pass_s"] > 0 and row["separate_s"] > 0 and row["single_after_s"] > 0
+    assert row["speedup"] == pytest.approx(row["separate_s"] / row["one_pass_s"], rel=2e-2)
+    assert set(row["predictions_per_variant"]) == {"seed/prm_only", "mean/prm_only"}

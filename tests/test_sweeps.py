@@ -56,6 +56,8 @@ def test_prm_voc_preset_is_the_original_prm():
     assert cfg.optimizer.backbone_lr_mult == 0.01 and cfg.optimizer.lr == 0.01
     assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.data.image_size) == (16, 20, 448)
     assert cfg.threshold.name == "fixed"
+    assert cfg.threshold.peaks.strict is True  # the official `peak_val > 30`
+    assert (cfg.retrieval.name, cfg.retrieval.size) == ("proposals", 448)  # the official retrieval at 448 x 448
     # the official config trains on Main/trainval (which holds Segmentation val's images, labels only)
     assert cfg.data.val_task == "Segmentation" and cfg.data.train_split == "trainval"
 
@@ -71,7 +73,7 @@ def test_ddp_trainer_composes():
     assert cfg.trainer.inference_mode is False  # inherited from trainer/default
 
 
-def test_optuna_search_composes_and_searches_lr_wd_and_threshold():
+def test_optuna_search_composes_and_searches_lr_and_wd_only():
     cfg = compose("train", ["hparams_search=optuna"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert "optuna" in sweeper._target_.lower()
@@ -81,8 +83,8 @@ def test_optuna_search_composes_and_searches_lr_wd_and_threshold():
     params = sweeper.params
     assert params["optimizer.lr"].startswith("tag(log, interval(")
     assert "optimizer.weight_decay" in params
-    assert params["threshold"].startswith("choice(")
-    assert "threshold.min_class_prob" in params
+    # only what moves val/cls_map: inference settings (threshold, retrieval) cannot, so they are not searched
+    assert set(params) == {"optimizer.lr", "optimizer.weight_decay"}
     assert cfg.optimized_metric == "val/cls_map"
 
 
@@ -153,6 +155,25 @@ def test_summary_lists_ok_failed_and_missing_jobs(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "4 jobs, 2 ok, 2 failed or missing" in md
     assert "boom \\| bad" in md  # a pipe in an error does not break the table
+
+
+def test_summary_has_the_metrics_of_evaluate_sweeps(tmp_path):
+    """`ranprm-evaluate -m` jobs: the evaluation's own metrics; with variants=, the best variant and each one's
+    ranked metric."""
+    plain = tmp_path / "0"
+    plain.mkdir()
+    record = {"mode": "ckpt", "map_r_50": 0.25, "abo": 0.5, "num_images": 3, "metric_names": ["map_r_50", "abo"]}
+    (plain / "metrics.json").write_text(json.dumps(record))
+    ranked = tmp_path / "1"
+    ranked.mkdir()
+    variants = [{"name": "q3/proposals", "metrics": {"abo": 0.7}}, {"name": "seed/prm_only", "metrics": {"abo": 0.6}}]
+    (ranked / "metrics.json").write_text(json.dumps({"mode": "ckpt", "ranked_by": "abo", "variants": variants}))
+    rows = collect(tmp_path)
+    assert (rows[0]["map_r_50"], rows[0]["abo"]) == (0.25, 0.5) and "num_images" not in rows[0]
+    assert rows[1]["best_variant"] == "q3/proposals"
+    assert (rows[1]["q3/proposals/abo"], rows[1]["seed/prm_only/abo"]) == (0.7, 0.6)
+    _, md_path = write_summary(tmp_path)
+    assert "| map_r_50 |" in md_path.read_text().replace("abo | ", "")
 
 
 def test_summary_of_an_empty_sweep_is_written(tmp_path):

@@ -115,6 +115,20 @@ def test_seed_preset_is_q3_for_classes_and_mean_for_peaks():
     assert (fixed.classes.cutoff(VALUES).item(), fixed.peaks.cutoff(VALUES).item(), fixed.min_class_prob) == (0, 30, 0)
 
 
+def test_fixed_preset_is_the_official_test_class_at_least_zero_peak_above_thirty():
+    """PRM's official code: `aggregation >= class_threshold` (0) and `peak_val > peak_threshold` (30): a peak at
+    exactly 30 is dropped, a class score of exactly 0 kept; `strict` is the fixed rule's option, off by default."""
+    fixed = Thresholds.from_config(preset("fixed"))
+    assert select_peaks(torch.tensor([29.0, 30.0, 30.5]), fixed.peaks).tolist() == [False, False, True]
+    assert select_classes(torch.tensor([[-0.5, 0.0, 2.0]]), fixed).tolist() == [[False, True, True]]
+    inclusive = build_rule({"kind": "fixed", "value": 30.0}, "x")
+    assert select_peaks(torch.tensor([29.0, 30.0, 30.5]), inclusive).tolist() == [False, True, True]
+    strict_classes = Thresholds(build_rule({"kind": "fixed", "value": 0.0, "strict": True}, "x"), inclusive)
+    assert select_classes(torch.tensor([[-0.5, 0.0, 2.0]]), strict_classes).tolist() == [[False, False, True]]
+    # the other presets keep `>=`
+    assert not any(getattr(Thresholds.from_config(preset(n)).peaks, "strict", False) for n in ("seed", "mean", "q3"))
+
+
 def test_per_image_q3_keeps_five_of_twenty_classes_unless_the_floor_stops_it():
     """Why the floor exists: the literal per-image Q3 keeps 5 of 20 classes in every image, even an empty one."""
     empty_image = torch.linspace(-9.0, -5.0, 20)[None]  # every class improbable: sigmoid(-5) < 0.007

@@ -121,38 +121,40 @@ def train_cell(grid: Grid, cell: Cell, work: Path, children: Children) -> Path:
     return run_dir
 
 
-def variant_overrides(variant: Variant, attention: bool) -> list[str]:
-    """The evaluate overrides of one variant (the gradient path only on trunks with attention masks). class_q3 is
-    calibrated on the training split, never on the images it is scored on."""
-    overrides = [f"threshold={variant.threshold}", f"retrieval={variant.retrieval}"]
-    if attention:
-        overrides.append(f"backbone_overrides.mask_grad={variant.mask_grad}")
-    if variant.threshold == "class_q3":
-        overrides += ["calibration.split=train"]
-    return overrides
+def variants_override(variants: Sequence[Variant], attention: bool) -> str:
+    """`variants=[...]` naming each variant as the study does; the gradient path only on trunks with masks (the
+    others have one path, and evaluate refuses mask_grad on them)."""
+    entries = []
+    for v in variants:
+        grad = f",mask_grad:{v.mask_grad}" if attention else ""
+        entries.append(f"{{name:'{v.name}',threshold:{v.threshold},retrieval:{v.retrieval}{grad}}}")
+    return f"variants=[{','.join(entries)}]"
 
 
 def evaluate_variants(
     grid: Grid, cell: Cell, ckpt: Path, variants: Sequence[Variant], out: Path, children: Children,
     extra: Sequence[str] = (), records: bool = True,
-) -> dict[str, tuple[dict[str, Any], Any]]:  # fmt: skip
-    """Every variant of `ckpt` evaluated: {variant name: (its metrics.json, its per-image records or None)}.
+) -> tuple[dict[str, tuple[dict[str, Any], Any]], dict[str, Any]]:  # fmt: skip
+    """Every variant of `ckpt` evaluated in one pass (`ranprm-evaluate variants=`: one forward, the PRMs once per
+    peak and gradient path): ({variant name: (its metrics.json entry, its per-image records or None)}, what the
+    evaluation says of itself: wall time, image size, skipped images).
 
-    The one place the study calls `ranprm-evaluate`. Each variant is its own evaluation into `out/<variant>/`; one
-    that finished in an earlier session is reused.
+    The one place the study calls `ranprm-evaluate`; an evaluation that finished in an earlier session is reused.
+    `class_q3` is calibrated on the training split, never on the images it is scored on.
     """
-    results: dict[str, tuple[dict[str, Any], Any]] = {}
-    for variant in variants:
-        folder = out / variant.name.replace("/", "__")
-        if not (folder / "metrics.json").is_file():
-            args = ["ranprm.evaluate", f"ckpt={ckpt}", f"output={folder}", "overwrite=true", f"records={records}",
-                    "progress_bar=none", *cell.data.overrides, *grid.eval_overrides, *extra,
-                    *variant_overrides(variant, cell.trunk.attention)]  # fmt: skip
-            children.run(cell, args, out / "evaluate.log")
-        metrics = json.loads((folder / "metrics.json").read_text())
-        recs = load_torch_file(folder / "records.pt", "records") if records else None
-        results[variant.name] = (metrics, recs)
-    return results
+    if not (out / "metrics.json").is_file():
+        args = ["ranprm.evaluate", f"ckpt={ckpt}", f"output={out}", "overwrite=true", f"records={records}",
+                "progress_bar=none", *cell.data.overrides, *grid.eval_overrides, *extra,
+                variants_override(variants, cell.trunk.attention)]  # fmt: skip
+        if any(v.threshold == "class_q3" for v in variants):
+            args.append("calibration.split=train")
+        children.run(cell, args, out.parent / f"{out.name}.log")
+    written = json.loads((out / "metrics.json").read_text())
+    by_name = {entry["name"]: {**entry, "protocol": written.get("protocol")} for entry in written["variants"]}
+    recs = load_torch_file(out / "records.pt", "records") if records else {}
+    facts = ("wall_s", "image_size", "image_size_from", "skipped_images", "split")
+    about = {k: written[k] for k in facts if k in written}
+    return {v.name: (by_name[v.name], recs.get(v.name)) for v in variants}, about
 
 
 def machine() -> dict[str, Any]:
@@ -215,10 +217,11 @@ def run_cell(grid: Grid, cell: Cell, out: Path, scratch: Path, children: Childre
         run_dir = train_cell(grid, cell, work, children)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     with _timed(work, "evaluate_s"):
-        voc = evaluate_variants(grid, cell, ckpt, grid.variants(cell.trunk), work / "eval", children)
+        voc, voc_about = evaluate_variants(grid, cell, ckpt, grid.variants(cell.trunk), work / "eval", children)
         coco_names = [v for v in grid.coco_variants if cell.trunk.attention or v.endswith("/full")]
-        coco = evaluate_variants(grid, cell, ckpt, [Variant.parse(v) for v in coco_names], work / "eval_coco",
-                                 children, extra=["eval.protocol=coco"], records=False)  # fmt: skip
+        coco_variants = [Variant.parse(v) for v in coco_names]
+        coco, coco_about = evaluate_variants(grid, cell, ckpt, coco_variants, work / "eval_coco", children,
+                                             extra=["eval.protocol=coco"], records=False)  # fmt: skip
     timing = json.loads((work / "timing.json").read_text())
     header = load_torch_file(ckpt, "ckpt", mmap=True)
     training = json.loads((run_dir / "metrics.json").read_text())
@@ -239,6 +242,7 @@ def run_cell(grid: Grid, cell: Cell, out: Path, scratch: Path, children: Childre
         "train_overrides": [*grid.train_overrides, *cell.data.overrides, *cell.trunk.overrides],
         "config": _load_config(run_dir),
         "training": {k: training.get(k) for k in ("metrics", "epochs", "global_step", "wall_s", "resumed_from")},
+        "evaluation": {"voc": voc_about, "coco": coco_about},
         "variants": {name: _variant_entry(metrics) for name, (metrics, _) in voc.items()},
         "coco": {name: _variant_entry(metrics) for name, (metrics, _) in coco.items()},
         "records": {name: encode_records(recs) for name, (_, recs) in voc.items()},
@@ -247,13 +251,9 @@ def run_cell(grid: Grid, cell: Cell, out: Path, scratch: Path, children: Childre
     return record
 
 
-def _variant_entry(metrics: dict[str, Any]) -> dict[str, Any]:
-    """What a cell keeps of one evaluation: its metrics and counts, the inference settings, its wall time."""
-    keep = {name: metrics[name] for name in metrics.get("metric_names", []) if name in metrics}
-    counts = {k: v for k, v in metrics.items() if k.startswith("num_") or k == "skipped_images"}
-    settings = {k: metrics[k] for k in ("threshold", "retrieval", "prm", "backbone_overrides") if k in metrics}
-    return {"metrics": keep, "counts": counts, "settings": settings, "protocol": metrics.get("protocol"),
-            "wall_s": metrics.get("wall_s")}  # fmt: skip
+def _variant_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """What a cell keeps of one variant's evaluation: its metrics and counts, its full inference settings."""
+    return {k: entry.get(k) for k in ("metrics", "counts", "settings", "protocol")}
 
 
 # ---------------------------------------------------------------------------------------------------- the grid

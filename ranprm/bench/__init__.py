@@ -17,6 +17,7 @@ CASES: dict[str, str] = {
     "backbones": "ranprm.bench.backbones",  # forward / forward+backward time and memory per backbone
     "prm": "ranprm.bench.prm",  # batched vs looped peak backpropagation
     "panels": "ranprm.bench.panels",  # the time to render one CRM/PRM panel
+    "variants": "ranprm.bench.variants",  # ranprm-evaluate variants= in one pass vs one evaluation per variant
 }
 
 

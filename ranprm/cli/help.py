@@ -29,18 +29,26 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
         examples=(
             "ranprm-train experiment=seed_voc",
             "ranprm-train backbone=ran threshold=mean optimizer.lr=0.01 debug=fast_dev_run",
-            "ranprm-train -m experiment=seed_voc threshold=mean,q3 seed=0,1,2",
+            "ranprm-train -m experiment=seed_voc backbone=ran,resnet50 seed=0,1,2",
         ),
     ),
     "evaluate": EntryPoint(
         command="ranprm-evaluate",
         summary="Score instance masks on the data's validation split (mAP^r, ABO, pointing, classification mAP), "
-        "from a checkpoint or a predictions file; writes metrics.json and per_class.md.",
+        "from a checkpoint or a predictions file; writes metrics.json and per_class.md. variants=... evaluates many "
+        "inference variants (threshold x retrieval x mask_grad) in one pass: metrics.json gets one entry per variant "
+        "and variants.md/.csv rank them by variants_rank_by. The network input is the checkpoint's size unless "
+        "data.image_size is given.",
         usage="ranprm-evaluate (ckpt=PATH | predictions=FILE) [data=...] [output=DIR] [key=value ...]",
         examples=(
             "ranprm-evaluate ckpt=outputs/train/<date>/<time>/checkpoints/last.ckpt data=voc",
             "ranprm-evaluate ckpt=last.ckpt data=voc retrieval=proposals eval.protocol=coco output=eval_coco",
             "ranprm-evaluate predictions=predictions/predictions.json data=voc",
+            "ranprm-evaluate ckpt=last.ckpt data=voc "
+            "variants='{threshold:[seed,fixed,mean,q3,class_q3],retrieval:[prm_only,proposals]}' "
+            "variants_rank_by=map_r_50",
+            "ranprm-evaluate ckpt=last.ckpt data=voc "
+            "variants='[{threshold:seed},{name:official,threshold:fixed,retrieval:{name:proposals,size:448}}]'",
         ),
     ),
     "predict": EntryPoint(

@@ -79,6 +79,15 @@ SyntheticSchema = derive(SyntheticSpec, "SyntheticSchema")
 DataSchema = derive(
     DataConfig, "DataSchema", replace={"synthetic": (SyntheticSchema, field(default_factory=SyntheticSchema))}
 )
+# ranprm-evaluate: `data.image_size: null` (conf/evaluate.yaml) runs at the checkpoint's training size.
+EvaluateDataSchema = derive(
+    DataConfig,
+    "EvaluateDataSchema",
+    replace={
+        "synthetic": (SyntheticSchema, field(default_factory=SyntheticSchema)),
+        "image_size": (int | None, None),
+    },
+)
 HeadSchema = derive(PeakHead, "HeadSchema", replace={"peak_filter": (Any, "median")})  # a rule name, number or map
 PrmSchema = derive(PrmConfig, "PrmSchema")
 # evaluate and predict: null keeps the checkpoint's value; `max_peaks_per_image: none` lifts the cap there
@@ -265,9 +274,11 @@ class EvaluateSchema:
     device: str = "auto"
     trainer: InferenceTrainerSchema = field(default_factory=InferenceTrainerSchema)
     progress_bar: ProgressBar = ProgressBar.tqdm
-    data: DataSchema = field(default_factory=DataSchema)
+    data: EvaluateDataSchema = field(default_factory=EvaluateDataSchema)  # type: ignore[valid-type]
     threshold: Any = None
     retrieval: Any = None
+    variants: Any = None  # a product mapping or a list of mappings (ranprm.cli.variants)
+    variants_rank_by: str = "map_r_50"
     logger: Any = None
     paths: Any = None
     prm: PrmOverrides = field(default_factory=PrmOverrides)

@@ -3,9 +3,10 @@
 `SweepSummary` is a Hydra callback (registered in `conf/hydra/default.yaml`). When a multirun ends it reads every
 job folder under the sweep folder and writes `summary.csv` and `summary.md`: one row per job with its overrides,
 its status (ok | failed | interrupted | missing) and its final metrics (the instance metrics under the names the
-job's evaluators gave them, recorded in its metrics.json). A job that raised has a `failed.json` instead of a
-`metrics.json` (see `record_failure`); a job stopped by SIGTERM after saving a checkpoint has an `interrupted.json`
-(written by `ranprm.train`); a job with none of them (killed, still running) is `missing`.
+job's evaluators gave them, recorded in its metrics.json; for `ranprm-evaluate -m` jobs the evaluation's metrics,
+or with `variants=` the best variant and each variant's ranked metric). A job that raised has a `failed.json`
+instead of a `metrics.json` (see `record_failure`); a job stopped by SIGTERM after saving a checkpoint has an
+`interrupted.json` (written by `ranprm.train`); a job with none of them (killed, still running) is `missing`.
 
 A SIGTERM ends the whole sweep, not only its job (the scheduler wants the process gone): the interrupted job is
 recorded, the summary is written for the jobs that ran, and the process exits non-zero.
@@ -120,6 +121,19 @@ def instance_metrics(record: dict[str, Any]) -> dict[str, Any]:
     return {name: record[name] for name in names if name in record}
 
 
+def evaluation_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """The summary columns of a `ranprm-evaluate` metrics.json (none for a training run's): its metrics under their
+    names; with `variants=`, the best variant and each variant's `ranked_by` metric as `<variant>/<metric>`."""
+    if "variants" in record:
+        ranked_by = record.get("ranked_by")
+        columns: dict[str, Any] = {"best_variant": record["variants"][0]["name"] if record["variants"] else ""}
+        columns.update({f"{v['name']}/{ranked_by}": v["metrics"].get(ranked_by) for v in record["variants"]})
+        return columns
+    if record.get("mode") in ("ckpt", "predictions"):
+        return instance_metrics(record)
+    return {}
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4f}"
@@ -153,6 +167,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             row["global_step"] = summary.get("global_step")
             row.update(summary.get("metrics", {}))
             row.update({f"instance/{k}": v for k, v in instance_metrics(summary.get("instance_metrics") or {}).items()})
+            row.update(evaluation_metrics(summary))
         elif failed_path.is_file():
             failure = json.loads(failed_path.read_text())
             row["status"] = "failed"

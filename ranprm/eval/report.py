@@ -1,6 +1,11 @@
-"""Human-readable forms of a `SuiteResult`: the per-class markdown table and the one-line summary."""
+"""Human-readable forms of a `SuiteResult`: the per-class markdown table and the one-line summary; and the ranked
+table of `ranprm-evaluate variants=...`."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ranprm.eval.base import pct
 from ranprm.eval.suite import SuiteResult
@@ -32,3 +37,47 @@ def summary(result: SuiteResult) -> str:
     labels = (("num_images", "images"), ("num_gt", "GT"), ("num_predictions", "predictions"))
     shown = ", ".join(f"{counts[k]} {label}" for k, label in labels if k in counts)
     return f"[protocol {result.protocol}] " + " | ".join(parts) + (f" ({shown})" if shown else "")
+
+
+def rank_variants(metrics: Sequence[Mapping[str, Any]], rank_by: str) -> list[int]:
+    """Indices of the variants from best to worst by `metrics[i][rank_by]` (higher is better; a missing or NaN
+    value last; ties keep the given order)."""
+
+    def key(i: int) -> tuple[bool, float]:
+        value = metrics[i].get(rank_by)
+        missing = not isinstance(value, int | float) or math.isnan(value)
+        return (missing, 0.0 if missing else -float(value))
+
+    return sorted(range(len(metrics)), key=key)
+
+
+def variants_rows(entries: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> tuple[list[str], list[list]]:
+    """The variants table (`metrics.json`'s `variants`, already ranked): columns and rows, one row per variant:
+    rank, name, the threshold preset, the retrieval method (and its size when set), the gradient path, then each
+    metric in `metric_names` (fractions, as in metrics.json)."""
+    columns = ["rank", "variant", "threshold", "retrieval", "mask_grad", *metric_names]
+    rows = []
+    for entry in entries:
+        settings = entry["settings"]
+        retrieval = settings["retrieval"]
+        size = retrieval.get("size")
+        rows.append([
+            entry["rank"],
+            entry["name"],
+            settings["threshold"].get("name", "custom"),
+            f"{retrieval.get('name')}" + (f"@{size}" if size else ""),
+            settings.get("mask_grad") or "",
+            *(entry["metrics"].get(m) for m in metric_names),
+        ])  # fmt: skip
+    return columns, rows
+
+
+def variants_markdown(columns: Sequence[str], rows: Sequence[Sequence[Any]], rank_by: str) -> str:
+    """Markdown of `variants_rows`' table, metrics in % like per_class.md, ranked by `rank_by`."""
+    lines = [f"Variants ranked by `{rank_by}` (metrics in %).", "",
+             "| " + " | ".join(columns) + " |", "|" + "|".join(["---:", "---", "---", "---", "---"]
+                                                             + ["---:"] * (len(columns) - 5)) + "|"]  # fmt: skip
+    for row in rows:
+        cells = [str(v) for v in row[:5]] + [pct(v) if isinstance(v, int | float) else "–" for v in row[5:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -308,11 +308,13 @@ def log_evaluation(
     metrics: Mapping[str, Any],
     run_config: Mapping[str, Any] | DictConfig | None = None,
     identity: RunIdentity | None = None,
+    tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]] | None = None,
 ) -> Logger | None:
     """Log an evaluation's results with the configured logger (`ranprm-evaluate logger=wandb`).
 
     Every numeric entry of `metrics` becomes `eval/<key>` (in W&B also the run summary); `metrics["per_class"]`
-    (class name -> {column: value}) becomes the W&B table `eval/per_class`. The run is finished before returning.
+    (class name -> {column: value}) becomes the W&B table `eval/per_class`, and each of `tables` (name ->
+    (columns, rows), e.g. the ranked variants) the W&B table `eval/<name>`. The run is finished before returning.
     Any logging failure is a warning: the evaluation's files are already written.
     """
     identity = identity or RunIdentity(job_type="evaluate")
@@ -328,6 +330,9 @@ def log_evaluation(
             columns = ["class", *dict.fromkeys(k for row in per_class.values() for k in row)]
             rows = [[name, *(row.get(c) for c in columns[1:])] for name, row in per_class.items()]
             logger.log_table(key="eval/per_class", columns=columns, data=rows, step=0)
+        if isinstance(logger, WandbLogger):
+            for name, (columns, rows) in (tables or {}).items():
+                logger.log_table(key=f"eval/{name}", columns=list(columns), data=[list(r) for r in rows], step=0)
         logger.save()
         logger.finalize("success")
         return logger

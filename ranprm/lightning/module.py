@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -27,7 +27,7 @@ from ranprm.eval.base import gather_records
 from ranprm.lightning.callbacks import due_this_epoch
 from ranprm.models.prm_net import PRMNet
 from ranprm.prm.peaks import PeakHead
-from ranprm.prm.pipeline import ImagePrediction, InferenceConfig, predict_batch
+from ranprm.prm.pipeline import ImagePrediction, InferenceConfig, predict_variants
 from ranprm.prm.thresholds import ClassCalibration
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,10 @@ class PRMModule(L.LightningModule):
         self._instance_images_seen = 0
         # `ranprm-evaluate` (Trainer.test): its evaluators, the images they scored and, after the pass, the result.
         self.test_evaluators: EvaluatorSuite | None = None
+        # `ranprm-evaluate variants=...`: (settings, evaluators) per variant, all from one pass; None: the module's
+        # own settings into `test_evaluators`.
+        self.test_variants: list[tuple[InferenceConfig, EvaluatorSuite]] | None = None
+        self.test_results: list[SuiteResult] = []
         self._test_image_ids: list[str] = []
         self.test_result: SuiteResult | None = None
         self.test_images_evaluated = 0
@@ -199,6 +203,20 @@ class PRMModule(L.LightningModule):
         cfg = self.inference_config()
         if prm_dtype is not None:
             cfg = dataclasses.replace(cfg, prm_dtype=prm_dtype)
+        return self.predict_variants(images, orig_sizes, [cfg], raw_images, stage_times, with_attention, with_prms)[0]
+
+    def predict_variants(
+        self,
+        images: Tensor,
+        orig_sizes: list[tuple[int, int]],
+        variants: Sequence[InferenceConfig],
+        raw_images: list[Any] | None = None,
+        stage_times: dict[str, float] | None = None,
+        with_attention: bool = False,
+        with_prms: bool = False,
+    ) -> list[list[ImagePrediction]]:
+        """`predict_images` under several inference settings at once (`ranprm.prm.pipeline.predict_variants`: one
+        forward, one backward per peak and gradient path): `out[v][b]`."""
         was_training = self.training
         self.eval()
         try:
@@ -206,11 +224,11 @@ class PRMModule(L.LightningModule):
             # activations with fp32 weights, and instance maps should not depend on the training precision. A
             # bf16 backprop is asked for explicitly (`prm.precision`), and then runs on bf16 weights throughout.
             with torch.autocast(device_type=images.device.type, enabled=False):
-                return predict_batch(
+                return predict_variants(
                     self.model,
                     images.float().contiguous(memory_format=self.memory_format),
                     orig_sizes,
-                    cfg,
+                    variants,
                     raw_images,
                     stage_times,
                     with_attention,
@@ -237,11 +255,15 @@ class PRMModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if "image" not in batch:
             return
-        logits = self.class_logits(self(batch["image"]))
+        crms = self(batch["image"])
+        logits = self.class_logits(crms)
         self.log("val/loss", self.loss_fn(logits, batch["labels"]), prog_bar=True, batch_size=len(logits))
         if self.eval_config is None:  # validation outside trainer.fit/validate, which call `setup`
             self.build_evaluators()
-        self.classification.update(*eval_inputs(batch, self.class_names, class_logits=logits.float()))
+        # `cls_map` ranks the class test's scores (`prm.class_sub_pixel_factor`), the scores inference selects
+        # classes with and `ranprm-evaluate` reports: one definition. The loss keeps the training score.
+        class_scores = self.inference_class_scores(crms.float())
+        self.classification.update(*eval_inputs(batch, self.class_names, class_logits=class_scores))
         if self._instance_eval_this_epoch():
             self._update_instance_metrics(batch)
 
@@ -330,36 +352,51 @@ class PRMModule(L.LightningModule):
 
     # ------------------------------------------------------------- ranprm-evaluate (test) and ranprm-predict (predict)
     def on_test_epoch_start(self) -> None:
-        if self.test_evaluators is None:  # Trainer.test without ranprm-evaluate's suite: the checkpoint's eval.*
+        if self.test_evaluators is None and not self.test_variants:
+            # Trainer.test without ranprm-evaluate's suite: the checkpoint's eval.*
             self.build_evaluators()
             self.test_evaluators = EvaluatorSuite(self.class_names, self.eval_config)
-        self.test_evaluators.reset()
+        for _, suite in self._test_suites():
+            suite.reset()
         self._test_image_ids = []
         self.test_result = None
+        self.test_results = []
+
+    def _test_suites(self) -> list[tuple[InferenceConfig, EvaluatorSuite]]:
+        if self.test_variants:
+            return list(self.test_variants)
+        return [(self.inference_config(), self.test_evaluators)] if self.test_evaluators is not None else []
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Instances of the batch's images that have ground truth, fed to the test evaluators (an image without
         segmentation, or unreadable and skipped, is not scored)."""
-        if "image" not in batch or self.test_evaluators is None:
+        suites = self._test_suites()
+        if "image" not in batch or not suites:
             return
         keep = [i for i, t in enumerate(batch["targets"]) if t is not None]
         if not keep:
             return
-        predictions = self.predict_images(
-            batch["image"][keep], [batch["orig_size"][i] for i in keep], [batch["raw_image"][i] for i in keep]
+        per_variant = self.predict_variants(
+            batch["image"][keep],
+            [batch["orig_size"][i] for i in keep],
+            [cfg for cfg, _ in suites],
+            [batch["raw_image"][i] for i in keep],
         )
         # Lightning moved the whole batch to the device; the evaluators score on the CPU, where the predictions are
         # (exact copies: the masks are bool, so no number changes).
         batch = {**batch, "targets": move_data_to_device(batch["targets"], torch.device("cpu"))}
-        self.test_evaluators.update(*eval_inputs(batch, self.class_names, predictions=predictions, keep=keep))
+        for (_, suite), predictions in zip(suites, per_variant, strict=True):
+            suite.update(*eval_inputs(batch, self.class_names, predictions=predictions, keep=keep))
         self._test_image_ids += [batch["image_id"][i] for i in keep]
 
     def on_test_epoch_end(self) -> None:
         # Every process computes: the evaluators gather all processes' records, one per image id (the padding a
         # distributed sampler adds counts once), so the result is the full set's on every process.
-        if self.test_evaluators is None:
+        suites = self._test_suites()
+        if not suites:
             return
-        self.test_result = self.test_evaluators.compute()
+        self.test_results = [suite.compute() for _, suite in suites]
+        self.test_result = self.test_results[0]
         self.test_images_evaluated = len(gather_records([(i, None) for i in self._test_image_ids]))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[ImagePrediction]:

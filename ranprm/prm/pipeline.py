@@ -7,11 +7,13 @@ disagree. It depends on torch and the pure `ranprm.prm` stages only. Its setting
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,7 @@ class InferenceConfig:
                             strongest (highest CRM value) first; None: no cap (PRM's official code has none)
     prm_mode, chunk_size, prm_dtype: peak backpropagation (`ranprm.prm.backprop`)
     retrieval:              the parsed retrieval method config (`ranprm.prm.retrieval`)
+    gradient_path:          `backbone.mask_grad` for the peak backprop (attention trunks); None: the model's own
     """
 
     thresholds: Thresholds
@@ -101,6 +104,9 @@ class InferenceConfig:
     chunk_size: int | None = None
     prm_dtype: torch.dtype = torch.float32  # bf16: faster, maps within ~1e-3 on average (the panels use it)
     retrieval: RetrievalConfig = field(default_factory=lambda: build_retrieval(None))
+    # The soft masks' gradient path for peak backprop on attention trunks (`full` | `detached`); None: the
+    # model's own. Only the backward differs, so variants that differ here share the forward.
+    gradient_path: str | None = None
 
     @classmethod
     def from_config(
@@ -202,6 +208,208 @@ def _renormalise(prms: Tensor) -> Tensor:
     return (prms / peak).clamp(0, 1)
 
 
+def _resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, h, w) bool -> (N, H, W) bool, nearest neighbour (the official code's `imresize(..., 'nearest')`)."""
+    if masks.shape[-2:] == size:
+        return masks
+    if len(masks) == 0:
+        return masks.new_zeros(0, *size)
+    return F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+
+
+def _instances_at(instances: Instances, size: tuple[int, int]) -> Instances:
+    """Instances retrieved at another size, brought back to the image's `size` (H, W): masks nearest, maps
+    bilinear, peak pixel centres rescaled."""
+    if tuple(instances.image_size) == size:
+        return instances
+    h, w = instances.image_size
+    scale = torch.tensor([size[0] / h, size[1] / w], device=instances.peaks.device)
+    return Instances(
+        image_size=size,
+        masks=_resize_masks(instances.masks, size),
+        labels=instances.labels,
+        scores=instances.scores,
+        peaks=(instances.peaks.float() + 0.5) * scale - 0.5,
+        prms=_resize_maps(instances.prms.float(), size),
+    )
+
+
+def _resize_image(image: np.ndarray | None, size: tuple[int, int]) -> np.ndarray | None:
+    """An RGB uint8 image at `size` (H, W) (bilinear, OpenCV), for a method that reads the image itself."""
+    if image is None or tuple(image.shape[:2]) == size:
+        return image
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+@contextmanager
+def gradient_path(model: nn.Module, mask_grad: str | None) -> Iterator[None]:
+    """Run the block with the soft masks of `model`'s attention trunk on gradient path `mask_grad`
+    (`full` | `detached`, `backbone.mask_grad`); the model's own path is restored after. None: unchanged.
+
+    Only the backward differs between the paths (`ranprm.models.attention`), so one forward serves both."""
+    if mask_grad is None:
+        yield
+        return
+    backbone = getattr(model, "backbone", model)
+    setter = getattr(backbone, "set_mask_grad", None)
+    masks = [m for m in backbone.modules() if m is not backbone and hasattr(m, "mask_grad")]
+    if setter is None or not masks:
+        raise ConfigError(
+            f"mask_grad={mask_grad}: the model's backbone ({type(backbone).__name__}) has no attention soft masks, so "
+            "it has one gradient path; drop mask_grad from the variants"
+        )
+    before = getattr(backbone, "_mask_grad", "full")
+    setter(mask_grad)
+    try:
+        yield
+    finally:
+        setter(before)
+
+
+def _check_shared(variants: Sequence[InferenceConfig]) -> None:
+    """Variants share the forward, the class test and the peak grid: the settings those read must agree."""
+    first = variants[0]
+    for cfg in variants[1:]:
+        for name in ("head", "sub_pixel_factor", "class_sub_pixel_factor"):
+            if getattr(cfg, name) != getattr(first, name):
+                raise ConfigError(
+                    f"inference variants share one forward and one class test, so they must agree on {name} "
+                    f"({getattr(first, name)} vs {getattr(cfg, name)}); vary threshold, retrieval or mask_grad only"
+                )
+
+
+@dataclass(frozen=True, eq=False)
+class _PeakUnion:
+    """The union of the valid peaks of the variants that share a backward (gradient path, mode, dtype, chunks),
+    and their PRMs at the network input size; `positions[i]` maps variant i's peak rows into the union's rows."""
+
+    peaks: GridPeaks
+    prms: Tensor
+    positions: dict[int, Tensor]
+
+
+def _peak_unions(
+    model: nn.Module, images: Tensor, variants: Sequence[InferenceConfig], peaks: Sequence[GridPeaks]
+) -> dict[int, _PeakUnion]:
+    """Per variant index, the union it belongs to; each union's PRMs are computed once, one backward per peak."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, cfg in enumerate(variants):
+        groups.setdefault((cfg.gradient_path, cfg.prm_mode, cfg.prm_dtype, cfg.chunk_size), []).append(i)
+    unions: dict[int, _PeakUnion] = {}
+    for members in groups.values():
+        cfg = variants[members[0]]
+        index = torch.cat([peaks[i].index for i in members])
+        # Sorted by (image, class, y, x): the order `GridPeaks.from_mask` gives, so one variant's union is itself.
+        unique, inverse = torch.unique(index, dim=0, return_inverse=True)
+        values = torch.cat([peaks[i].values for i in members])
+        union_values = values.new_empty(len(unique))
+        union_values[inverse] = values
+        union = GridPeaks(unique, union_values, peaks[members[0]].grid_size, peaks[members[0]].sub_pixel_factor)
+        with gradient_path(model, cfg.gradient_path):
+            prms = peak_response_maps(
+                model,
+                images,
+                union.index,
+                sub_pixel_factor=cfg.sub_pixel_factor,
+                mode=cfg.prm_mode,
+                chunk_size=cfg.chunk_size,
+                dtype=cfg.prm_dtype,
+            )
+        positions = dict(zip(members, torch.split(inverse, [len(peaks[i]) for i in members]), strict=True))
+        shared = _PeakUnion(union, prms, positions)
+        unions.update(dict.fromkeys(members, shared))
+    return unions
+
+
+def _image_maps(
+    cache: dict[tuple[int, tuple[int, int]], Tensor], union: _PeakUnion, rows: Tensor, size: tuple[int, int]
+) -> Tensor:
+    """One image's union PRMs (`rows` of the union) at `size`, each re-normalised to a maximum of 1; made once per
+    (union, size) and shared by the variants that read them."""
+    key = (id(union), size)
+    if key not in cache:
+        cache[key] = _renormalise(_resize_maps(union.prms[rows].float(), size))
+    return cache[key]
+
+
+def predict_variants(
+    model: nn.Module,
+    images: Tensor,
+    orig_sizes: Sequence[tuple[int, int]],
+    variants: Sequence[InferenceConfig],
+    raw_images: Sequence[np.ndarray | None] | None = None,
+    stage_times: dict[str, float] | None = None,
+    with_attention: bool = False,
+    with_prms: bool = False,
+) -> list[list[ImagePrediction]]:
+    """Instances of a batch under each of several inference settings: `out[v][b]` for variant v and image b.
+
+    The forward and the class test run once; each variant selects its valid peaks; the PRMs of the union of
+    those peaks run once per gradient path (one backward per peak, not one per peak and variant); segment
+    proposals are built once per image and setting; then each variant retrieves from its own peaks' PRMs. A
+    variant's predictions are those `predict_batch` gives it alone. Variants must share `head`,
+    `sub_pixel_factor` and `class_sub_pixel_factor` (they decide the forward's peaks grid and the class test).
+    """
+    if not variants:
+        raise ValueError("predict_variants needs at least one inference variant")
+    _check_shared(variants)
+    device = images.device
+    with stage(stage_times, "forward", device), torch.no_grad():
+        forward_with_attention = getattr(model, "forward_with_attention", None) if with_attention else None
+        crms, attention = forward_with_attention(images) if forward_with_attention else (model(images), [])
+        class_logits = variants[0].class_scores(crms)
+    with stage(stage_times, "select", device):
+        selected = []
+        for cfg in variants:
+            peaks, valid = select_valid_peaks(crms, class_logits, cfg)
+            peaks, dropped = cap_peaks_per_image(peaks, len(images), cfg.max_peaks_per_image)
+            selected.append((peaks, valid, dropped))
+    with stage(stage_times, "prm", device):
+        unions = _peak_unions(model, images, variants, [peaks for peaks, _, _ in selected])
+    with stage(stage_times, "retrieval", device):
+        out: list[list[ImagePrediction]] = [[] for _ in variants]
+        for b, size in enumerate(orig_sizes):
+            size = (int(size[0]), int(size[1]))
+            raw = raw_images[b] if raw_images is not None else None
+            maps: dict[tuple[int, tuple[int, int]], Tensor] = {}  # (union, size) -> the image's union PRMs there
+            proposals: dict[Any, Tensor] = {}  # (proposal source, size) -> the image's proposals there
+            for v, cfg in enumerate(variants):
+                peaks, valid, dropped = selected[v]
+                union = unions[v]
+                union_rows = union.peaks.rows_of(b)
+                first_row = int(union_rows[0]) if len(union_rows) else 0
+                local = union.positions[v][peaks.rows_of(b)] - first_row  # the image's rows are contiguous
+                work = (cfg.retrieval.size, cfg.retrieval.size) if cfg.retrieval.size else size
+
+                source = cfg.retrieval.proposal_source() if raw is not None else None
+                if source is not None and (source, work) not in proposals:
+                    if (source, size) not in proposals:  # built once at the original size, as PRM's MCG proposals
+                        proposals[(source, size)] = torch.from_numpy(cfg.retrieval.make_proposals(raw))
+                    proposals[(source, work)] = _resize_masks(proposals[(source, size)], work)
+                instances = retrieve_instances(
+                    cfg.retrieval,
+                    prms=_image_maps(maps, union, union_rows, work)[local],
+                    peaks=peaks.in_image(b, work),
+                    class_logits=class_logits[b],
+                    crms=crms[b].float(),
+                    image=_resize_image(raw, work),
+                    proposals=proposals.get((source, work)) if source is not None else None,
+                )
+                out[v].append(
+                    ImagePrediction(
+                        instances=_instances_at(instances.to("cpu"), size),
+                        class_logits=class_logits[b].cpu(),
+                        valid_classes=valid[b].nonzero(as_tuple=True)[0].cpu(),
+                        image_peaks=peaks.in_image(b, size).to("cpu"),
+                        crms=crms[b].cpu(),
+                        attention=[maps_[b].float().cpu() for maps_ in attention],
+                        prms=_image_maps(maps, union, union_rows, size)[local].cpu() if with_prms else None,
+                        peaks_over_cap=dropped[b],
+                    )
+                )
+        return out
+
+
 def predict_batch(
     model: nn.Module,
     images: Tensor,
@@ -220,50 +428,6 @@ def predict_batch(
     `with_attention`: also fill `ImagePrediction.attention` from the same forward, for models that have
     `forward_with_attention` (RAN); a second forward just for the masks would cost as much as this one.
     `with_prms`: also keep each valid peak's own PRM in `ImagePrediction.prms` (the panels show them).
+    One variant of `predict_variants`, so one setting alone and among others gives the same instances.
     """
-    device = images.device
-    with stage(stage_times, "forward", device), torch.no_grad():
-        forward_with_attention = getattr(model, "forward_with_attention", None) if with_attention else None
-        crms, attention = forward_with_attention(images) if forward_with_attention else (model(images), [])
-        class_logits = cfg.class_scores(crms)
-    with stage(stage_times, "select", device):
-        peaks, valid_classes = select_valid_peaks(crms, class_logits, cfg)
-        peaks, dropped = cap_peaks_per_image(peaks, len(images), cfg.max_peaks_per_image)
-    with stage(stage_times, "prm", device):
-        prms = peak_response_maps(
-            model,
-            images,
-            peaks.index,
-            sub_pixel_factor=cfg.sub_pixel_factor,
-            mode=cfg.prm_mode,
-            chunk_size=cfg.chunk_size,
-            dtype=cfg.prm_dtype,
-        )
-    with stage(stage_times, "retrieval", device):
-        predictions = []
-        for b, size in enumerate(orig_sizes):
-            size = (int(size[0]), int(size[1]))
-            rows = peaks.rows_of(b)
-            image_peaks = peaks.in_image(b, size)
-            image_prms = _renormalise(_resize_maps(prms[rows].float(), size))
-            instances = retrieve_instances(
-                cfg.retrieval,
-                prms=image_prms,
-                peaks=image_peaks,
-                class_logits=class_logits[b],
-                crms=crms[b].float(),
-                image=raw_images[b] if raw_images is not None else None,
-            )
-            predictions.append(
-                ImagePrediction(
-                    instances=instances.to("cpu"),
-                    class_logits=class_logits[b].cpu(),
-                    valid_classes=valid_classes[b].nonzero(as_tuple=True)[0].cpu(),
-                    image_peaks=image_peaks.to("cpu"),
-                    crms=crms[b].cpu(),
-                    attention=[maps[b].float().cpu() for maps in attention],
-                    prms=image_prms.cpu() if with_prms else None,
-                    peaks_over_cap=dropped[b],
-                )
-            )
-        return predictions
+    return predict_variants(model, images, orig_sizes, [cfg], raw_images, stage_times, with_attention, with_prms)[0]

@@ -17,7 +17,7 @@ with no YAML file (the registry is the `retrieval` Hydra group).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -50,6 +50,9 @@ class RetrievalConfig:
                 or `none`
     nms_order:  the order NMS visits instances in: `score`, ranprm's confidence (ours), or `value`, the method's
                 own retrieval value (PRM's official order; only for methods that give one, e.g. `proposals`)
+    size:       retrieve at size x size pixels and bring the masks back to the image (nearest): PRM's official
+                code resizes the image, the proposals and the maps to the network input, 448 x 448, before scoring
+                (the background penalty weighs H*W pixels); null (the default): at the image's own size
     """
 
     name: str = ""
@@ -61,6 +64,7 @@ class RetrievalConfig:
     nms_per_class: bool = False
     nms_merge: str = "whole"
     nms_order: str = "score"
+    size: int | None = None
 
     def __post_init__(self) -> None:
         if self.background not in BACKGROUND_RULES:
@@ -77,6 +81,17 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.nms_merge={self.nms_merge!r} is unknown; choose whole, masked or none")
         if self.nms_order not in NMS_ORDERS:
             raise ConfigError(f"retrieval.nms_order={self.nms_order!r} is unknown; choose score or value")
+        if self.size is not None and (isinstance(self.size, bool) or self.size < 1):
+            raise ConfigError(f"retrieval.size={self.size} must be a positive number of pixels (448: PRM's) or null")
+
+    def proposal_source(self) -> Hashable | None:
+        """What this method's segment proposals depend on besides the image (a hashable key), or None when it
+        uses none: callers build an image's proposals once per key (`make_proposals`) and share them."""
+        return None
+
+    def make_proposals(self, image: np.ndarray) -> np.ndarray:
+        """(P, H, W) bool segment proposals of an RGB uint8 image (H, W, 3), in rank order."""
+        raise NotImplementedError(f"retrieval method {self.name!r} uses no proposals")
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,12 +20,15 @@ Each term is one matmul over flattened masks, (K, HW) @ (HW, P), chunked over pr
 Cost: ~0.75 s for ~600 proposals x 5 peaks at 500x375 on one CPU thread (memory-bound matmuls); ~100 proposals
 cost a sixth of that.
 
-What still differs from the paper: selective search instead of MCG (a different proposal set and rank), and
-retrieval at the original image size (the official code works at the network input size, 448 x 448).
+What still differs from the paper: selective search instead of MCG (a different proposal set and rank). The
+official code retrieves at the network input size, 448 x 448 (image, proposals and maps resized there, the mask
+back to the image): `retrieval.size=448` (on in `experiment=prm_voc`); by default ranprm retrieves at the image's
+own size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +72,12 @@ class ProposalRetrievalConfig(RetrievalConfig):
             raise ConfigError(f"retrieval.contour_size={self.contour_size} must be an odd number >= 1")
         if self.proposal_count is not None and self.proposal_count < 1:
             raise ConfigError(f"retrieval.proposal_count={self.proposal_count} must be >= 1 or null (all)")
+
+    def proposal_source(self) -> Hashable:
+        return ("selective_search", self.search, self.cache_dir, self.proposal_count)
+
+    def make_proposals(self, image: np.ndarray) -> np.ndarray:
+        return proposal_masks(image, self.search, self.cache_dir, limit=self.proposal_count)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,7 +125,7 @@ def _proposals_of(cfg: ProposalRetrievalConfig, inputs: RetrievalInputs) -> Tens
             raise ConfigError("retrieval.name=proposals needs the original RGB image (or precomputed proposals)")
         if tuple(inputs.image.shape[:2]) != (h, w):
             raise ValueError(f"image is {tuple(inputs.image.shape[:2])}, the maps are {(h, w)}")
-        proposals = proposal_masks(inputs.image, cfg.search, cfg.cache_dir, limit=cfg.proposal_count)
+        proposals = cfg.make_proposals(inputs.image)
     if isinstance(proposals, np.ndarray):
         proposals = torch.from_numpy(np.ascontiguousarray(proposals))
     proposals = proposals.to(device=inputs.prms.device, dtype=torch.bool)

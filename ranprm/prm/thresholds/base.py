@@ -1,6 +1,7 @@
 """The threshold-rule interface and its registry.
 
-A rule maps candidate values to one cut-off; a candidate is valid when it is `>=` the cut-off. Rules work on the
+A rule maps candidate values to one cut-off; a candidate is valid when it is `>=` the cut-off (`>` for a rule
+whose `strict` option is set: `fixed` has one, for the official peak test `value > 30`). Rules work on the
 last dimension, so one call serves a single 1-D set (an image's class scores, one CRM's peak values) and a batch
 of them (every map of a CRM batch for the training peak filter):
 
@@ -47,9 +48,13 @@ class ThresholdRule:
             return torch.full(values.shape[:-1], float("inf"), device=values.device)
         return self._cutoff(values)
 
+    def passes(self, values: Tensor, cutoff: Tensor) -> Tensor:
+        """Bool mask of `values` that reach `cutoff` (broadcast): `>=`, or `>` for a rule with `strict` set."""
+        return values > cutoff if getattr(self, "strict", False) else values >= cutoff
+
     def valid(self, values: Tensor) -> Tensor:
         """Bool mask of the candidates (..., N) that reach their set's cut-off."""
-        return values >= self.cutoff(values)[..., None]
+        return self.passes(values, self.cutoff(values)[..., None])
 
 
 def build_rule(spec: ThresholdRule | Mapping[str, Any] | str | float, option: str) -> ThresholdRule:

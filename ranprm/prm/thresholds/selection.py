@@ -135,7 +135,7 @@ def select_classes(scores: Tensor, thresholds: Thresholds) -> Tensor:
         cutoff = torch.tensor(thresholds.class_cutoffs, device=scores.device)[None, :]
     else:
         cutoff = thresholds.classes.cutoff(scores)[:, None]
-    return (scores >= cutoff) & (torch.sigmoid(scores) >= thresholds.min_class_prob)
+    return thresholds.classes.passes(scores, cutoff) & (torch.sigmoid(scores) >= thresholds.min_class_prob)
 
 
 def select_peaks(values: Tensor, rule: ThresholdRule) -> Tensor:

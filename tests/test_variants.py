@@ -1,0 +1,139 @@
+"""`ranprm-evaluate variants=...`: the grammar, one pass equal to separate runs, and one `cls_map` for training and
+evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from ranprm.cli.config import compose
+from ranprm.cli.variants import parse_variants
+from ranprm.data.datamodule import DataConfig, VOCDataModule
+from ranprm.errors import ConfigError
+from ranprm.evaluate import evaluate
+from ranprm.lightning.checkpoint import load_module
+from tests.helpers import CLASSES
+from tests.test_evaluate import _data
+from tests.test_predict import tiny_model  # noqa: F401  (the module-scoped fixture)
+
+# Every class and every peak valid (the tiny model is barely trained): the fixed preset with its cut-offs lowered.
+ALL = "{name:fixed,classes:{kind:fixed,value:-1e9},peaks:{kind:fixed,value:-1e9,strict:true}}"
+ALL_ALONE = ["threshold=fixed", "threshold.classes.value=-1e9", "threshold.peaks.value=-1e9"]
+
+
+def test_a_product_runs_threshold_major_with_names_from_its_values():
+    specs = parse_variants({"threshold": ["seed", "fixed"], "retrieval": ["prm_only", "proposals"]})
+    assert [s.name for s in specs] == ["seed/prm_only", "seed/proposals", "fixed/prm_only", "fixed/proposals"]
+    assert specs[1].threshold["classes"] == {"kind": "quantile", "q": 0.75}  # the preset's YAML, written out
+    assert specs[1].retrieval["proposal_count"] == 100 and specs[1].mask_grad is None
+
+
+def test_a_list_takes_names_mappings_and_gradient_paths():
+    specs = parse_variants([
+        {"threshold": "q3"},
+        {"name": "official", "threshold": "fixed", "retrieval": {"name": "proposals", "size": 448}},
+        {"threshold": {"name": "mean", "min_class_prob": 0.3}, "mask_grad": "detached"},
+    ])  # fmt: skip
+    assert [s.name for s in specs] == ["q3", "official", "mean(min_class_prob=0.3)/detached"]
+    custom = {"name": "all", "classes": {"kind": "none"}, "peaks": {"kind": "none"}}
+    assert parse_variants({"threshold": [custom], "retrieval": [{"name": "proposals", "size": 448}]})[0].name == (
+        "all/proposals(size=448)"
+    )
+    assert specs[0].retrieval is None  # left out: the command line's / checkpoint's
+    assert specs[1].retrieval["size"] == 448 and specs[1].retrieval["balance"] == 0.8
+    assert specs[2].threshold["min_class_prob"] == 0.3 and specs[2].threshold["peaks"] == {"kind": "mean"}
+    assert parse_variants(None) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ({"thresholds": ["seed"]}, "unknown axis"),
+        ({"threshold": ["seed", "nope"]}, "not a preset"),
+        ({"retrieval": ["nope"]}, "not a method"),
+        ({"mask_grad": ["half"]}, "not a gradient path"),
+        ([{"threshold": "seed"}, {"threshold": "seed"}], "repeat"),
+        ([], "lists no variant"),
+        ("seed", "must be a product"),
+    ],
+)
+def test_bad_variants_are_one_line(value, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_variants(value)
+
+
+def _metrics_of(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_one_pass_equals_each_variant_alone(tiny_model, tmp_path):  # noqa: F811
+    """Every metric, count and per-class value of each variant of one pass is exactly (==) that of a separate
+    evaluation with the variant's settings on the command line; the table is ranked by the chosen metric."""
+    voc, ckpt = tiny_model
+    base = [*_data(voc), f"ckpt={ckpt}", "eval.max_images=3", "progress_bar=none"]
+    product = f"variants={{threshold:[mean,q3,{ALL}],retrieval:[prm_only,proposals]}}"
+    evaluate(compose("evaluate", [*base, f"output={tmp_path / 'all'}", product, "variants_rank_by=abo"]))
+    record = _metrics_of(tmp_path / "all")
+    assert record["ranked_by"] == "abo" and len(record["variants"]) == 6
+    abo = [v["metrics"]["abo"] for v in record["variants"]]
+    assert abo == sorted(abo, reverse=True) and [v["rank"] for v in record["variants"]] == [1, 2, 3, 4, 5, 6]
+    assert record["image_size"] == 64 and record["image_size_from"] == "data.image_size"
+    alone = {
+        "mean/prm_only": ["threshold=mean", "retrieval=prm_only"],
+        "q3/proposals": ["threshold=q3", "retrieval=proposals"],
+        "fixed(classes.value=-1e+09,peaks.value=-1e+09)/prm_only": [*ALL_ALONE, "retrieval=prm_only"],
+        "fixed(classes.value=-1e+09,peaks.value=-1e+09)/proposals": [*ALL_ALONE, "retrieval=proposals"],
+    }
+    by_name = {v["name"]: v for v in record["variants"]}
+    assert set(alone) <= set(by_name), sorted(by_name)
+    for i, (name, overrides) in enumerate(alone.items()):
+        out = tmp_path / f"alone{i}"
+        evaluate(compose("evaluate", [*base, f"output={out}", *overrides]))
+        single = _metrics_of(out)
+        variant = by_name[name]
+        assert {k: single[k] for k in single["metric_names"]} == variant["metrics"], name
+        assert single["per_class"] == variant["per_class"], name
+        assert single["num_predictions"] == variant["counts"]["num_predictions"], name
+        assert single["threshold"] == variant["settings"]["threshold"], name
+    assert (
+        by_name[next(iter(alone))]["counts"]["num_predictions"] <= by_name[list(alone)[2]]["counts"]["num_predictions"]
+    )
+    assert (tmp_path / "all" / "variants.md").read_text().count("\n| ") == 7  # header + 6 rows
+    assert (tmp_path / "all" / "variants.csv").read_text().splitlines()[0].startswith("rank,variant,threshold")
+
+
+def test_rank_by_must_be_a_metric(tiny_model, tmp_path):  # noqa: F811
+    voc, ckpt = tiny_model
+    cfg = compose("evaluate", [*_data(voc), f"ckpt={ckpt}", f"output={tmp_path}", "variants={threshold:[mean]}",
+                               "variants_rank_by=map_r@0.5"])  # fmt: skip
+    with pytest.raises(ConfigError, match="variants_rank_by=map_r@0.5 is not a metric"):
+        evaluate(cfg)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_image_size_defaults_to_the_checkpoints(tiny_model, tmp_path):  # noqa: F811
+    voc, ckpt = tiny_model
+    data = [d for d in _data(voc) if not d.startswith("data.image_size")]
+    evaluate(compose("evaluate", [*data, f"ckpt={ckpt}", f"output={tmp_path}", "eval.max_images=1",
+                                  "eval.metrics=[classification]", "progress_bar=none"]))  # fmt: skip
+    record = _metrics_of(tmp_path)
+    assert (record["image_size"], record["image_size_from"]) == (64, "checkpoint")
+
+
+def test_training_and_evaluation_report_one_cls_map(tiny_model, tmp_path):  # noqa: F811
+    """`val/cls_map` of a validation pass and `cls_map` of ranprm-evaluate on the same checkpoint and images are
+    the same function on the same class scores: equal."""
+    voc, ckpt = tiny_model
+    evaluate(compose("evaluate", [*_data(voc), f"ckpt={ckpt}", f"output={tmp_path}", "progress_bar=none",
+                                  "eval.metrics=[classification]"]))  # fmt: skip
+    module = load_module(ckpt)
+    module.hparams.eval = {**dict(module.hparams.eval or {}), "metrics": ["classification"]}
+    data = VOCDataModule(DataConfig(root=str(voc), class_names=list(CLASSES), image_size=64, batch_size=4,
+                                    num_workers=0, persistent_workers=False, pin_memory=False))  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, inference_mode=False)  # fmt: skip
+    trainer.validate(module, datamodule=data, verbose=False)
+    assert float(trainer.callback_metrics["val/cls_map"]) == pytest.approx(_metrics_of(tmp_path)["cls_map"], abs=0)

@@ -50,8 +50,10 @@ else
 	$(BIN)/python -m ranprm.docs_images --ckpt $(CKPT) $(ARGS)
 endif
 
+# The attention-PRM study (experiments/attention_prm/README.md): runs the missing cells, then writes RESULTS.md.
+#   make study ARGS="--budget-min 150"   |   make study ARGS=--report   |   make study ARGS=--list
 study: install
-	experiments/ran_vs_resnet/run.sh $(ARGS)
+	$(BIN)/python -m experiments.attention_prm $(ARGS)
 
 lint: install
 	$(BIN)/ruff check ranprm tests experiments

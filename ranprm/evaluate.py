@@ -19,7 +19,9 @@ process's per-image records, one per image id), so `device=` (one device) or `tr
 computes the same full-set metrics; the first writes them.
 
 Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` into `output` (default: the
-Hydra run folder) and prints a summary. An existing `metrics.json` or `per_class.md` there is replaced only with
+Hydra run folder) and prints a summary; `records=true` also writes `records.pt`, every evaluator's per-image records
+(`EvaluatorSuite.image_records`: no masks), from which a bootstrap over images recomputes each metric with the
+evaluator's own `reduce`. An existing `metrics.json` or `per_class.md` there is replaced only with
 `overwrite=true`; the folder is checked writable, and the evaluated split's masks are checked from their headers,
 before the model runs.
 """
@@ -31,9 +33,11 @@ import io
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
@@ -69,13 +73,22 @@ from ranprm.lightning.loggers import log_evaluation
 from ranprm.lightning.module import PRMModule
 from ranprm.prm.thresholds import ClassCalibration
 from ranprm.utils.checks import check_range, check_value
-from ranprm.utils.io import check_writable, clean_stale_temp_files, write_json_atomic, write_text_atomic
+from ranprm.utils.io import (
+    check_writable,
+    clean_stale_temp_files,
+    write_json_atomic,
+    write_text_atomic,
+    write_via_temp,
+)
 from ranprm.utils.progress import track
 from ranprm.utils.stop import check_stop
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("metrics.json", "per_class.md", "variants.md", "variants.csv")
+# One variant of a `variants=` evaluation: what it was asked as, its full settings, its metrics, its evaluators.
+VariantResult = tuple[VariantSpec, dict[str, Any], SuiteResult, EvaluatorSuite]
+
+OUTPUT_FILES = ("metrics.json", "per_class.md", "variants.md", "variants.csv", "records.pt")
 DEFAULT_IMAGE_SIZE = 448
 EXAMPLE = "ranprm-evaluate ckpt=runs/<run>/checkpoints/last.ckpt data=voc data.root=/data/VOCdevkit/VOC2012"
 
@@ -147,9 +160,9 @@ def calibrate_classes(
 # ---------------------------------------------------------------------------------------------- evaluation
 def _evaluate_checkpoint(
     cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite, out_dir: Path
-) -> tuple[list[tuple[VariantSpec, dict[str, Any], SuiteResult]] | SuiteResult, dict[str, Any], bool]:
+) -> tuple[list[VariantResult] | SuiteResult, dict[str, Any], bool]:
     """The model on the evaluated images through `Trainer.test` (devices, DDP, a progress bar); returns the result
-    (with `variants=`: one (spec, settings, result) per variant, all from one pass), the run's record fields, and
+    (with `variants=`: one (spec, settings, result, suite) per variant, all from one pass), the run's record fields, and
     whether this process writes the files (the first process does)."""
     _, val_ids = datamodule.split_ids()
     ids = _cap(val_ids, cfg.eval.max_images)
@@ -186,7 +199,8 @@ def _evaluate_checkpoint(
     info = {"mode": "ckpt", "ckpt": str(cfg.ckpt), "skipped_images": skipped, **size_info}
     if not variants:
         return module.test_result, {**info, **settings}, trainer.is_global_zero
-    per_variant = [(spec, s, r) for (spec, _, s), r in zip(variants, module.test_results, strict=True)]
+    per_variant = [(spec, s, r, suite) for (spec, _, s), r, (_, suite)
+                   in zip(variants, module.test_results, module.test_variants, strict=True)]  # fmt: skip
     return per_variant, info, trainer.is_global_zero
 
 
@@ -287,10 +301,13 @@ def _evaluate_into(
         "wall_s": round(time.perf_counter() - started, 1),
     }
     if isinstance(result, list):
+        if writes:
+            _save_records(cfg, out_dir, lambda: {spec.name: suite.image_records() for spec, _, _, suite in result})
         return _write_variants(cfg, out_dir, result, {**info, **common}, rank_by, writes)
     record = {**result.to_record(), **info, **common}
     if not writes:
         return record
+    _save_records(cfg, out_dir, evaluators.image_records)
     write_json_atomic(out_dir / "metrics.json", record)
     write_text_atomic(out_dir / "per_class.md", per_class_table(result))
     print(summary(result))
@@ -298,6 +315,16 @@ def _evaluate_into(
     if cfg.logger.name != "none":  # logger=wandb (or csv, tensorboard): the metrics and per-class table there too
         log_evaluation(to_plain(cfg.logger), out_dir, record, run_config=cfg, identity=run_identity_of(cfg))
     return record
+
+
+def _save_records(cfg: DictConfig, out_dir: Path, records: Callable[[], dict[str, Any]]) -> None:
+    """`records=true`: records.pt, every evaluator's per-image records (`EvaluatorSuite.image_records`; with
+    `variants=`, {variant name: those}), written before metrics.json, which marks a finished evaluation. Else an
+    earlier evaluation's records.pt there (overwrite=true got here) is removed: it would not match these metrics."""
+    if check_value(cfg.get("records", False), bool, "records"):
+        write_via_temp(out_dir / "records.pt", lambda tmp: torch.save(records(), tmp))
+    else:
+        (out_dir / "records.pt").unlink(missing_ok=True)
 
 
 def _rank_by(cfg: DictConfig, evaluators: EvaluatorSuite) -> str:
@@ -312,7 +339,7 @@ def _rank_by(cfg: DictConfig, evaluators: EvaluatorSuite) -> str:
 def _write_variants(
     cfg: DictConfig,
     out_dir: Path,
-    results: list[tuple[VariantSpec, dict[str, Any], SuiteResult]],
+    results: list[VariantResult],
     info: dict[str, Any],
     rank_by: str,
     writes: bool,
@@ -320,7 +347,7 @@ def _write_variants(
     """metrics.json with one entry per variant, ranked by `rank_by` (README "Inference variants"), and the
     table as variants.md / variants.csv (and to the logger)."""
     entries = []
-    for spec, settings, result in results:
+    for spec, settings, result, _ in results:
         record = result.to_record()
         entries.append({
             "name": spec.name,

@@ -132,3 +132,23 @@ def test_unknown_image_is_a_one_line_error(voc_root, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("ranprm: error:"), proc.stderr
     assert "not_in_split" in lines[0] and "entry 0" in lines[0]
     assert not (tmp_path / "cli" / "metrics.json").exists()
+
+
+def test_records_true_saves_per_image_records_that_give_back_the_metrics(voc_root, tmp_path):
+    from ranprm.eval import EVALUATORS, EvalConfig
+    from ranprm.utils.io import load_torch_file
+
+    write_results(tmp_path / "gt.json", _gt_results(voc_root))
+    out = tmp_path / "o"
+    given = [*_data(voc_root), f"predictions={tmp_path / 'gt.json'}", f"output={out}"]
+    metrics = evaluate(compose("evaluate", [*given, "records=true"]))
+    records = load_torch_file(out / "records.pt", "records")
+    assert set(records) == {"instance_ap", "abo", "pointing", "pointing_game", "classification"}
+    ids = [image_id for image_id, _ in records["instance_ap"]]
+    assert ids == sorted(read_split(voc_root, "Segmentation", "val"))
+    for name, keys in (("instance_ap", KEYS[:3]), ("abo", KEYS[3:])):
+        again = EVALUATORS.get(name)(CLASSES, EvalConfig()).reduce([r for _, r in records[name]])
+        assert [again.metrics[k] for k in keys] == [metrics[k] for k in keys]  # the same numbers, exactly
+    # without records=true a rerun into the folder leaves no stale records.pt beside its new metrics
+    evaluate(compose("evaluate", [*given, "overwrite=true"]))
+    assert not (out / "records.pt").exists()

@@ -277,6 +277,7 @@ class EvaluateSchema:
     predictions: str | None = None
     output: str | None = None
     overwrite: bool = False
+    records: bool = False
     device: str = "auto"
     trainer: InferenceTrainerSchema = field(default_factory=InferenceTrainerSchema)
     progress_bar: ProgressBar = ProgressBar.tqdm

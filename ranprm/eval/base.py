@@ -101,9 +101,14 @@ class Evaluator(abc.ABC):
             check_pair(gt, pred, self.num_classes)
             self._records.append((gt.image_id, self.process(gt, pred)))
 
+    def image_records(self) -> list[tuple[str, Any]]:
+        """Every image's `(image_id, record)` since `reset`, gathered and sorted as `compute` reduces them: resampling
+        them and calling `reduce` gives a bootstrap over images with this evaluator's own definition."""
+        return gather_records(self._records)
+
     def compute(self) -> Evaluation:
         """The metrics over every image seen since `reset`, on every process alike (see the module docstring)."""
-        return self.reduce([record for _, record in gather_records(self._records)])
+        return self.reduce([record for _, record in self.image_records()])
 
 
 def gather_records(records: list[tuple[str, Any]]) -> list[tuple[str, Any]]:

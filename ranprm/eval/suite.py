@@ -56,8 +56,10 @@ class EvaluatorSuite:
                  only: Sequence[str] | None = None) -> None:  # fmt: skip
         self.cfg = cfg or EvalConfig()
         self.class_names = tuple(class_names)
-        chosen = self.cfg.metrics if only is None else tuple(only)
-        self.evaluators: list[Evaluator] = [EVALUATORS.get(name)(self.class_names, self.cfg) for name in chosen]
+        self.metric_families: tuple[str, ...] = self.cfg.metrics if only is None else tuple(only)
+        self.evaluators: list[Evaluator] = [
+            EVALUATORS.get(name)(self.class_names, self.cfg) for name in self.metric_families
+        ]
 
     def names(self) -> tuple[str, ...]:
         return tuple(n for e in self.evaluators for n in e.names())
@@ -69,6 +71,11 @@ class EvaluatorSuite:
     def update(self, gts: Sequence[GroundTruth], preds: Sequence[Prediction]) -> None:
         for evaluator in self.evaluators:
             evaluator.update(gts, preds)
+
+    def image_records(self) -> dict[str, list[tuple[str, Any]]]:
+        """{evaluator name: its `(image_id, record)` pairs} (`Evaluator.image_records`): what `ranprm-evaluate
+        records=true` saves for bootstraps over images (no masks, only matches, overlaps and scores)."""
+        return {name: e.image_records() for name, e in zip(self.metric_families, self.evaluators, strict=True)}
 
     def compute(self) -> SuiteResult:
         return SuiteResult(self.cfg.protocol, self.class_names, [e.compute() for e in self.evaluators])

@@ -109,8 +109,11 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     return write_via_temp(path, lambda tmp: tmp.write_bytes(data))
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    return write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def write_json_atomic(path: str | Path, obj: Any, compact: bool = False) -> Path:
+    """`obj` as JSON, keys sorted; indented for people, or `compact` (no spaces, one line) for machine records."""
+    layout: dict[str, Any] = {"separators": (",", ":")} if compact else {"indent": 2}
+    text = json.dumps(obj, sort_keys=True, **layout)
+    return write_bytes_atomic(path, (text + "\n").encode())
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -31,17 +31,19 @@ class AverageBestOverlap(Evaluator):
         return ("abo",)
 
     def process(self, gt: GroundTruth, pred: Prediction) -> Any:
+        """(best IoU (M,) float64, class (M,) long) per GT instance; the class lets a study restrict ABO to some
+        (image, class) pairs."""
         if gt.instances is None:
             return None
-        masks, _, crowd, void = self.protocol.scored_ground_truth(gt)
-        gt_masks = masks[~crowd]  # a crowd region is not an object to overlap
+        masks, labels, crowd, void = self.protocol.scored_ground_truth(gt)
+        gt_masks, gt_labels = masks[~crowd], labels[~crowd].cpu().long()  # a crowd region is not an object to overlap
         if pred.instances is None or not len(pred.instances) or not len(gt_masks):
-            return torch.zeros(len(gt_masks), dtype=torch.float64)
+            return torch.zeros(len(gt_masks), dtype=torch.float64), gt_labels
         pred_masks = self.protocol.scored_predictions(pred.instances.masks.detach().cpu().bool(), void)
-        return mask_iou(gt_masks, pred_masks).max(1).values
+        return mask_iou(gt_masks, pred_masks).max(1).values, gt_labels
 
     def reduce(self, records: list[Any]) -> Evaluation:
-        best = [r for r in records if r is not None]
+        best = [r[0] for r in records if r is not None]
         if not best:
             return Evaluation()
         overlaps = torch.cat(best)

@@ -1,0 +1,1 @@
+"""Studies and data builders of ranprm (each a package: `python -m experiments.<name>`)."""

@@ -45,10 +45,10 @@ from ranprm.cli.inference import (
     root_device,
 )
 from ranprm.cli.run_dir import check_output_files, commit_hydra_files
-from ranprm.data.datamodule import DataConfig, VOCDataModule
+from ranprm.data.datamodule import DataConfig, VOCDataModule, split_name
 from ranprm.data.dataset import VOCDataset, collate
 from ranprm.data.transforms import build_transform
-from ranprm.data.voc import image_path, image_size_of, read_annotation, read_instance_masks, read_split
+from ranprm.data.voc import image_size_of
 from ranprm.errors import ConfigError, DataError
 from ranprm.eval import (
     EvalConfig,
@@ -115,17 +115,19 @@ def calibrate_classes(cfg: DictConfig, module: PRMModule, datamodule: VOCDataMod
                     module.hparams["threshold"].get("name"))  # fmt: skip
         return
     task = str(calibration.get("task") or "Main")
-    ids = _cap(read_split(datamodule.root, task, str(split)), calibration.get("max_images"))
-    evaluated = set(ids) & set(datamodule.split_ids()[1])
+    evaluated_ids = set(datamodule.split_ids()[1])
+    ids = _cap(datamodule.source.split_ids(str(split), task, training=False), calibration.get("max_images"))
+    evaluated = set(ids) & evaluated_ids
     dataset = VOCDataset(datamodule.root, ids, datamodule.class_names,
                          build_transform(datamodule.cfg.image_size, train=False),
-                         skip_bad_images=datamodule.cfg.skip_bad_images)  # fmt: skip
+                         skip_bad_images=datamodule.cfg.skip_bad_images, source=datamodule.source)  # fmt: skip
     loader = DataLoader(dataset, batch_size=datamodule.cfg.val_batch_size or datamodule.cfg.batch_size,
                         num_workers=datamodule.cfg.num_workers, collate_fn=collate)  # fmt: skip
     scores = module.calibration_scores(track(loader, len(loader), "calibrating", _progress_bar(cfg), "batch"))
     if len(scores) == 0:
         raise DataError(f"calibration.split={split}: none of its {len(ids)} images could be read")
-    name = f"{task}/{split}" + (f" (first {len(ids)})" if calibration.get("max_images") is not None else "")
+    name = split_name(datamodule.cfg, str(split), task)
+    name += f" (first {len(ids)})" if calibration.get("max_images") is not None else ""
     module.set_class_calibration(ClassCalibration(scores, name, evaluated_split=bool(evaluated)))
     if evaluated:
         log.warning("calibration.split=%s shares %d images with the evaluated split", name, len(evaluated))
@@ -162,19 +164,19 @@ def _evaluate_checkpoint(
 def _evaluate_predictions(
     cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite
 ) -> tuple[SuiteResult, dict[str, Any], bool]:
-    root = datamodule.root
+    source = datamodule.source
     _, val_ids = datamodule.split_ids()
     ids = _cap(val_ids, cfg.eval.max_images)
     datamodule.check_val_masks(ids)
-    sizes = {i: image_size_of(image_path(root, i)) for i in ids}
-    results = read_results(Path(cfg.predictions).expanduser(), datamodule.class_names, sizes)
+    sizes = {i: image_size_of(source.image_path(i)) for i in ids}
+    results = read_results(Path(cfg.predictions).expanduser(), datamodule.class_names, sizes, source.result_ids())
     skipped = 0
     for image_id, entries in track(results.items(), len(results), "evaluating", _progress_bar(cfg), "image"):
-        targets = read_instance_masks(root, image_id, sizes[image_id])
+        targets = source.instance_targets(image_id, sizes[image_id])
         if targets is None:
             skipped += 1
             continue
-        objects = read_annotation(root / "Annotations" / f"{image_id}.xml", datamodule.class_names)
+        objects = source.objects(image_id)
         gt = ground_truth(image_id, sizes[image_id], datamodule.class_names, targets=targets, objects=objects)
         evaluators.update([gt], [prediction_from_instances(entries.to_instances())])
     info = {"mode": "predictions", "predictions": str(cfg.predictions), "skipped_images": skipped}
@@ -221,7 +223,7 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
         **result.to_record(),
         **info,
         "data": datamodule.cfg.name,
-        "split": f"{datamodule.cfg.val_task}/{datamodule.cfg.val_split}",
+        "split": split_name(datamodule.cfg, datamodule.cfg.val_split, datamodule.cfg.val_task),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     if not writes:

@@ -1,4 +1,5 @@
-"""The LightningDataModule: one code path for real VOC 2012 and the embedded synthetic dataset.
+"""The LightningDataModule: one code path for real VOC 2012, COCO-format sets and the embedded synthetic dataset
+(`data.format` picks the annotation source, `ranprm.data.source`).
 
 Robustness (issue 18): every `DataConfig` value is type- and range-checked before anything is read; `setup()` checks
 split ids, annotations and the evaluated split's mask headers before the first step; the training order and flips
@@ -21,10 +22,11 @@ import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
+from ranprm.data import coco, voc
 from ranprm.data.dataset import VOCDataset, collate
 from ranprm.data.sampling import EpochSampler, ResumableDataLoader, worker_init
+from ranprm.data.source import AnnotationSource, VOCSource
 from ranprm.data.transforms import build_transform
-from ranprm.data.voc import VOC_CLASSES, check_masks, check_root, read_split
 from ranprm.errors import ConfigError
 from ranprm.utils.checks import check_dataclass_types, check_mapping_for, check_range
 
@@ -45,10 +47,10 @@ class DataConfig:
 
     name: str = "synthetic"
     root: str | None = None
-    class_names: list[str] | None = None  # null: VOC's 20 classes, or the synthetic ones
+    class_names: list[str] | None = None  # voc only; null: VOC's 20 classes, or the synthetic ones
     image_size: int = 448
     flip_prob: float = 0.5
-    train_split: str = "train"  # ImageSets/Main/<train_split>.txt
+    train_split: str = "train"  # voc: ImageSets/Main/<train_split>.txt; coco: annotations/instances_<split>.json
     train_fraction: float = 1.0  # the first fraction of the split, in file order (the RAN-PRM paper uses 0.2)
     holdout_fraction: float = 0.0  # > 0: validate on the last part of the (cut) training ids instead of val_split
     val_task: str = "Segmentation"  # ImageSets/<val_task>/<val_split>.txt: instance masks live there in VOC
@@ -62,6 +64,8 @@ class DataConfig:
     persistent_workers: bool = True
     synthetic: dict[str, Any] = field(default_factory=dict)  # SyntheticSpec fields for the embedded dataset
     cache_dir: str | None = None
+    format: str = "voc"  # voc: VOC 2012 layout (also the synthetic data) | coco: COCO-format JSON (ranprm.data.coco)
+    classes: Any = None  # coco only: voc | all | a list of COCO category names
 
     @classmethod
     def from_config(cls, cfg: Any) -> DataConfig:
@@ -87,6 +91,14 @@ class DataConfig:
         for option in ("name", "train_split", "val_task", "val_split"):
             if not getattr(self, option).strip():
                 raise ConfigError(f"data.{option} is empty; give a name")
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format={self.format!r} is not valid; choose one of {', '.join(FORMATS)}")
+        if self.format == "coco":
+            self._validate_coco()
+        elif self.classes is not None:
+            raise ConfigError(
+                f"data.classes is an option of data.format=coco; data.format={self.format} takes data.class_names"
+            )
         if self.root is None:  # the embedded dataset: its spec's values, before anything is generated
             from ranprm.data.synthetic import SyntheticSpec
 
@@ -96,6 +108,23 @@ class DataConfig:
                 raise ConfigError(f"data.class_names={self.class_names} lists a class twice")
             if self.class_names and not all(n.strip() for n in self.class_names):
                 raise ConfigError(f"data.class_names={self.class_names} has an empty name")
+
+    def _validate_coco(self) -> None:
+        if self.root is None:
+            raise ConfigError("data.format=coco needs data.root, the folder holding annotations/ and the images")
+        if self.class_names is not None:
+            raise ConfigError("data.class_names is a VOC-layout option; data.format=coco keeps data.classes")
+        if self.val_task != DataConfig.val_task:
+            raise ConfigError(
+                f"data.val_task={self.val_task!r} is a VOC-layout option (ImageSets/<task>); data.format=coco scores "
+                "annotations/instances_<data.val_split>.json"
+            )
+        if not self.difficult_as_positive:
+            raise ConfigError("data.difficult_as_positive is a VOC-layout option; COCO has no difficult objects")
+        coco.check_classes_option(self.classes)
+
+
+FORMATS = ("voc", "coco")
 
 
 def split_ids(ids: list[str], fraction: float, option: str) -> list[str]:
@@ -117,8 +146,13 @@ def validation_split(data: Any) -> tuple[str, bool]:
     if not isinstance(cfg, DataConfig):
         return "the validation loader", True
     if cfg.holdout_fraction > 0:
-        return f"held-out {cfg.holdout_fraction:g} of Main/{cfg.train_split}", False
-    return f"{cfg.val_task}/{cfg.val_split}", True
+        return f"held-out {cfg.holdout_fraction:g} of {split_name(cfg, cfg.train_split, 'Main')}", False
+    return split_name(cfg, cfg.val_split, cfg.val_task), True
+
+
+def split_name(cfg: DataConfig, split: str, task: str) -> str:
+    """How messages and records name a split: `Segmentation/val` (VOC layout), `instances_val2017` (COCO)."""
+    return f"instances_{split}" if cfg.format == "coco" else f"{task}/{split}"
 
 
 class VOCDataModule(L.LightningDataModule):
@@ -132,7 +166,8 @@ class VOCDataModule(L.LightningDataModule):
         self.seed = int(seed if seed is not None else os.environ.get("PL_GLOBAL_SEED", 0))
         self.num_workers = self._capped_workers(cfg.num_workers)
         self.root = self._resolve_root()
-        self.class_names: tuple[str, ...] = self._class_names()
+        self.source: AnnotationSource = self._source()
+        self.class_names: tuple[str, ...] = self.source.class_names
         self.train_set: VOCDataset | None = None
         self.val_set: VOCDataset | None = None
         self._train_sampler: EpochSampler | None = None
@@ -152,16 +187,22 @@ class VOCDataModule(L.LightningDataModule):
             from ranprm.data.synthetic import SyntheticSpec, ensure_dataset
 
             return ensure_dataset(SyntheticSpec(**self.cfg.synthetic), cache_dir=self.cfg.cache_dir)
-        return check_root(self.cfg.root)
+        return (coco.check_root if self.cfg.format == "coco" else voc.check_root)(self.cfg.root)
 
-    def _class_names(self) -> tuple[str, ...]:
-        if self.cfg.class_names:
-            return tuple(self.cfg.class_names)
-        if self.cfg.root is None:
+    def _source(self) -> AnnotationSource:
+        cfg = self.cfg
+        if cfg.format == "coco":
+            # Only the evaluated split keeps its polygons and RLEs (a hold-out validates on training images).
+            evaluated = cfg.train_split if cfg.holdout_fraction > 0 else cfg.val_split
+            return coco.COCOSource(self.root, cfg.classes, mask_splits=[evaluated],
+                                   skip_bad_images=cfg.skip_bad_images)  # fmt: skip
+        if cfg.class_names:
+            return VOCSource(self.root, tuple(cfg.class_names))
+        if cfg.root is None:
             from ranprm.data.synthetic import CLASS_NAMES
 
-            return tuple(CLASS_NAMES)
-        return VOC_CLASSES
+            return VOCSource(self.root, tuple(CLASS_NAMES))
+        return VOCSource(self.root, voc.VOC_CLASSES)
 
     @property
     def num_classes(self) -> int:
@@ -170,7 +211,8 @@ class VOCDataModule(L.LightningDataModule):
     def split_ids(self) -> tuple[list[str], list[str]]:
         """(train ids, validation ids) after the fraction and hold-out rules."""
         cfg = self.cfg
-        train = split_ids(read_split(self.root, "Main", cfg.train_split), cfg.train_fraction, "data.train_fraction")
+        train_ids = self.source.split_ids(cfg.train_split, "Main", training=True)
+        train = split_ids(train_ids, cfg.train_fraction, "data.train_fraction")
         if cfg.holdout_fraction > 0:
             if not cfg.holdout_fraction < 1.0 or len(train) < 2:
                 raise ConfigError(
@@ -178,7 +220,7 @@ class VOCDataModule(L.LightningDataModule):
                 )
             n_val = max(1, round(len(train) * cfg.holdout_fraction))
             return train[:-n_val], train[-n_val:]
-        return train, read_split(self.root, cfg.val_task, cfg.val_split)
+        return train, self.source.split_ids(cfg.val_split, cfg.val_task, training=False)
 
     def _dataset(self, ids: list[str], train: bool) -> VOCDataset:
         cfg = self.cfg
@@ -190,6 +232,7 @@ class VOCDataModule(L.LightningDataModule):
             difficult_as_positive=cfg.difficult_as_positive,
             with_instances=not train,
             skip_bad_images=cfg.skip_bad_images,
+            source=self.source,
         )
 
     def check_val_masks(self, val_ids: list[str]) -> int:
@@ -197,8 +240,10 @@ class VOCDataModule(L.LightningDataModule):
         masks for every image, a hold-out from a Main split need not. Returns the number of images with masks."""
         cfg = self.cfg
         required = cfg.val_task == "Segmentation" and cfg.holdout_fraction == 0
-        name = f"ImageSets/{cfg.val_task}/{cfg.val_split}.txt" if cfg.holdout_fraction == 0 else "(hold-out)"
-        return check_masks(self.root, val_ids, required=required, split_name=name)
+        name = (f"ImageSets/{cfg.val_task}/{cfg.val_split}.txt" if cfg.format == "voc"
+                else f"annotations/instances_{cfg.val_split}.json")  # fmt: skip
+        name = name if cfg.holdout_fraction == 0 else "(hold-out)"
+        return self.source.check_masks(val_ids, split_name=name, required=required)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -1,4 +1,5 @@
-"""A torch Dataset over VOC-layout ids: transformed image, image-level labels and (optionally) GT instances."""
+"""A torch Dataset over the ids of an annotation source (VOC layout, COCO format; `ranprm.data.source`): transformed
+image, image-level labels and (optionally) GT instances."""
 
 from __future__ import annotations
 
@@ -12,14 +13,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ranprm.data.sampling import SampleKey
-from ranprm.data.voc import (
-    InstanceTargets,
-    image_labels,
-    image_path,
-    read_annotation,
-    read_image,
-    read_instance_masks,
-)
+from ranprm.data.source import AnnotationSource, VOCSource
+from ranprm.data.voc import InstanceTargets, image_labels, read_image
 from ranprm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -47,13 +42,16 @@ class VOCDataset(Dataset[Sample | None]):
         difficult_as_positive: bool = True,
         with_instances: bool = False,
         skip_bad_images: bool = False,
+        source: AnnotationSource | None = None,
     ) -> None:
+        """`source`: where ids, objects and masks come from; None: the VOC-layout folder `root`."""
         self.root, self.ids, self.class_names = root, ids, class_names
+        self.source = source if source is not None else VOCSource(root, class_names)
         self.transform = transform
         self.with_instances = with_instances
         self.skip_bad_images = skip_bad_images
         # The parsed objects are kept: evaluation reads their boxes (the pointing game) without parsing again.
-        self.objects = [read_annotation(root / "Annotations" / f"{i}.xml", class_names) for i in ids]
+        self.objects = [self.source.objects(i) for i in ids]
         self.labels = torch.stack([image_labels(o, class_names, difficult_as_positive) for o in self.objects])
 
     def __len__(self) -> int:
@@ -65,7 +63,7 @@ class VOCDataset(Dataset[Sample | None]):
         index, seed = key if isinstance(key, tuple) else (key, None)
         image_id = self.ids[index]
         try:
-            image = read_image(image_path(self.root, image_id))
+            image = read_image(self.source.image_path(image_id))
         except DataError as err:
             if not self.skip_bad_images:
                 raise DataError(f"{err}; replace it, or set data.skip_bad_images=true to skip such images") from err
@@ -74,7 +72,7 @@ class VOCDataset(Dataset[Sample | None]):
         orig_size = (int(image.shape[1]), int(image.shape[2]))
         targets: InstanceTargets | None = None
         if self.with_instances:
-            targets = read_instance_masks(self.root, image_id, orig_size)
+            targets = self.source.instance_targets(image_id, orig_size)
         return {
             # the original pixels, for proposal-based retrieval and panels (evaluation samples only)
             "raw_image": image.permute(1, 2, 0).numpy() if self.with_instances else None,

@@ -298,6 +298,7 @@ class InstanceTargets:
     masks: Tensor  # (M, H, W) bool
     labels: Tensor  # (M,) long, 0-based class index
     void: Tensor  # (H, W) bool, VOC's 255 pixels: ignored in every IoU
+    iscrowd: Tensor | None = None  # (M,) bool, COCO's crowd regions (None: none, as in VOC); see GroundTruth
 
 
 def read_instance_masks(root: Path, image_id: str, image_size: tuple[int, int]) -> InstanceTargets | None:

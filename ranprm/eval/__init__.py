@@ -28,6 +28,7 @@ from ranprm.eval.protocols import PROTOCOLS
 from ranprm.eval.report import per_class_table, summary
 from ranprm.eval.results_io import (
     ImageResults,
+    ResultIds,
     decode_rle,
     encode_mask,
     instances_to_results,
@@ -50,6 +51,7 @@ __all__ = [
     "ImageResults",
     "InstanceMasks",
     "Prediction",
+    "ResultIds",
     "SuiteResult",
     "classification_map",
     "decode_rle",

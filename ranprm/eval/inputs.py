@@ -34,16 +34,22 @@ if TYPE_CHECKING:
 class InstanceMasks:
     """Ground-truth instance masks of one image at its original size.
 
-    masks:  (M, H, W) bool
-    labels: (M,) long  0-based class index
-    void:   (H, W) bool  VOC's 255 pixels (object borders, difficult regions)
+    masks:   (M, H, W) bool
+    labels:  (M,) long  0-based class index
+    void:    (H, W) bool  VOC's 255 pixels (object borders, difficult regions)
+    iscrowd: (M,) bool  COCO's crowd regions (None: no crowd, as in VOC)
     """
 
     masks: Tensor
     labels: Tensor
     void: Tensor
+    iscrowd: Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.iscrowd is None:
+            self.iscrowd = torch.zeros(self.labels.shape, dtype=torch.bool)
+        if self.iscrowd.shape != self.labels.shape:
+            raise ValueError(f"ground truth: iscrowd {tuple(self.iscrowd.shape)} does not match the labels")
         if self.masks.ndim != 3 or self.void.shape != self.masks.shape[1:]:
             raise ValueError(
                 f"ground truth: masks {tuple(self.masks.shape)} must be (M, H, W) and void "
@@ -80,23 +86,37 @@ class GroundTruth:
 
     @cached_property
     def scored_instances(self) -> tuple[Tensor, Tensor]:
-        """(masks (M', H, W) bool without their void pixels, labels (M',)) of the instances that keep a pixel.
+        """(masks (M', H, W) bool without their void pixels, labels (M',)) of the non-crowd instances that keep a
+        pixel, with crowd regions as void (`void`): VOC's rule, which every protocol but COCO's crowd rule uses.
 
         Void is removed from ground truth in every protocol (chainercv's VOC masks never contain it). A GT instance
         left with no pixel cannot be matched by anything and is dropped (VOC never has one).
         """
         if self.instances is None:
             raise ValueError(f"image {self.image_id}: no instance masks")
-        keep = ~self.instances.void.cpu().bool()  # a uint8 void would turn `~` into a bitwise not
-        masks = self.instances.masks.cpu().bool() & keep
+        keep = ~self.void
+        crowd = self.iscrowd
+        masks = self.instances.masks.cpu().bool()[~crowd] & keep
         nonempty = masks.flatten(1).any(1)
-        return masks[nonempty], self.instances.labels.cpu().long()[nonempty]
+        return masks[nonempty], self.instances.labels.cpu().long()[~crowd][nonempty]
+
+    @property
+    def iscrowd(self) -> Tensor:
+        """(M,) bool: which of `instances` are crowd regions."""
+        if self.instances is None:
+            raise ValueError(f"image {self.image_id}: no instance masks")
+        return self.instances.iscrowd.cpu().bool()  # type: ignore[union-attr]
 
     @property
     def void(self) -> Tensor:
+        """(H, W) bool: VOC's void pixels and COCO's crowd regions, the pixels no IoU counts under VOC's rule."""
         if self.instances is None:
             raise ValueError(f"image {self.image_id}: no void map")
-        return self.instances.void.cpu().bool()
+        void = self.instances.void.cpu().bool()  # a uint8 void would turn `~` into a bitwise not
+        crowd = self.iscrowd
+        if bool(crowd.any()):
+            void = void | self.instances.masks.cpu().bool()[crowd].any(0)
+        return void
 
 
 @dataclass
@@ -160,7 +180,9 @@ def ground_truth(
     return GroundTruth(
         image_id=image_id,
         image_size=(int(image_size[0]), int(image_size[1])),
-        instances=None if targets is None else InstanceMasks(targets.masks, targets.labels, targets.void),
+        instances=None
+        if targets is None
+        else InstanceMasks(targets.masks, targets.labels, targets.void, targets.iscrowd),
         boxes=None if objects is None else boxes_from_objects(objects, class_names),
         class_targets=None if class_targets is None else class_targets.detach().cpu(),
     )

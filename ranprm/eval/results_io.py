@@ -9,6 +9,9 @@ A results file is a JSON list with one entry per predicted instance:
      "segmentation": {"size": [h, w], "counts": "..."},   # COCO compressed RLE at the ORIGINAL image size
      "peak": [y, x]}                         # optional: the seeding peak in image pixels (for pointing)
 
+On COCO-format data (`data=coco`) the file uses COCO's own ids, as COCO's tools expect (`ResultIds`): `image_id`
+is the image's int id in the annotation file, `category_id` the COCO category id, `category` COCO's name.
+
 RLE encoding and decoding are faster_coco_eval's (the same code the mAP backend uses); its decoder checks that
 the runs cover exactly h*w pixels, which pycocotools' does not.
 """
@@ -32,6 +35,21 @@ from ranprm.prm.instances import Instances
 from ranprm.utils.io import write_bytes_atomic
 
 _REQUIRED_KEYS = ("image_id", "category_id", "score", "segmentation")
+
+
+@dataclass(frozen=True)
+class ResultIds:
+    """How a results file names images and classes when they are not ranprm's own (image stems, 1-based class
+    indices): COCO's int image ids and category ids.
+
+    image_ids:      ranprm image id (the file stem) -> the file's image id
+    category_ids:   class index -> the file's category id
+    category_names: class index -> the name written as `category`
+    """
+
+    image_ids: Mapping[str, int]
+    category_ids: Sequence[int]
+    category_names: Sequence[str]
 
 
 def encode_mask(mask: Tensor | np.ndarray) -> dict[str, Any]:
@@ -76,16 +94,19 @@ def decode_rle(rle: Mapping[str, Any]) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).bool()
 
 
-def instances_to_results(image_id: str, instances: Instances, class_names: Sequence[str]) -> list[dict[str, Any]]:
-    """Result entries of one image's instances (masks at the image's original size)."""
+def instances_to_results(
+    image_id: str, instances: Instances, class_names: Sequence[str], ids: ResultIds | None = None
+) -> list[dict[str, Any]]:
+    """Result entries of one image's instances (masks at the image's original size); `ids`: COCO's ids instead of
+    ranprm's own."""
     masks, labels = instances.masks.detach().cpu(), instances.labels.detach().cpu().tolist()
     scores, peaks = instances.scores.detach().cpu().tolist(), instances.peaks.detach().cpu().double()
     entries = []
     for i, label in enumerate(labels):
         entry: dict[str, Any] = {
-            "image_id": image_id,
-            "category_id": int(label) + 1,
-            "category": class_names[label],
+            "image_id": image_id if ids is None else ids.image_ids[image_id],
+            "category_id": int(label) + 1 if ids is None else ids.category_ids[label],
+            "category": class_names[label] if ids is None else ids.category_names[label],
             "score": float(scores[i]),
             "segmentation": encode_mask(masks[i]),
         }
@@ -152,11 +173,15 @@ def _is_finite(value: int | float) -> bool:
 
 
 def read_results(
-    path: str | Path, class_names: Sequence[str], image_sizes: Mapping[str, tuple[int, int]]
+    path: str | Path,
+    class_names: Sequence[str],
+    image_sizes: Mapping[str, tuple[int, int]],
+    ids: ResultIds | None = None,
 ) -> dict[str, ImageResults]:
     """Read and validate a results file against a split.
 
     image_sizes: {image_id: (H, W)} of every image of the split, at original size.
+    ids: how the file names images and classes (COCO's ids); None: image stems and 1-based class indices.
     Returns one `ImageResults` per image of `image_sizes` (in its order), empty where the file has no entry.
     Raises `PredictionsError` (one line naming the file, the entry index and its image) on: unreadable file,
     invalid JSON, not a list, an entry that is not an object, missing keys, image not in the split, unknown
@@ -182,6 +207,9 @@ def read_results(
         )
 
     num_classes = len(class_names)
+    # The file's ids -> ranprm's image id and class index (only the split's images; others are "not in the split").
+    image_of = {v: k for k, v in ids.image_ids.items() if k in image_sizes} if ids is not None else None
+    label_of = {cid: i for i, cid in enumerate(ids.category_ids)} if ids is not None else None
     rows: dict[str, tuple[list[dict[str, Any]], list[int], list[float], list[list[float]]]] = {
         image_id: ([], [], [], []) for image_id in image_sizes
     }
@@ -197,19 +225,32 @@ def read_results(
         missing = [k for k in _REQUIRED_KEYS if k not in entry]
         if missing:
             raise fail(f"missing key(s) {', '.join(missing)}", image_id)
-        if not isinstance(image_id, str):
-            raise fail(f"image_id must be the image stem as a string, got {image_id!r}", image_id)
-        if image_id not in image_sizes:
-            raise fail("image is not in the evaluated split", image_id)
         category_id = entry["category_id"]
-        if not (isinstance(category_id, int) and not isinstance(category_id, bool) and 1 <= category_id <= num_classes):
-            raise fail(f"unknown category_id {category_id!r}; expected 1..{num_classes} (1-based)", image_id)
+        if image_of is not None and label_of is not None:  # COCO's ids
+            if not (isinstance(image_id, int) and not isinstance(image_id, bool)):
+                raise fail(f"image_id must be the annotation file's int image id, got {image_id!r}", image_id)
+            if image_id not in image_of:
+                raise fail("image is not in the evaluated split", image_id)
+            image_id = image_of[image_id]
+            if not (isinstance(category_id, int) and not isinstance(category_id, bool) and category_id in label_of):
+                raise fail(f"category_id {category_id!r} is not one of the evaluated classes' COCO ids "
+                           f"{list(label_of)}", image_id)  # fmt: skip
+            label = label_of[category_id]
+            expected_name = ids.category_names[label]  # type: ignore[union-attr]
+        else:
+            if not isinstance(image_id, str):
+                raise fail(f"image_id must be the image stem as a string, got {image_id!r}", image_id)
+            if image_id not in image_sizes:
+                raise fail("image is not in the evaluated split", image_id)
+            if not (
+                isinstance(category_id, int) and not isinstance(category_id, bool) and 1 <= category_id <= num_classes
+            ):
+                raise fail(f"unknown category_id {category_id!r}; expected 1..{num_classes} (1-based)", image_id)
+            label = category_id - 1
+            expected_name = class_names[label]
         name = entry.get("category")
-        if name is not None and name != class_names[category_id - 1]:
-            raise fail(
-                f"category {name!r} contradicts category_id {category_id} ({class_names[category_id - 1]!r})",
-                image_id,
-            )
+        if name is not None and name != expected_name:
+            raise fail(f"category {name!r} contradicts category_id {category_id} ({expected_name!r})", image_id)
         score = entry["score"]
         if not (_is_number(score) and _is_finite(score)):
             raise fail(f"score must be a finite number, got {score!r}", image_id)
@@ -233,7 +274,7 @@ def read_results(
 
         rles, labels, scores, peaks = rows[image_id]
         rles.append({"size": [h, w], "counts": seg["counts"]} if isinstance(seg["counts"], str) else seg)
-        labels.append(category_id - 1)
+        labels.append(label)
         scores.append(float(score))
         peaks.append(yx)
 

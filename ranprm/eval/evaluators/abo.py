@@ -32,10 +32,11 @@ class AverageBestOverlap(Evaluator):
     def process(self, gt: GroundTruth, pred: Prediction) -> Any:
         if gt.instances is None:
             return None
-        gt_masks, _ = gt.scored_instances
+        masks, _, crowd, void = self.protocol.scored_ground_truth(gt)
+        gt_masks = masks[~crowd]  # a crowd region is not an object to overlap
         if pred.instances is None or not len(pred.instances) or not len(gt_masks):
             return torch.zeros(len(gt_masks), dtype=torch.float64)
-        pred_masks = self.protocol.scored_predictions(pred.instances.masks.detach().cpu().bool(), gt.void)
+        pred_masks = self.protocol.scored_predictions(pred.instances.masks.detach().cpu().bool(), void)
         return mask_iou(gt_masks, pred_masks).max(1).values
 
     def reduce(self, records: list[Any]) -> Evaluation:

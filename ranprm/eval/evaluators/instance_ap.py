@@ -32,13 +32,14 @@ class InstanceAP(Evaluator):
     def process(self, gt: GroundTruth, pred: Prediction) -> Any:
         if gt.instances is None:
             return None  # no segmentation for this image: nothing to score
-        gt_masks, gt_labels = gt.scored_instances
+        gt_masks, gt_labels, gt_crowd, void = self.protocol.scored_ground_truth(gt)
         inst = pred.instances if pred.instances is not None else Instances.empty(gt.image_size)
-        pred_masks = self.protocol.scored_predictions(inst.masks.detach().cpu().bool(), gt.void)
+        pred_masks = self.protocol.scored_predictions(inst.masks.detach().cpu().bool(), void)
         record = self.protocol.image_record(
-            pred_masks, inst.labels.cpu().long(), inst.scores.detach().cpu().double(), gt_masks, gt_labels
+            pred_masks, inst.labels.cpu().long(), inst.scores.detach().cpu().double(), gt_masks, gt_labels, gt_crowd
         )
-        return torch.bincount(gt_labels, minlength=self.num_classes), len(inst), record
+        # A crowd region is never a GT instance to find (COCO's rule): it does not count.
+        return torch.bincount(gt_labels[~gt_crowd], minlength=self.num_classes), len(inst), record
 
     def reduce(self, records: list[Any]) -> Evaluation:
         scored = [r for r in records if r is not None]

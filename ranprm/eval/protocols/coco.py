@@ -4,6 +4,10 @@ ranprm's protocol before `voc` existed, kept number for number (tests/test_eval_
 
 - **Masks.** VOC's void (255) pixels are removed from every predicted and every ground-truth mask before any IoU, so
   a prediction is neither rewarded nor punished on object borders and difficult regions.
+- **Crowd** (COCO's `iscrowd` regions, `data=coco`): COCOeval's rule, not void. A crowd region is a ground truth
+  that is never missed; a detection whose best match is a crowd region of its class (IoU = intersection over the
+  detection's area) is ignored, neither true nor false positive. On COCO-format data the AP at 0.5, 0.75 and
+  0.5:0.95 equal COCOeval's `segm` stats on the same JSON and results file (tests/test_coco.py).
 - **Matching** is COCOeval's: detections by score, each takes the best still-free GT above the threshold (a
   duplicate falls back to its next-best GT, unlike VOC), at most `eval.max_dets_per_image` detections per image and
   class, area range "all".
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
+from ranprm.eval.inputs import GroundTruth
 from ranprm.eval.protocols.base import PROTOCOLS, Protocol
 from ranprm.eval.results_io import decode_rle, encode_mask
 
@@ -47,11 +52,26 @@ class COCOProtocol(Protocol):
         "the next-best GT, area all, void pixels removed from predictions and GT; mean over classes with GT."
     )
 
+    def scored_ground_truth(self, gt: GroundTruth) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every instance, crowd regions included and flagged, without the void pixels; instances left without a
+        pixel are dropped (VOC and COCO never have one)."""
+        assert gt.instances is not None
+        void = gt.instances.void.cpu().bool()
+        masks = gt.instances.masks.cpu().bool() & ~void
+        keep = masks.flatten(1).any(1)
+        return masks[keep], gt.instances.labels.cpu().long()[keep], gt.iscrowd[keep], void
+
     def scored_predictions(self, masks: Tensor, void: Tensor) -> Tensor:
         return masks & ~void
 
     def image_record(
-        self, pred_masks: Tensor, pred_labels: Tensor, pred_scores: Tensor, gt_masks: Tensor, gt_labels: Tensor
+        self,
+        pred_masks: Tensor,
+        pred_labels: Tensor,
+        pred_scores: Tensor,
+        gt_masks: Tensor,
+        gt_labels: Tensor,
+        gt_iscrowd: Tensor | None = None,
     ) -> Any:
         # RLE keeps a VOC split's worth of masks in memory until `class_aps` (torchmetrics stores RLE too).
         return {
@@ -61,6 +81,7 @@ class COCOProtocol(Protocol):
             "pred_scores": pred_scores.double(),
             "gt": [encode_mask(m) for m in gt_masks],
             "gt_labels": gt_labels.long(),
+            "gt_crowd": torch.zeros_like(gt_labels, dtype=torch.bool) if gt_iscrowd is None else gt_iscrowd.bool(),
         }
 
     def class_aps(self, records: list[Any], num_classes: int, gt_per_class: Tensor) -> dict[str, Tensor]:
@@ -84,7 +105,8 @@ class COCOProtocol(Protocol):
         for r in records:
             size = r["size"]
             gt_labels = r["gt_labels"]
-            target = {"masks": _masks(r["gt"], size), "labels": gt_labels, "iscrowd": torch.zeros_like(gt_labels)}
+            crowd = r.get("gt_crowd", torch.zeros_like(gt_labels, dtype=torch.bool)).long()
+            target = {"masks": _masks(r["gt"], size), "labels": gt_labels, "iscrowd": crowd}
             if not len(gt_labels) and len(r["pred_labels"]):
                 # torchmetrics leaves an image with no GT mask out of the COCO ground truth, and COCOeval only
                 # scores images listed there, so false positives on such an image would vanish. One empty crowd

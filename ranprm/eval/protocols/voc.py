@@ -88,8 +88,15 @@ class VOCProtocol(Protocol):
         return masks
 
     def image_record(
-        self, pred_masks: Tensor, pred_labels: Tensor, pred_scores: Tensor, gt_masks: Tensor, gt_labels: Tensor
+        self,
+        pred_masks: Tensor,
+        pred_labels: Tensor,
+        pred_scores: Tensor,
+        gt_masks: Tensor,
+        gt_labels: Tensor,
+        gt_iscrowd: Tensor | None = None,
     ) -> Any:
+        # No crowd reaches here: the default `scored_ground_truth` made crowd regions void.
         return match_image(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels)
 
     def class_aps(self, records: list[Any], num_classes: int, gt_per_class: Tensor) -> dict[str, Tensor]:

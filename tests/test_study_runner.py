@@ -142,3 +142,14 @@ def test_a_smoke_cell_runs_end_to_end_and_is_then_skipped(tmp_path, monkeypatch)
     started = _no_training(monkeypatch)
     assert main(args) == 0 and started == []
     assert (tmp_path / "out" / "RESULTS.md").is_file()
+
+
+def test_a_difference_is_consistent_only_when_every_seed_and_the_interval_agree():
+    from experiments.attention_prm.analysis import Difference
+    from experiments.attention_prm.report import direction
+
+    assert direction(Difference("m", [0.1, 0.2, 0.05])) == 1
+    assert direction(Difference("m", [-0.1, -0.2, -0.05], interval=(-0.3, -0.01))) == -1
+    assert direction(Difference("m", [0.1, 0.2, 0.05], interval=(-0.01, 0.3))) == 0  # the interval holds 0
+    assert direction(Difference("m", [0.1, -0.2, 0.05])) == 0  # the seeds disagree
+    assert direction(Difference("m", [0.1])) == 0  # one seed is no consistency

@@ -18,9 +18,9 @@ from typing import Any
 from experiments.attention_prm.analysis import (
     Difference,
     Pair,
-    decode_records,
     paired_difference,
     seed_spread,
+    unpack_records,
     verdict,
 )
 from experiments.attention_prm.grid import Grid, Variant, shown
@@ -43,7 +43,7 @@ def load_cells(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def _records(cell: dict[str, Any], variant: str) -> dict[str, Any]:
-    return decode_records(cell["records"].get(variant, {}))
+    return unpack_records(cell["records"], variant)
 
 
 def _pct(value: float) -> str:

@@ -6,7 +6,10 @@ own) with the evaluators of `eval.metrics` under `eval.protocol` (default `voc`,
 classification mAP.
 
 - `ckpt=PATH` runs the model (its threshold/retrieval/prm settings unless given here, as in `ranprm-predict`;
-  network input side `data.image_size`).
+  network input side: the checkpoint's training size unless `data.image_size` is given, logged and recorded).
+- `variants=...` (with `ckpt`): many inference variants (threshold x retrieval x mask_grad, `ranprm.cli.variants`)
+  from one pass: one forward, one PRM backward per peak and gradient path for the union of their peaks; writes
+  `metrics.json` with one entry per variant and `variants.md` / `variants.csv` ranked by `variants_rank_by`.
 - `calibration.split=<split>` (with `ckpt`): recompute the per-class calibration that
   `threshold.class_distribution: dataset` (threshold=class_q3) uses, on ImageSets/<calibration.task>/<split>.txt.
 - `predictions=FILE` scores a COCO-style results file as `ranprm-predict` writes it; no model runs. Pointing is
@@ -18,8 +21,8 @@ process's per-image records, one per image id), so `device=` (one device) or `tr
 (`progress_bar=tqdm|rich|none`, also over the images of `predictions=FILE`) come from Lightning. Every process
 computes the same full-set metrics; the first writes them.
 
-Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` into `output` (default: the
-Hydra run folder) and prints a summary. An existing `metrics.json` or `per_class.md` there is replaced only with
+Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` (with `variants=`: `variants.md`
+and `variants.csv` instead) into `output` (default: the Hydra run folder) and prints a summary. An existing `metrics.json` or `per_class.md` there is replaced only with
 `overwrite=true`; the folder is checked writable, and the evaluated split's masks are checked from their headers,
 before the model runs.
 """

@@ -6,7 +6,10 @@ own) with the evaluators of `eval.metrics` under `eval.protocol` (default `voc`,
 classification mAP.
 
 - `ckpt=PATH` runs the model (its threshold/retrieval/prm settings unless given here, as in `ranprm-predict`;
-  network input side `data.image_size`).
+  network input side: the checkpoint's training size unless `data.image_size` is given, logged and recorded).
+- `variants=...` (with `ckpt`): many inference variants (threshold x retrieval x mask_grad, `ranprm.cli.variants`)
+  from one pass: one forward, one PRM backward per peak and gradient path for the union of their peaks; writes
+  `metrics.json` with one entry per variant and `variants.md` / `variants.csv` ranked by `variants_rank_by`.
 - `calibration.split=<split>` (with `ckpt`): recompute the per-class calibration that
   `threshold.class_distribution: dataset` (threshold=class_q3) uses, on ImageSets/<calibration.task>/<split>.txt.
 - `predictions=FILE` scores a COCO-style results file as `ranprm-predict` writes it; no model runs. Pointing is
@@ -18,10 +21,11 @@ process's per-image records, one per image id), so `device=` (one device) or `tr
 (`progress_bar=tqdm|rich|none`, also over the images of `predictions=FILE`) come from Lightning. Every process
 computes the same full-set metrics; the first writes them.
 
-Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` into `output` (default: the
-Hydra run folder) and prints a summary; `records=true` also writes `records.pt`, every evaluator's per-image records
-(`EvaluatorSuite.image_records`: no masks), from which a bootstrap over images recomputes each metric with the
-evaluator's own `reduce`. An existing `metrics.json` or `per_class.md` there is replaced only with
+Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` (with `variants=`: `variants.md`
+and `variants.csv` instead) into `output` (default: the Hydra run folder) and prints a summary; `records=true` also
+writes `records.pt`, every evaluator's per-image records (`EvaluatorSuite.image_records`, per variant with
+`variants=`; no masks), from which a bootstrap over images recomputes each metric with the evaluator's own
+`reduce`. An existing `metrics.json` or `per_class.md` there is replaced only with
 `overwrite=true`; the folder is checked writable, and the evaluated split's masks are checked from their headers,
 before the model runs.
 """
@@ -111,28 +115,30 @@ def _cap(ids: list[str], max_images: Any) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- class calibration
-def calibrate_classes(cfg: DictConfig, module: PRMModule, datamodule: VOCDataModule, needs: bool | None = None) -> None:
+def calibrate_classes(
+    cfg: DictConfig, module: PRMModule, datamodule: VOCDataModule, needed_by: list[str] | None = None
+) -> None:
     """`calibration.split=<split>`: recompute the class calibration of `threshold.class_distribution: dataset`
     on ImageSets/<calibration.task>/<split>.txt (the class-test scores of those images) and give it to `module`.
 
     Without a split the checkpoint's own calibration is used; a threshold that needs one when the checkpoint has
-    none is a one-line error here, before any image is evaluated. `needs`: whether one is needed (some variant's
-    threshold takes it); None: whether the module's own threshold does.
+    none is a one-line error here, before any image is evaluated. `needed_by`: with `variants=`, the names of the
+    variants whose threshold takes one; None: the module's own threshold decides.
     """
     calibration = cfg.get("calibration") or {}
     split = calibration.get("split")
-    if needs is None:
-        needs = module.inference_config().thresholds.class_distribution == "dataset"
+    if needed_by is None:
+        own = module.inference_config().thresholds.class_distribution == "dataset"
+        needed_by = [f"threshold={module.hparams['threshold'].get('name')}"] if own else []
     if split is None:
-        if needs and module.class_calibration is None:
+        if needed_by and module.class_calibration is None:
             raise ConfigError(
-                f"threshold={module.hparams['threshold'].get('name')} needs a class calibration and ckpt={cfg.ckpt} "
-                "has none; name a split to compute it on, e.g. calibration.split=train"
+                f"{', '.join(needed_by)} needs a class calibration and ckpt={cfg.ckpt} has none; name a split to "
+                "compute it on, e.g. calibration.split=train"
             )
         return
-    if not needs:
-        log.warning("calibration.split=%s is ignored: threshold=%s takes no class calibration", split,
-                    module.hparams["threshold"].get("name"))  # fmt: skip
+    if not needed_by:
+        log.warning("calibration.split=%s is ignored: no threshold here takes a class calibration", split)
         return
     task = str(calibration.get("task") or "Main")
     ids = _cap(read_split(datamodule.root, task, str(split)), calibration.get("max_images"))
@@ -166,11 +172,16 @@ def _evaluate_checkpoint(
     module = load_for_inference(cfg, root_device(trainer), datamodule.class_names)
     size_info = _use_image_size(cfg, module, datamodule)
     variants = [(spec, *variant_config(module, spec)) for spec in specs] if specs else None
-    needs = any(c.thresholds.class_distribution == "dataset" for _, c, _ in variants) if variants else None
-    calibrate_classes(cfg, module, datamodule, needs)
+    needed_by = None
+    if variants:
+        needed_by = [f"variant {s.name}" for s, c, _ in variants if c.thresholds.class_distribution == "dataset"]
+    calibrate_classes(cfg, module, datamodule, needed_by)
     if variants:  # re-parsed after the calibration: the per-class cut-offs come from it
         variants = [(spec, *variant_config(module, spec)) for spec, _, _ in variants]
     settings = inference_settings(module)
+    # One image per step: the progress bar counts images, and the PRMs held at once are one image's (for every
+    # variant); the per-peak backward, not the batched forward, is what an evaluation spends its time on.
+    datamodule.cfg.val_batch_size = 1
     # Only the evaluated images are read (setup() would read every training annotation too).
     datamodule.val_set = datamodule._dataset(ids, train=False)
     if variants:

@@ -23,6 +23,7 @@ peak counts are whatever its random maps give.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -76,11 +77,12 @@ def _train(args: argparse.Namespace, folder: Path) -> Path:
     from ranprm.train import train
 
     run = folder / "run"
-    train(compose("train", [
-        f"backbone={args.backbone}", "trainer=cpu", f"+trainer.max_steps={args.steps}", "+trainer.limit_val_batches=0",
-        "optimized_metric=null", "logger=none", "callbacks.progress_bar=none", "callbacks.panels.num_images=0",
-        "data.num_workers=0", f"paths.output_dir={run}", *args.overrides,
-    ]))  # fmt: skip
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON line only
+        train(compose("train", [
+            f"backbone={args.backbone}", "trainer=cpu", f"+trainer.max_steps={args.steps}", "print_config=false",
+            "+trainer.limit_val_batches=0", "optimized_metric=null", "logger=none", "callbacks.progress_bar=none",
+            "callbacks.panels.num_images=0", "data.num_workers=0", f"paths.output_dir={run}", *args.overrides,
+        ]))  # fmt: skip
     return run / "checkpoints" / "last.ckpt"
 
 
@@ -89,7 +91,8 @@ def _timed(overrides: list[str]) -> float:
     from ranprm.evaluate import evaluate
 
     start = time.perf_counter()
-    evaluate(compose("evaluate", overrides))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON line only
+        evaluate(compose("evaluate", overrides))
     return time.perf_counter() - start
 
 

@@ -25,9 +25,9 @@ Writes `metrics.json` (with the protocol and the metric names) and `per_class.md
 and `variants.csv` instead) into `output` (default: the Hydra run folder) and prints a summary; `records=true` also
 writes `records.pt`, every evaluator's per-image records (`EvaluatorSuite.image_records`, per variant with
 `variants=`; no masks), from which a bootstrap over images recomputes each metric with the evaluator's own
-`reduce`. An existing `metrics.json` or `per_class.md` there is replaced only with
-`overwrite=true`; the folder is checked writable, and the evaluated split's masks are checked from their headers,
-before the model runs.
+`reduce`. An existing `metrics.json`, `per_class.md`, `variants.md`, `variants.csv` or `records.pt` there is
+replaced only with `overwrite=true`; the folder is checked writable, and the evaluated split's masks are checked
+from their headers, before the model runs.
 """
 
 from __future__ import annotations
@@ -159,7 +159,11 @@ def calibrate_classes(
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def _evaluate_checkpoint(
-    cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite, out_dir: Path
+    cfg: DictConfig,
+    datamodule: VOCDataModule,
+    evaluators: EvaluatorSuite,
+    out_dir: Path,
+    specs: list[VariantSpec] | None = None,
 ) -> tuple[list[VariantResult] | SuiteResult, dict[str, Any], bool]:
     """The model on the evaluated images through `Trainer.test` (devices, DDP, a progress bar); returns the result
     (with `variants=`: one (spec, settings, result, suite) per variant, all from one pass), the run's record fields, and
@@ -167,7 +171,6 @@ def _evaluate_checkpoint(
     _, val_ids = datamodule.split_ids()
     ids = _cap(val_ids, cfg.eval.max_images)
     datamodule.check_val_masks(ids)  # a bad mask is one line now, not after the model ran on the images before it
-    specs = parse_variants(to_plain(cfg.get("variants")))  # a bad variant is one line before the model loads
     trainer = build_inference_trainer(cfg, out_dir, progress_bar=_progress_bar(cfg))
     module = load_for_inference(cfg, root_device(trainer), datamodule.class_names)
     size_info = _use_image_size(cfg, module, datamodule)
@@ -263,6 +266,9 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
             + ("; both were given" if cfg.get("ckpt") is not None else f", e.g. {EXAMPLE}")
         )
     eval_cfg = EvalConfig.from_config(to_plain(cfg.eval))  # a bad eval.* key fails before anything is written
+    specs = parse_variants(to_plain(cfg.get("variants")))  # so does a bad variant
+    if specs is not None and cfg.get("predictions") is not None:
+        raise ConfigError("variants= needs ckpt=PATH (a results file holds one variant's instances already)")
     _progress_bar(cfg)
     if cfg.get("ckpt") is not None:
         inference_trainer_arguments(cfg)  # a bad device= or trainer.* value too
@@ -282,10 +288,8 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
     evaluators = EvaluatorSuite(datamodule.class_names, eval_cfg)
     rank_by = _rank_by(cfg, evaluators)
     if cfg.get("ckpt") is not None:
-        result, info, writes = _evaluate_checkpoint(cfg, datamodule, evaluators, out_dir)
+        result, info, writes = _evaluate_checkpoint(cfg, datamodule, evaluators, out_dir, specs)
     else:
-        if cfg.get("variants") is not None:
-            raise ConfigError("variants= needs ckpt=PATH (a results file holds one variant's instances already)")
         result, info, writes = _evaluate_predictions(cfg, datamodule, evaluators)
     common = {
         "data": datamodule.cfg.name,

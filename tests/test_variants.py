@@ -15,6 +15,7 @@ from ranprm.cli.config import compose
 from ranprm.cli.variants import parse_variants
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.errors import ConfigError
+from ranprm.eval import write_results
 from ranprm.evaluate import evaluate
 from ranprm.lightning.checkpoint import load_module
 from ranprm.models.prm_net import PRMNet
@@ -220,3 +221,12 @@ def test_retrieval_at_the_image_size_is_retrieval_without_a_size():
     at_32 = predict_batch(model, images, [(32, 32)], _inference(everything))[0].instances
     assert torch.equal(small.instances.masks, at_32.masks.repeat_interleave(2, 1).repeat_interleave(2, 2))
     assert torch.equal(small.instances.scores, at_32.scores)
+
+
+def test_variants_need_a_checkpoint(voc_root, tmp_path):
+    write_results(tmp_path / "empty.json", [])
+    cfg = compose("evaluate", [*_data(voc_root), f"predictions={tmp_path / 'empty.json'}", f"output={tmp_path / 'o'}",
+                               "variants={threshold:[seed]}"])  # fmt: skip
+    with pytest.raises(ConfigError, match="variants= needs ckpt=PATH"):
+        evaluate(cfg)
+    assert not (tmp_path / "o").exists()

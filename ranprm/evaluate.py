@@ -6,7 +6,10 @@ of `eval.metrics` under `eval.protocol` (default `voc`, chainercv's): mAP^r at I
 a model ran, pointing accuracy (ours), the pointing game's mAP (PRM's) and classification mAP.
 
 - `ckpt=PATH` runs the model (its threshold/retrieval/prm settings unless given here, as in `ranprm-predict`;
-  network input side `data.image_size`).
+  network input side: the checkpoint's training size unless `data.image_size` is given, logged and recorded).
+- `variants=...` (with `ckpt`): many inference variants (threshold x retrieval x mask_grad, `ranprm.cli.variants`)
+  from one pass: one forward, one PRM backward per peak and gradient path for the union of their peaks; writes
+  `metrics.json` with one entry per variant and `variants.md` / `variants.csv` ranked by `variants_rank_by`.
 - `calibration.split=<split>` (with `ckpt`): recompute the per-class calibration that
   `threshold.class_distribution: dataset` (threshold=class_q3) uses, on ImageSets/<calibration.task>/<split>.txt.
 - `predictions=FILE` scores a COCO-style results file as `ranprm-predict` writes it; no model runs. Pointing is
@@ -18,12 +21,13 @@ process's per-image records, one per image id), so `device=` (one device) or `tr
 (`progress_bar=tqdm|rich|none`, also over the images of `predictions=FILE`) come from Lightning. Every process
 computes the same full-set metrics; the first writes them.
 
-Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` into `output` (default: the
-Hydra run folder) and prints a summary; `records=true` also writes `records.pt`, every evaluator's per-image records
-(`EvaluatorSuite.image_records`: no masks), from which a bootstrap over images recomputes each metric with the
-evaluator's own `reduce`. An existing `metrics.json` or `per_class.md` there is replaced only with
-`overwrite=true`; the folder is checked writable, and the evaluated split's masks are checked from their headers,
-before the model runs.
+Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` (with `variants=`: `variants.md`
+and `variants.csv` instead) into `output` (default: the Hydra run folder) and prints a summary; `records=true` also
+writes `records.pt`, every evaluator's per-image records (`EvaluatorSuite.image_records`, per variant with
+`variants=`; no masks), from which a bootstrap over images recomputes each metric with the evaluator's own
+`reduce`. An existing `metrics.json`, `per_class.md`, `variants.md`, `variants.csv` or `records.pt` there is
+replaced only with `overwrite=true`; the folder is checked writable, and the evaluated split's masks are checked
+from their headers, before the model runs.
 """
 
 from __future__ import annotations
@@ -159,7 +163,11 @@ def calibrate_classes(
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def _evaluate_checkpoint(
-    cfg: DictConfig, datamodule: VOCDataModule, evaluators: EvaluatorSuite, out_dir: Path
+    cfg: DictConfig,
+    datamodule: VOCDataModule,
+    evaluators: EvaluatorSuite,
+    out_dir: Path,
+    specs: list[VariantSpec] | None = None,
 ) -> tuple[list[VariantResult] | SuiteResult, dict[str, Any], bool]:
     """The model on the evaluated images through `Trainer.test` (devices, DDP, a progress bar); returns the result
     (with `variants=`: one (spec, settings, result, suite) per variant, all from one pass), the run's record fields, and
@@ -167,7 +175,6 @@ def _evaluate_checkpoint(
     _, val_ids = datamodule.split_ids()
     ids = _cap(val_ids, cfg.eval.max_images)
     datamodule.check_val_masks(ids)  # a bad mask is one line now, not after the model ran on the images before it
-    specs = parse_variants(to_plain(cfg.get("variants")))  # a bad variant is one line before the model loads
     trainer = build_inference_trainer(cfg, out_dir, progress_bar=_progress_bar(cfg))
     module = load_for_inference(cfg, root_device(trainer), datamodule.class_names)
     size_info = _use_image_size(cfg, module, datamodule)
@@ -264,6 +271,9 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
             + ("; both were given" if cfg.get("ckpt") is not None else f", e.g. {EXAMPLE}")
         )
     eval_cfg = EvalConfig.from_config(to_plain(cfg.eval))  # a bad eval.* key fails before anything is written
+    specs = parse_variants(to_plain(cfg.get("variants")))  # so does a bad variant
+    if specs is not None and cfg.get("predictions") is not None:
+        raise ConfigError("variants= needs ckpt=PATH (a results file holds one variant's instances already)")
     _progress_bar(cfg)
     if cfg.get("ckpt") is not None:
         inference_trainer_arguments(cfg)  # a bad device= or trainer.* value too
@@ -290,10 +300,8 @@ def _evaluate_into(
     evaluators = EvaluatorSuite(datamodule.class_names, eval_cfg)
     rank_by = _rank_by(cfg, evaluators)
     if cfg.get("ckpt") is not None:
-        result, info, writes = _evaluate_checkpoint(cfg, datamodule, evaluators, out_dir)
+        result, info, writes = _evaluate_checkpoint(cfg, datamodule, evaluators, out_dir, specs)
     else:
-        if cfg.get("variants") is not None:
-            raise ConfigError("variants= needs ckpt=PATH (a results file holds one variant's instances already)")
         result, info, writes = _evaluate_predictions(cfg, datamodule, evaluators)
     common = {
         "data": datamodule.cfg.name,

@@ -16,10 +16,12 @@ from experiments.attention_prm.analysis import (
     correct_pairs,
     decode_records,
     encode_records,
+    pack_records,
     paired_difference,
     percentile_interval,
     record_metrics,
     restrict,
+    unpack_records,
     verdict,
 )
 from ranprm.eval import EvalConfig, EvaluatorSuite
@@ -152,3 +154,19 @@ def test_verdict_says_what_interval_and_seeds_show():
     none = Difference("map_r_50", [0.02, -0.01, 0.01], interval=(-0.01, 0.03))
     assert "no evidence of a difference" in verdict(none, "attention")
     assert math.isclose(up.mean, 0.02) and up.excludes_zero and not none.excludes_zero
+
+
+def test_packed_records_keep_what_every_variant_shares_once_and_unpack_to_each_variants_own():
+    suites = {}
+    for name, masks in (("exact", [CAT_A]), ("miss", [MISS])):
+        suite = EvaluatorSuite(CLASSES, EvalConfig(metrics=("instance_ap", "abo", "classification")))
+        suite.update(*map(list, zip(_image("a", [CAT_A], [CAT], masks, [CAT], [0.9], LOGITS), strict=True)))
+        suites[name] = suite.image_records()
+    packed = json.loads(json.dumps(pack_records(suites)))
+    # the class logits are the same in both variants (one checkpoint): stored once; the instances differ
+    assert set(packed["shared"]["a"]) == {"classification"}
+    assert set(packed["variants"]["exact"]["a"]) == {"instance_ap", "abo"}
+    exact, miss = unpack_records(packed, "exact")["a"], unpack_records(packed, "miss")["a"]
+    assert correct_pairs(exact) == correct_pairs(miss) == {CAT}
+    assert record_metrics([exact], CLASSES)["map_r_50"] == 1.0 and record_metrics([miss], CLASSES)["map_r_50"] == 0.0
+    assert unpack_records(packed, "absent") == {}

@@ -15,22 +15,26 @@ import pytest
 
 from experiments.attention_prm import runner
 from experiments.attention_prm.__main__ import main
-from experiments.attention_prm.analysis import decode_records, encode, record_metrics
+from experiments.attention_prm.analysis import encode, record_metrics, unpack_records
 from experiments.attention_prm.grid import TRUNKS, Data, Grid, smoke_grid
 from experiments.attention_prm.report import write_report
 from ranprm.utils.io import write_json_atomic
 from tests.test_study_analysis import perfect, tp_fp_tp
 
+CLASS_NAMES = ("cat", "dog", "cow")
+
 
 def _fake_cell(out: Path, cell_id: str, wall_s: float = 60.0, records: dict | None = None, variants=()) -> Path:
+    """A finished cell's file as the runner writes it, with the same per-image records under every variant."""
     data, trunk, seed = cell_id.split("/")
-    by_variant = {v: {image_id: {name: encode(rec) for name, rec in image.items()} for image_id, image in
-                      (records or {}).items()} for v in variants}  # fmt: skip
+    encoded = {
+        image_id: {name: encode(rec) for name, rec in image.items()} for image_id, image in (records or {}).items()
+    }
+    metrics = record_metrics(list(records.values()), CLASS_NAMES) if records else {}
     cell = {"cell": cell_id, "data": data, "trunk": trunk, "seed": int(seed.removeprefix("seed")), "wall_s": wall_s,
-            "class_names": ["cat", "dog", "cow"], "machine": {"cpu": "test CPU", "cores": 2},
-            "variants": {v: {"metrics": record_metrics(list(decode_records(by_variant[v]).values()), ["cat", "dog",
-                         "cow"]) if records else {}} for v in variants},
-            "coco": {}, "records": by_variant}  # fmt: skip
+            "class_names": list(CLASS_NAMES), "machine": {"cpu": "test CPU", "cores": 2},
+            "variants": {v: {"metrics": metrics} for v in variants}, "coco": {},
+            "records": {"shared": {}, "variants": dict.fromkeys(variants, encoded)}}  # fmt: skip
     path = out / "cells" / (cell_id.replace("/", "__") + ".json")
     write_json_atomic(path, cell)
     return path
@@ -130,10 +134,13 @@ def test_a_smoke_cell_runs_end_to_end_and_is_then_skipped(tmp_path, monkeypatch)
     assert main(args) == 0
     cell = json.loads((tmp_path / "out" / "cells" / "smoke__tiny__seed0.json").read_text())
     assert set(cell["variants"]) == {"seed/prm_only/full", "mean/prm_only/full"}
+    # the class scores do not depend on the variant: kept once per image (so is any record two variants share)
+    shared = cell["records"]["shared"]
+    assert len(shared) == 8 and all("classification" in image for image in shared.values())
     assert cell["coco"]["seed/prm_only/full"]["protocol"] == "coco" and cell["machine"]["cpu"]
     assert cell["config"]["backbone"]["name"] == "tiny" and cell["wall_s"] > 0 and cell["git"]["commit"]
     for name, entry in cell["variants"].items():
-        images = decode_records(cell["records"][name])
+        images = unpack_records(cell["records"], name)
         assert len(images) == 8  # every validation image
         # the records give back the evaluator's own numbers: one definition of each metric
         again = record_metrics(list(images.values()), cell["class_names"])
@@ -142,3 +149,14 @@ def test_a_smoke_cell_runs_end_to_end_and_is_then_skipped(tmp_path, monkeypatch)
     started = _no_training(monkeypatch)
     assert main(args) == 0 and started == []
     assert (tmp_path / "out" / "RESULTS.md").is_file()
+
+
+def test_a_difference_is_consistent_only_when_every_seed_and_the_interval_agree():
+    from experiments.attention_prm.analysis import Difference
+    from experiments.attention_prm.report import direction
+
+    assert direction(Difference("m", [0.1, 0.2, 0.05])) == 1
+    assert direction(Difference("m", [-0.1, -0.2, -0.05], interval=(-0.3, -0.01))) == -1
+    assert direction(Difference("m", [0.1, 0.2, 0.05], interval=(-0.01, 0.3))) == 0  # the interval holds 0
+    assert direction(Difference("m", [0.1, -0.2, 0.05])) == 0  # the seeds disagree
+    assert direction(Difference("m", [0.1])) == 0  # one seed is no consistency

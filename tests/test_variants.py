@@ -3,22 +3,29 @@ evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 from ranprm.cli.config import compose
 from ranprm.cli.variants import parse_variants
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.errors import ConfigError
+from ranprm.eval import write_results
 from ranprm.evaluate import evaluate
 from ranprm.lightning.checkpoint import load_module
+from ranprm.models.prm_net import PRMNet
+from ranprm.models.registry import build_backbone
+from ranprm.prm.pipeline import InferenceConfig, gradient_path, predict_batch, predict_variants
 from tests.helpers import CLASSES
 from tests.test_evaluate import _data
 from tests.test_loggers import no_wandb_key, offline_wandb  # noqa: F401  (fixtures)
 from tests.test_predict import tiny_model  # noqa: F401  (the module-scoped fixture)
+from tests.test_ran import tiny_ran
 from tests.wandb_records import history, offline_runs
 
 # Every class and every peak valid (the tiny model is barely trained): the fixed preset with its cut-offs lowered.
@@ -155,3 +162,71 @@ def test_variants_table_goes_to_wandb(tiny_model, tmp_path, offline_wandb):  # n
     table = json.loads(next(run.glob("files/media/table/eval/variants_*.table.json")).read_text())
     assert table["columns"][:3] == ["rank", "variant", "threshold"]
     assert [row[1] for row in table["data"]] == [v["name"] for v in record["variants"]]
+
+
+# ------------------------------------------------------------------------------------- predict_variants, directly
+def _instances_equal(a, b) -> bool:
+    fields = ("masks", "labels", "scores", "peaks", "prms")
+    return a.image_size == b.image_size and all(torch.equal(getattr(a, f), getattr(b, f)) for f in fields)
+
+
+def _inference(threshold: dict, retrieval: dict | None = None, mask_grad: str | None = None) -> InferenceConfig:
+    head = {"stimulation": False, "peak_filter": "none"}
+    cfg = InferenceConfig.from_config(threshold, head, {}, retrieval or {"name": "prm_only"})
+    return dataclasses.replace(cfg, gradient_path=mask_grad)
+
+
+def test_variants_of_one_pass_are_each_setting_alone_with_both_gradient_paths():
+    """Every instance field, the peaks and the PRMs of each variant equal (==) `predict_batch` with its settings
+    alone, the soft masks' gradient paths included; the paths really differ, and the model keeps its own."""
+    torch.manual_seed(0)
+    model = PRMNet(tiny_ran(), num_classes=3).eval()
+    images = torch.randn(2, 3, 64, 64)
+    sizes = [(64, 64), (48, 80)]
+    mean = {"name": "mean", "classes": {"kind": "mean"}, "peaks": {"kind": "mean"}}
+    everything = {"name": "all", "classes": {"kind": "none"}, "peaks": {"kind": "none"}}
+    variants = [_inference(mean), _inference(everything), _inference(everything, mask_grad="detached"),
+                _inference(mean, {"name": "prm_only", "size": 32}, mask_grad="full")]  # fmt: skip
+    together = predict_variants(model, images, sizes, variants, with_prms=True)
+    for cfg, predictions in zip(variants, together, strict=True):
+        with gradient_path(model, cfg.gradient_path):
+            alone = predict_batch(model, images, sizes, dataclasses.replace(cfg, gradient_path=None), with_prms=True)
+        for got, want in zip(predictions, alone, strict=True):
+            assert _instances_equal(got.instances, want.instances)
+            assert torch.equal(got.prms, want.prms) and torch.equal(got.peaks, want.peaks)
+    assert model.backbone.mask_grad == "full"  # restored
+    full, detached = together[1][0].prms, together[2][0].prms
+    assert len(full) > 0 and not torch.equal(full, detached)  # the detached path is another backward
+    # retrieval.size=32: retrieved at 32 x 32, the masks back at each image's size
+    assert [p.instances.masks.shape[1:] for p in together[3]] == [torch.Size(s) for s in sizes]
+
+
+def test_mask_grad_variants_need_an_attention_trunk():
+    model = PRMNet(build_backbone("tiny"), num_classes=3).eval()
+    with pytest.raises(ConfigError, match="no attention soft masks"), gradient_path(model, "detached"):
+        pass
+
+
+def test_retrieval_at_the_image_size_is_retrieval_without_a_size():
+    """`retrieval.size` equal to the image's side changes nothing; at another side the masks are the ones
+    retrieved there, resized back nearest (a known answer: at 2x the side every mask pixel doubles into 2x2)."""
+    torch.manual_seed(1)
+    model = PRMNet(build_backbone("tiny"), num_classes=3).eval()
+    images = torch.randn(1, 3, 64, 64)
+    everything = {"name": "all", "classes": {"kind": "none"}, "peaks": {"kind": "none"}}
+    plain = predict_batch(model, images, [(64, 64)], _inference(everything))[0].instances
+    same = predict_batch(model, images, [(64, 64)], _inference(everything, {"name": "prm_only", "size": 64}))[0]
+    assert len(plain) > 0 and _instances_equal(plain, same.instances)
+    small = predict_batch(model, images, [(64, 64)], _inference(everything, {"name": "prm_only", "size": 32}))[0]
+    at_32 = predict_batch(model, images, [(32, 32)], _inference(everything))[0].instances
+    assert torch.equal(small.instances.masks, at_32.masks.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    assert torch.equal(small.instances.scores, at_32.scores)
+
+
+def test_variants_need_a_checkpoint(voc_root, tmp_path):
+    write_results(tmp_path / "empty.json", [])
+    cfg = compose("evaluate", [*_data(voc_root), f"predictions={tmp_path / 'empty.json'}", f"output={tmp_path / 'o'}",
+                               "variants={threshold:[seed]}"])  # fmt: skip
+    with pytest.raises(ConfigError, match="variants= needs ckpt=PATH"):
+        evaluate(cfg)
+    assert not (tmp_path / "o").exists()

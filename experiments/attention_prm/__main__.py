@@ -35,7 +35,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated shell patterns of cell ids, e.g. 'devset/*/seed0'")
     parser.add_argument("--list", action="store_true", help="list the cells and their state; run nothing")
     parser.add_argument("--report", action="store_true", help="regenerate RESULTS.md and results.png only")
-    parser.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples of the images (default 500)")
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the images (default 1000)")
+    parser.add_argument(
+        "--boot-all",
+        action="store_true",
+        help="bootstrap intervals for every variant, not only the headline one (slow on a CPU)",
+    )
     args = parser.parse_args(argv)
     if args.budget_min is not None and args.budget_min <= 0:
         parser.error(f"--budget-min {args.budget_min:g} must be positive")
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         code = run_grid(grid, out, scratch, cells, args.budget_min)
         if code >= 128:  # interrupted: the report can be made later from what exists
             return code
-    write_report(grid, out, n_boot=args.n_boot)
+    write_report(grid, out, n_boot=args.n_boot, boot_all=args.boot_all)
     return code
 
 

@@ -76,6 +76,31 @@ def decode_records(encoded: Mapping[str, Mapping[str, Any]]) -> dict[str, ImageR
     return {image_id: {name: decode(rec) for name, rec in per_image.items()} for image_id, per_image in encoded.items()}
 
 
+def pack_records(per_variant: Mapping[str, Mapping[str, Sequence[tuple[str, Any]]]]) -> dict[str, Any]:
+    """{variant: {evaluator: [(image_id, record)]}} -> {"shared": {image_id: {evaluator: encoded}}, "variants":
+    {variant: {image_id: {evaluator: encoded}}}}: a record every variant has alike (the class scores: the class test
+    runs before any variant) is kept once, in "shared", which keeps a cell of 20 variants small."""
+    encoded = {name: encode_records(records) for name, records in per_variant.items()}
+    shared: dict[str, dict[str, Any]] = {}
+    first = next(iter(encoded.values()), {})
+    for image_id, per_image in first.items():
+        for name, record in per_image.items():
+            if all(images.get(image_id, {}).get(name) == record for images in encoded.values()):
+                shared.setdefault(image_id, {})[name] = record
+    for images in encoded.values():
+        for image_id, names in shared.items():
+            for name in names:
+                images[image_id].pop(name)
+    return {"shared": shared, "variants": encoded}
+
+
+def unpack_records(packed: Mapping[str, Any], variant: str) -> dict[str, ImageRecords]:
+    """One variant's `{image_id: {evaluator: record}}` from `pack_records`' form ({} for a variant it lacks)."""
+    images = packed["variants"].get(variant, {})
+    shared = packed.get("shared", {})
+    return decode_records({i: {**shared.get(i, {}), **per_image} for i, per_image in images.items()})
+
+
 # ---------------------------------------------------------------------------------------------------- the metrics
 def record_metrics(
     images: Sequence[ImageRecords], class_names: Sequence[str], protocol: str = "voc"

@@ -18,9 +18,9 @@ from typing import Any
 from experiments.attention_prm.analysis import (
     Difference,
     Pair,
-    decode_records,
     paired_difference,
     seed_spread,
+    unpack_records,
     verdict,
 )
 from experiments.attention_prm.grid import Grid, Variant, shown
@@ -43,7 +43,7 @@ def load_cells(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def _records(cell: dict[str, Any], variant: str) -> dict[str, Any]:
-    return decode_records(cell["records"].get(variant, {}))
+    return unpack_records(cell["records"], variant)
 
 
 def _pct(value: float) -> str:
@@ -60,8 +60,10 @@ def _diff_cell(diff: Difference) -> str:
 class Comparisons:
     """The paired comparisons the cells allow, computed once and read by the text, the tables and the figure."""
 
-    def __init__(self, grid: Grid, cells: dict[str, dict[str, Any]], n_boot: int) -> None:
-        self.grid, self.cells, self.n_boot = grid, cells, n_boot
+    def __init__(self, grid: Grid, cells: dict[str, dict[str, Any]], n_boot: int, boot_all: bool = False) -> None:
+        # The bootstrap recomputes every AP per resample (the evaluators' own reduce, ~20 class x IoU APs each): on
+        # 2 cores that is minutes per comparison, so only the headline variant gets an interval unless `boot_all`.
+        self.grid, self.cells, self.n_boot, self.boot_all = grid, cells, n_boot, boot_all
         self.attention: dict[tuple[str, str, bool], dict[str, Difference]] = {}  # (data, variant, held) -> diffs
         self.detached: dict[tuple[str, str, str, bool], dict[str, Difference]] = {}  # (data, trunk, variant, held)
         for data in grid.data:
@@ -73,8 +75,11 @@ class Comparisons:
     def _cell(self, data: str, trunk: str, seed: int) -> dict[str, Any] | None:
         return self.cells.get(f"{data}/{trunk}/seed{seed}")
 
-    def _compare(self, pairs: list[Pair], class_names: Sequence[str], held: bool, index: int) -> dict[str, Difference]:
-        return paired_difference(pairs, class_names, [m for m, _ in METRICS], held_equal=held, n_boot=self.n_boot,
+    def _compare(
+        self, pairs: list[Pair], class_names: Sequence[str], held: bool, index: int, variant: str
+    ) -> dict[str, Difference]:
+        n_boot = self.n_boot if self.boot_all or variant == HEADLINE else 0
+        return paired_difference(pairs, class_names, [m for m, _ in METRICS], held_equal=held, n_boot=n_boot,
                                  seed=index)  # fmt: skip
 
     def _attention(self, data: str) -> None:
@@ -91,7 +96,8 @@ class Comparisons:
                 pairs.append(Pair(seed, _records(a, variant.name), _records(b, variant.name)))
             for held in (False, True):
                 if pairs and class_names:
-                    self.attention[(data, variant.name, held)] = self._compare(pairs, class_names, held, index)
+                    diffs = self._compare(pairs, class_names, held, index, variant.name)
+                    self.attention[(data, variant.name, held)] = diffs
 
     def _detached(self, data: str, trunk: str) -> None:
         trunk_spec = next(t for t in self.grid.trunks if t.name == trunk)
@@ -107,7 +113,18 @@ class Comparisons:
                 pairs.append(Pair(seed, _records(cell, detached), _records(cell, variant.name)))
             if pairs and class_names:
                 # Held equal is the plain comparison here: one checkpoint, the same class scores.
-                self.detached[(data, trunk, variant.name, False)] = self._compare(pairs, class_names, False, index)
+                diffs = self._compare(pairs, class_names, False, index, variant.name)
+                self.detached[(data, trunk, variant.name, False)] = diffs
+
+
+def direction(diff: Difference) -> int:
+    """+1 / -1 when a difference is consistent (more than one seed, all of the same sign, and the bootstrap interval
+    excluding 0 where there is one), else 0."""
+    if len(diff.per_seed) < 2 or diff.positive not in (0, len(diff.per_seed)) or any(d == 0 for d in diff.per_seed):
+        return 0
+    if diff.interval is not None and not diff.excludes_zero:
+        return 0
+    return 1 if diff.mean > 0 else -1
 
 
 def answer(grid: Grid, cells: dict[str, dict[str, Any]], comparisons: Comparisons, n_total: int) -> list[str]:
@@ -135,14 +152,12 @@ def answer(grid: Grid, cells: dict[str, dict[str, Any]], comparisons: Comparison
             + "."
         )
         others = [v for (d, v, h) in comparisons.attention if d == data.name and not h and v != HEADLINE]
-        up = [v for v in others if (x := comparisons.attention[(data.name, v, False)]["map_r_50"]).excludes_zero
-              and x.mean > 0]  # fmt: skip
-        down = [v for v in others if (x := comparisons.attention[(data.name, v, False)]["map_r_50"]).excludes_zero
-                and x.mean < 0]  # fmt: skip
+        signs = [direction(comparisons.attention[(data.name, v, False)]["map_r_50"]) for v in others]
         if others:
             parts.append(
-                f"Over the other {len(others)} threshold × retrieval variants, the interval lies above 0 in {len(up)} "
-                f"and below 0 in {len(down)}."
+                f"Over the other {len(others)} threshold × retrieval variants, attention is consistently higher in "
+                f"{signs.count(1)} and consistently lower in {signs.count(-1)} (consistently: every seed agrees, "
+                "and the bootstrap interval excludes 0 where one was computed)."
             )
     lines.append(
         f"**Do RAN's attention masks give better peak response maps?** From the {done} of {n_total} cells that "
@@ -239,8 +254,8 @@ def comparison_lines(grid: Grid, comparisons: Comparisons) -> list[str]:
         "## Attention vs none: Lite0 + attention − Lite0, same seed (points)",
         "",
         "Each entry: mean ± sample std over seeds (seeds where attention is higher / seeds) [95% bootstrap interval "
-        "over images]. *held equal*: only the (image, class) pairs both models classify correctly (class in the "
-        "image, logit >= 0).",
+        f"over images, for {HEADLINE} unless the report was made with `--boot-all`]. *held equal*: only the (image, "
+        "class) pairs both models classify correctly (class in the image, logit >= 0).",
         "",
     ]
     lines += _table(grid, comparisons.attention, trunk=False)
@@ -327,10 +342,13 @@ def plot(grid: Grid, comparisons: Comparisons, path: Path) -> Path:
     return write_bytes_atomic(path, buffer.getvalue())
 
 
-def write_report(grid: Grid, out: Path, n_boot: int = 500, say: Callable[[str], None] = print) -> Path:
-    """RESULTS.md and results.png in `out` from the cells in `out/cells/` (⊙ in the figure: held equal)."""
+def write_report(
+    grid: Grid, out: Path, n_boot: int = 1000, boot_all: bool = False, say: Callable[[str], None] = print
+) -> Path:
+    """RESULTS.md and results.png in `out` from the cells in `out/cells/` (⊙ in the figure: held equal); bootstrap
+    intervals for the headline variant, or for every variant with `boot_all`."""
     cells = load_cells(out)
-    comparisons = Comparisons(grid, cells, n_boot)
+    comparisons = Comparisons(grid, cells, n_boot, boot_all)
     n_total = len(grid.cells())
     lines = ["# Do RAN's attention masks give better peak response maps? (results)", ""]
     lines += answer(grid, cells, comparisons, n_total)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.attention_prm.analysis import encode_records
+from experiments.attention_prm.analysis import pack_records
 from experiments.attention_prm.grid import Cell, Grid, Variant
 from ranprm.utils.io import load_torch_file, write_json_atomic
 
@@ -142,6 +142,8 @@ def evaluate_variants(
     The one place the study calls `ranprm-evaluate`; an evaluation that finished in an earlier session is reused.
     `class_q3` is calibrated on the training split, never on the images it is scored on.
     """
+    if not variants:
+        return {}, {}
     if not (out / "metrics.json").is_file():
         args = ["ranprm.evaluate", f"ckpt={ckpt}", f"output={out}", "overwrite=true", f"records={records}",
                 "progress_bar=none", *cell.data.overrides, *grid.eval_overrides, *extra,
@@ -245,7 +247,7 @@ def run_cell(grid: Grid, cell: Cell, out: Path, scratch: Path, children: Childre
         "evaluation": {"voc": voc_about, "coco": coco_about},
         "variants": {name: _variant_entry(metrics) for name, (metrics, _) in voc.items()},
         "coco": {name: _variant_entry(metrics) for name, (metrics, _) in coco.items()},
-        "records": {name: encode_records(recs) for name, (_, recs) in voc.items()},
+        "records": pack_records({name: recs for name, (_, recs) in voc.items()}),
     }
     write_json_atomic(cell_path(out, cell), record, compact=True)
     return record

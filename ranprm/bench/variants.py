@@ -23,6 +23,7 @@ peak counts are whatever its random maps give.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -53,6 +54,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ckpt", default=None, help="a trained checkpoint (default: train --backbone briefly)")
     parser.add_argument("--backbone", default="ran", help="registry name to train when no --ckpt is given")
     parser.add_argument("--steps", type=int, default=30, help="training steps of that model")
+    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override of that training only, e.g. backbone.width=16")  # fmt: skip
     parser.add_argument("--images", type=int, default=8, help="evaluated images (the first of the val split)")
     parser.add_argument("--thresholds", default="seed,fixed,mean,median,q3", help="comma-separated presets")
     parser.add_argument("--retrievals", default="prm_only,proposals", help="comma-separated methods")
@@ -76,11 +79,13 @@ def _train(args: argparse.Namespace, folder: Path) -> Path:
     from ranprm.train import train
 
     run = folder / "run"
-    train(compose("train", [
-        f"backbone={args.backbone}", "trainer=cpu", f"+trainer.max_steps={args.steps}", "+trainer.limit_val_batches=0",
-        "optimized_metric=null", "logger=none", "callbacks.progress_bar=none", "callbacks.panels.num_images=0",
-        "data.num_workers=0", f"paths.output_dir={run}", *args.overrides,
-    ]))  # fmt: skip
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON line only
+        train(compose("train", [
+            f"backbone={args.backbone}", "trainer=cpu", f"+trainer.max_steps={args.steps}", "print_config=false",
+            "+trainer.limit_val_batches=0", "optimized_metric=null", "logger=none", "callbacks.progress_bar=none",
+            "callbacks.panels.num_images=0", "data.num_workers=0", f"paths.output_dir={run}", *args.overrides,
+            *args.train_override,
+        ]))  # fmt: skip
     return run / "checkpoints" / "last.ckpt"
 
 
@@ -89,7 +94,8 @@ def _timed(overrides: list[str]) -> float:
     from ranprm.evaluate import evaluate
 
     start = time.perf_counter()
-    evaluate(compose("evaluate", overrides))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON line only
+        evaluate(compose("evaluate", overrides))
     return time.perf_counter() - start
 
 
@@ -127,7 +133,7 @@ def main(argv: list[str]) -> None:
         predictions = {v["name"]: v["counts"].get("num_predictions") for v in record["variants"]}
         row: dict[str, Any] = {
             "case": "variants",
-            "backbone": args.backbone if not args.ckpt else "ckpt",
+            "backbone": " ".join([args.backbone, *args.train_override]) if not args.ckpt else "ckpt",
             "size": size,
             "variants": len(record["variants"]),
             "images": args.images,

@@ -136,6 +136,10 @@ BAD_ANNOTATIONS = {
                           "annotation 11 (image 101) has a polygon with 2 point(s)"),
     "RLE of another size": (lambda d: _ann(d, 12)["segmentation"].update(size=[W, H]),
                             "annotation 12 (image 101) has an RLE of size [64, 48]"),
+    "polygon of strings": (lambda d: _ann(d, 11).update(segmentation=[["1", 1, 5, 5, 1, 5]]),
+                           "annotation 11 (image 101) has a polygon that is not a flat list of finite x, y numbers"),
+    "runs not covering the image": (lambda d: _ann(d, 13)["segmentation"]["counts"].append(3),
+                                    "annotation 13 (image 101) has RLE counts summing to 3075"),
     "uncompressed RLE of another size": (lambda d: _ann(d, 13)["segmentation"].update(size=[H, W + 1]),
                                          "annotation 13 (image 101) has an RLE of size [48, 65]"),
 }  # fmt: skip

@@ -132,6 +132,8 @@ BAD_ANNOTATIONS = {
     "missing image": (lambda d: _ann(d, 13).update(image_id=999), "annotation 13 names image id 999"),
     "unknown category": (lambda d: _ann(d, 13).update(category_id=77),
                          "annotation 13 (image 101) names category id 77"),
+    "image id of the wrong type": (lambda d: _ann(d, 13).update(image_id=[101]),
+                                   "annotation 13 names image id [101]"),
     "two-point polygon": (lambda d: _ann(d, 11).update(segmentation=[[1, 1, 5, 5]]),
                           "annotation 11 (image 101) has a polygon with 2 point(s)"),
     "RLE of another size": (lambda d: _ann(d, 12)["segmentation"].update(size=[W, H]),
@@ -156,7 +158,8 @@ def test_a_bad_annotation_is_one_line_naming_the_file_and_id_or_a_counted_skip(c
         split = load_split(coco_root, "val", "voc", keep_segmentation=True, skip_bad_images=True)
     assert "skipped 1 image(s) or annotation(s)" in caplog.text and len(split.skipped) == 1
     # a bad annotation takes its image out; one naming a missing image is left out itself
-    expected = {"000000000102", "000000000103"} | ({"000000000101"} if case == "missing image" else set())
+    names_no_image = case in ("missing image", "image id of the wrong type")
+    expected = {"000000000102", "000000000103"} | ({"000000000101"} if names_no_image else set())
     assert set(split.images) == expected
 
 

@@ -290,14 +290,14 @@ def load_split(
         if not isinstance(ann, dict) or not _is_int(ann.get("id")):
             raise DataError(f"annotation file {path}: annotation {ann!r:.80} has no int 'id'")
         ann_id, image_id, category_id = ann["id"], ann.get("image_id"), ann.get("category_id")
-        if image_id not in listed:
-            bad(f"annotation {ann_id} names image id {image_id!r}, which 'images' does not list")
+        if not _is_int(image_id) or image_id not in listed:
+            bad(f"annotation {ann_id} names image id {image_id!r:.40}, which 'images' does not list")
             continue
         if image_id in bad_images:
             continue
         problem = None
-        if category_id not in known_categories:
-            problem = f"names category id {category_id!r}, which 'categories' does not list"
+        if not _is_int(category_id) or category_id not in known_categories:
+            problem = f"names category id {category_id!r:.40}, which 'categories' does not list"
         elif ann.get("iscrowd", 0) not in (0, 1):
             problem = f"has iscrowd {ann.get('iscrowd')!r}; it must be 0 or 1"
         elif category_id in label_of:

@@ -329,3 +329,18 @@ def test_a_short_training_run_and_evaluate_with_both_protocols(coco_root, tmp_pa
     cfg = compose("evaluate", [*_data(coco_root), f"predictions={preds / 'predictions.json'}",
                                f"output={tmp_path / 'from_file'}"])  # fmt: skip
     assert evaluate(cfg)["num_predictions"] == len(entries)
+
+
+def test_panels_draw_crowd_regions_as_void_not_as_instances(coco_root):
+    from types import SimpleNamespace
+
+    from ranprm.lightning.panels import panel_inputs
+
+    dm = _datamodule(coco_root)
+    dm.setup()
+    sample = dm.val_set[0]
+    prediction = SimpleNamespace(crms=None, valid_classes=None, peaks=None, prms=None, instances=None,
+                                 attention=None, class_logits=None)  # fmt: skip
+    inputs = panel_inputs(prediction, sample["raw_image"], sample["targets"], dm.class_names)
+    assert [dm.class_names[i] for i in inputs.gt_labels.tolist()] == ["person", "aeroplane", "dog"]
+    assert len(inputs.gt_masks) == 3

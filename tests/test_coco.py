@@ -344,3 +344,14 @@ def test_panels_draw_crowd_regions_as_void_not_as_instances(coco_root):
     inputs = panel_inputs(prediction, sample["raw_image"], sample["targets"], dm.class_names)
     assert [dm.class_names[i] for i in inputs.gt_labels.tolist()] == ["person", "aeroplane", "dog"]
     assert len(inputs.gt_masks) == 3
+
+
+def test_bad_coco_data_stops_training_before_anything_is_written(coco_root, tmp_path):
+    from ranprm.train import train
+    from tests.test_train import tiny_overrides
+
+    _mutate(coco_root, "train", lambda d: _ann(d, 104).update(segmentation=[[1, 1, 5, 5]]))
+    overrides = [o for o in tiny_overrides(coco_root, tmp_path / "run") if not o.startswith("data.")]
+    with pytest.raises(DataError, match=r"instances_train\.json: annotation 104 \(image 3\) has a polygon with 2"):
+        train(compose("train", [*overrides, *_data(coco_root)]))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -132,10 +132,16 @@ BAD_ANNOTATIONS = {
     "missing image": (lambda d: _ann(d, 13).update(image_id=999), "annotation 13 names image id 999"),
     "unknown category": (lambda d: _ann(d, 13).update(category_id=77),
                          "annotation 13 (image 101) names category id 77"),
+    "image id of the wrong type": (lambda d: _ann(d, 13).update(image_id=[101]),
+                                   "annotation 13 names image id [101]"),
     "two-point polygon": (lambda d: _ann(d, 11).update(segmentation=[[1, 1, 5, 5]]),
                           "annotation 11 (image 101) has a polygon with 2 point(s)"),
     "RLE of another size": (lambda d: _ann(d, 12)["segmentation"].update(size=[W, H]),
                             "annotation 12 (image 101) has an RLE of size [64, 48]"),
+    "polygon of strings": (lambda d: _ann(d, 11).update(segmentation=[["1", 1, 5, 5, 1, 5]]),
+                           "annotation 11 (image 101) has a polygon that is not a flat list of finite x, y numbers"),
+    "runs not covering the image": (lambda d: _ann(d, 13)["segmentation"]["counts"].append(3),
+                                    "annotation 13 (image 101) has RLE counts summing to 3075"),
     "uncompressed RLE of another size": (lambda d: _ann(d, 13)["segmentation"].update(size=[H, W + 1]),
                                          "annotation 13 (image 101) has an RLE of size [48, 65]"),
 }  # fmt: skip
@@ -152,7 +158,8 @@ def test_a_bad_annotation_is_one_line_naming_the_file_and_id_or_a_counted_skip(c
         split = load_split(coco_root, "val", "voc", keep_segmentation=True, skip_bad_images=True)
     assert "skipped 1 image(s) or annotation(s)" in caplog.text and len(split.skipped) == 1
     # a bad annotation takes its image out; one naming a missing image is left out itself
-    expected = {"000000000102", "000000000103"} | ({"000000000101"} if case == "missing image" else set())
+    names_no_image = case in ("missing image", "image id of the wrong type")
+    expected = {"000000000102", "000000000103"} | ({"000000000101"} if names_no_image else set())
     assert set(split.images) == expected
 
 
@@ -322,3 +329,29 @@ def test_a_short_training_run_and_evaluate_with_both_protocols(coco_root, tmp_pa
     cfg = compose("evaluate", [*_data(coco_root), f"predictions={preds / 'predictions.json'}",
                                f"output={tmp_path / 'from_file'}"])  # fmt: skip
     assert evaluate(cfg)["num_predictions"] == len(entries)
+
+
+def test_panels_draw_crowd_regions_as_void_not_as_instances(coco_root):
+    from types import SimpleNamespace
+
+    from ranprm.lightning.panels import panel_inputs
+
+    dm = _datamodule(coco_root)
+    dm.setup()
+    sample = dm.val_set[0]
+    prediction = SimpleNamespace(crms=None, valid_classes=None, peaks=None, prms=None, instances=None,
+                                 attention=None, class_logits=None)  # fmt: skip
+    inputs = panel_inputs(prediction, sample["raw_image"], sample["targets"], dm.class_names)
+    assert [dm.class_names[i] for i in inputs.gt_labels.tolist()] == ["person", "aeroplane", "dog"]
+    assert len(inputs.gt_masks) == 3
+
+
+def test_bad_coco_data_stops_training_before_anything_is_written(coco_root, tmp_path):
+    from ranprm.train import train
+    from tests.test_train import tiny_overrides
+
+    _mutate(coco_root, "train", lambda d: _ann(d, 104).update(segmentation=[[1, 1, 5, 5]]))
+    overrides = [o for o in tiny_overrides(coco_root, tmp_path / "run") if not o.startswith("data.")]
+    with pytest.raises(DataError, match=r"instances_train\.json: annotation 104 \(image 3\) has a polygon with 2"):
+        train(compose("train", [*overrides, *_data(coco_root)]))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

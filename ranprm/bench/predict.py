@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
     from ranprm.cli.config import compose
     from ranprm.data.datamodule import DataConfig, VOCDataModule
     from ranprm.data.transforms import build_transform
-    from ranprm.data.voc import image_path, read_image
+    from ranprm.data.voc import read_image
 
     cfg = compose("train", [f"backbone={args.backbone}", *args.overrides])
     data = VOCDataModule(DataConfig.from_config(OmegaConf.to_container(cfg.data, resolve=True)))
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> None:
     _, val_ids = data.split_ids()
     samples = []
     for image_id in val_ids[: args.images + 1]:  # the first one is the untimed warm-up
-        image = read_image(image_path(data.root, image_id))
+        image = read_image(data.source.image_path(image_id))  # any data=: VOC layout or COCO format
         raw = image.permute(1, 2, 0).numpy()
         samples.append((transform(image)[None].to(args.device), (int(image.shape[1]), int(image.shape[2])), raw))
 

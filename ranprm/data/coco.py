@@ -163,8 +163,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _finite_numbers(values: list[Any]) -> bool:
+    """All of `values` are finite numbers. One C-level `math.fsum` per polygon instead of a check per number: COCO
+    2017 train holds about 30 million polygon coordinates. It raises TypeError on a non-number and gives a non-finite
+    sum (or OverflowError) when a value is not finite."""
+    try:
+        return math.isfinite(math.fsum(values))
+    except (TypeError, OverflowError):
+        return False
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -210,8 +216,8 @@ def segmentation_problem(seg: Any, height: int, width: int) -> str | None:
         if not seg:
             return "has an empty polygon list"
         for poly in seg:
-            if not isinstance(poly, list) or len(poly) % 2 or not all(_is_number(v) for v in poly):
-                return "has a polygon that is not a flat list of x, y numbers"
+            if not isinstance(poly, list) or len(poly) % 2 or not _finite_numbers(poly):
+                return "has a polygon that is not a flat list of finite x, y numbers"
             if len(poly) < 6:
                 return f"has a polygon with {len(poly) // 2} point(s); a polygon needs at least 3"
         return None
@@ -221,8 +227,10 @@ def segmentation_problem(seg: Any, height: int, width: int) -> str | None:
         counts = seg.get("counts")
         if isinstance(counts, str):
             return None
-        if isinstance(counts, list) and all(_is_int(c) and c >= 0 for c in counts):
-            return None if sum(counts) == height * width else f"has RLE counts summing to {sum(counts)}, not h*w"
+        runs = np.asarray(counts) if isinstance(counts, list) and counts else None
+        if runs is not None and runs.ndim == 1 and runs.dtype.kind in "iu" and bool((runs >= 0).all()):
+            total = int(runs.sum())
+            return None if total == height * width else f"has RLE counts summing to {total}, not height * width"
         return "has RLE counts that are neither a string nor a list of non-negative integers"
     return "has a segmentation that is neither polygons nor an RLE"
 
@@ -282,14 +290,14 @@ def load_split(
         if not isinstance(ann, dict) or not _is_int(ann.get("id")):
             raise DataError(f"annotation file {path}: annotation {ann!r:.80} has no int 'id'")
         ann_id, image_id, category_id = ann["id"], ann.get("image_id"), ann.get("category_id")
-        if image_id not in listed:
-            bad(f"annotation {ann_id} names image id {image_id!r}, which 'images' does not list")
+        if not _is_int(image_id) or image_id not in listed:
+            bad(f"annotation {ann_id} names image id {image_id!r:.40}, which 'images' does not list")
             continue
         if image_id in bad_images:
             continue
         problem = None
-        if category_id not in known_categories:
-            problem = f"names category id {category_id!r}, which 'categories' does not list"
+        if not _is_int(category_id) or category_id not in known_categories:
+            problem = f"names category id {category_id!r:.40}, which 'categories' does not list"
         elif ann.get("iscrowd", 0) not in (0, 1):
             problem = f"has iscrowd {ann.get('iscrowd')!r}; it must be 0 or 1"
         elif category_id in label_of:
@@ -299,7 +307,7 @@ def load_split(
         if (
             problem is None
             and bbox is not None
-            and not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox))
+            and not (isinstance(bbox, list) and len(bbox) == 4 and _finite_numbers(bbox))
         ):
             problem = f"has bbox {bbox!r:.60}; it must be [x, y, w, h]"
         if problem is not None:

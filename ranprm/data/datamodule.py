@@ -54,7 +54,7 @@ class DataConfig:
     train_fraction: float = 1.0  # the first fraction of the split, in file order (the RAN-PRM paper uses 0.2)
     holdout_fraction: float = 0.0  # > 0: validate on the last part of the (cut) training ids instead of val_split
     val_task: str = "Segmentation"  # ImageSets/<val_task>/<val_split>.txt: instance masks live there in VOC
-    val_split: str = "val"
+    val_split: str = "val"  # coco: annotations/instances_<val_split>.json, every image of it scored
     difficult_as_positive: bool = True
     skip_bad_images: bool = False
     batch_size: int = 8

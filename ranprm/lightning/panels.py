@@ -179,7 +179,11 @@ def panel_inputs(
     """What one image's panel shows: its original pixels, the prediction's maps and peaks, its GT when known.
 
     The PRM row gets every valid peak's own PRM (`prediction.prms`), not the instances' maps, which NMS merged.
+    COCO's crowd regions are not drawn as instances, as VOC's void is not drawn.
     """
+    if targets is not None and targets.iscrowd is not None and bool(targets.iscrowd.any()):
+        keep = ~targets.iscrowd.bool()
+        targets = InstanceTargets(targets.masks[keep], targets.labels[keep], targets.void)
     return PanelInputs(
         image=raw_image,
         class_names=class_names,

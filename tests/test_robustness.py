@@ -289,3 +289,33 @@ def test_a_class_mask_value_outside_the_classes_is_one_line_naming_file_and_valu
         train(compose("train", tiny_overrides(voc_root, tmp_path / "run")))
     assert str(info.value).startswith(f"mask {path} holds class value 42; with 2 classes in data.class_names")
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
+def test_a_holdout_fraction_that_empties_the_training_split_is_one_line(voc_root, tmp_path):
+    from ranprm.errors import ConfigError
+    from ranprm.train import train
+
+    with pytest.raises(ConfigError, match=r"data.holdout_fraction=0.95 holds out all 6 training images of Main/train"):
+        train(compose("train", [*tiny_overrides(voc_root, tmp_path / "run"), "data.holdout_fraction=0.95"]))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+# --- 8. smaller ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_as_viewers_show_the_photo(tmp_path, fmt):
+    import numpy as np
+    from PIL import Image
+
+    from ranprm.data.voc import image_size_of, read_image
+
+    stored = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high as stored; a red band on the stored left
+    stored[:, :10] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the left edge becomes the top
+    path = tmp_path / f"photo.{fmt.lower()}"
+    Image.fromarray(stored).save(path, format=fmt, exif=exif.tobytes(), **({"quality": 100} if fmt == "JPEG" else {}))
+    image = read_image(path)
+    assert tuple(image.shape) == (3, 40, 20) and image_size_of(path) == (40, 20)
+    assert image[0, :8].float().mean() > 200 and image[0, 12:].float().mean() < 50  # red on top, as shown

@@ -319,3 +319,41 @@ def test_exif_orientation_is_applied_as_viewers_show_the_photo(tmp_path, fmt):
     image = read_image(path)
     assert tuple(image.shape) == (3, 40, 20) and image_size_of(path) == (40, 20)
     assert image[0, :8].float().mean() > 200 and image[0, 12:].float().mean() < 50  # red on top, as shown
+
+
+def test_a_quoted_resume_path_loses_its_quotes_and_a_family_change_names_both_backbones(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ranprm.cli.resume import check_checkpoint_matches, expand_resume_argv
+    from ranprm.errors import ConfigError
+
+    run = tmp_path / "my runs" / "x"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(["backbone=tiny"]))
+    for quote in ("'", '"'):
+        argv = expand_resume_argv(["ranprm-train", f"resume={quote}{run}{quote}"])
+        assert argv[1] == "backbone=tiny" and argv[-1] == "ckpt_path=last", argv
+    saved = {"backbone": {"name": "ran", "attention": []}}
+    current = {"backbone": {"name": "resnet50", "width": 16}}
+    with pytest.raises(ConfigError, match=r"trained with backbone.name='ran', this run sets 'resnet50'"):
+        check_checkpoint_matches(saved, current, Path("last.ckpt"))
+
+
+def test_third_party_noise_is_silenced_by_source_and_text_only(caplog):
+    import logging
+    import warnings
+
+    from ranprm.cli.config import silence_third_party_noise
+
+    tip = "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](https://pypi.org/)"
+    pytree = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead."
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        silence_third_party_noise()
+        rank_zero.info(tip)
+        rank_zero.info("GPU available: False, used: False")  # kept: says something about the run
+        warnings.warn_explicit(pytree, FutureWarning, "_pytree.py", 21, module="lightning.pytorch.utilities._pytree")
+        warnings.warn_explicit(pytree, FutureWarning, "mine.py", 1, module="mylab.code")  # kept: not Lightning's
+    assert [r.getMessage() for r in caplog.records if r.name == rank_zero.name] == ["GPU available: False, used: False"]
+    assert [str(w.message) for w in caught] == [pytree]

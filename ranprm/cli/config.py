@@ -104,6 +104,7 @@ def hydra_main(config_name: str) -> Callable[[Callable[..., T]], Callable[..., T
     def decorator(task: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(task)
         def checked(cfg: Any, *args: Any, **kwargs: Any) -> T:
+            silence_third_party_noise()  # after Hydra configured logging for the job
             report_user_errors(check_composed)(cfg, config_name)
             return task(cfg, *args, **kwargs)
 
@@ -117,6 +118,24 @@ def hydra_main(config_name: str) -> Callable[[Callable[..., T]], Callable[..., T
         return run
 
     return decorator
+
+
+def _not_the_litlogger_tip(record: Any) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def silence_third_party_noise() -> None:
+    """Drop the lines every run printed that say nothing about it, by exact source and text (nothing else from those
+    libraries is hidden): Lightning's advertisement for litlogger, and its `_pytree` deprecation warning about a
+    torch API it calls itself (fixed by a later Lightning, not by a ranprm user)."""
+    import logging
+    import warnings
+
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_the_litlogger_tip not in rank_zero.filters:
+        rank_zero.addFilter(_not_the_litlogger_tip)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")  # fmt: skip
 
 
 def compose(config_name: str = "train", overrides: list[str] | None = None, return_hydra_config: bool = False):

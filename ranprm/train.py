@@ -104,14 +104,15 @@ def _train(cfg: DictConfig) -> float | None:
     plan = plan_training_folder(run_dir, cfg.get("ckpt_path"), overwrite, _folder_option())
     header = read_resume_checkpoint(plan.resume) if plan.resume is not None else None
 
-    if cfg.get("print_config"):
-        print_config_tree(cfg)
-    # Pure checks first: nothing generated, read or built yet.
+    # Pure checks first: nothing generated, read or built yet (and the config is printed only once it is valid:
+    # a range error is one line, not the end of a screenful).
     check_training_config(cfg)
     check_optimizer_config(to_plain(cfg.optimizer))
     data_cfg = DataConfig.from_config(to_plain(cfg.data))
     trainer_arguments(cfg)  # checked now; built again with the logger below
     check_callbacks_config(cfg)
+    if cfg.get("print_config"):
+        print_config_tree(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = VOCDataModule(data_cfg, seed=cfg.seed)  # the embedded dataset is generated here on first use
     module = build_module(cfg, datamodule.class_names)

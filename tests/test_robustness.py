@@ -357,3 +357,49 @@ def test_third_party_noise_is_silenced_by_source_and_text_only(caplog):
         warnings.warn_explicit(pytree, FutureWarning, "mine.py", 1, module="mylab.code")  # kept: not Lightning's
     assert [r.getMessage() for r in caplog.records if r.name == rank_zero.name] == ["GPU available: False, used: False"]
     assert [str(w.message) for w in caught] == [pytree]
+
+
+def test_an_error_in_a_loader_worker_is_its_own_line_without_the_workers_traceback(capsys):
+    from torch._utils import ExceptionWrapper
+
+    from ranprm.cli.config import report_user_errors
+    from ranprm.errors import DataError
+
+    def load() -> None:  # what the main process sees when a worker's read_image refused a corrupt JPEG
+        try:
+            raise DataError("image /data/JPEGImages/x.jpg is truncated or corrupt (broken data stream)")
+        except DataError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    with pytest.raises(SystemExit) as info:
+        report_user_errors(load)()
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        "ranprm: error: image /data/JPEGImages/x.jpg is truncated or corrupt (broken data stream)\n"
+    )
+
+
+# --- 7. configuration ---------------------------------------------------------------------------------------------
+
+
+def test_a_refused_attempt_in_a_fresh_folder_leaves_no_folder_behind(tmp_path):
+    from ranprm.cli.run_dir import hydra_files_guard, staging_dir
+    from ranprm.errors import ConfigError
+
+    run = tmp_path / "outputs" / "evaluate" / "now"
+    run.mkdir(parents=True)  # what Hydra makes before the task runs: the folder, its log and the staged record
+    (run / "evaluate.log").touch()
+    staging_dir(run).mkdir()
+    (staging_dir(run) / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(ConfigError), hydra_files_guard(run):
+        raise ConfigError("data.image_size=-3 must be at least 32")
+    assert not run.exists()
+
+
+def test_limit_train_batches_0_is_refused_before_anything_is_written(voc_root, tmp_path):
+    from ranprm.errors import ConfigError
+    from ranprm.train import train
+
+    with pytest.raises(ConfigError, match=r"trainer.limit_train_batches=0 trains nothing"):
+        train(compose("train", [*tiny_overrides(voc_root, tmp_path / "run"), "++trainer.limit_train_batches=0"]))
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -278,6 +278,19 @@ def _quoted_value(message: str) -> str:
     return message[start : end + 1] if 0 <= start < end else "?"
 
 
+def error_line(err: BaseException) -> str:
+    """The message of a user error as one line. An error raised in a DataLoader worker (a corrupt JPEG) reaches the
+    main process re-raised by torch with the worker's whole traceback in its message ("Caught DataError in
+    DataLoader worker process 0. Original Traceback ..."): its own message is the text after the last
+    `<ErrorType>: ` of that traceback."""
+    text = str(err)
+    if "\nOriginal Traceback" not in text:
+        return text
+    marker = f"{type(err).__name__}: "
+    original = text[text.rfind(marker) + len(marker) :] if marker in text else text.splitlines()[-1]
+    return " ".join(original.split())
+
+
 def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
     """Turn a `RanprmError` (or a required `???` value left unset) into one line on stderr and exit code 2, and a
     `RunInterrupted` into one line and its exit code (143 for SIGTERM); `HYDRA_FULL_ERROR=1` keeps the traceback."""
@@ -303,7 +316,7 @@ def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
             if isinstance(err, MissingMandatoryValue):
                 key = getattr(err, "full_key", None) or "a required value"
                 err = ConfigError(f"{key} is required; give {key}=<value>")
-            print(f"ranprm: error: {err}", file=sys.stderr)
+            print(f"ranprm: error: {error_line(err)}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper

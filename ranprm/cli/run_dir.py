@@ -32,7 +32,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ranprm.errors import FolderBusyError, RunFolderError
+from ranprm.errors import FolderBusyError, RanprmError, RunFolderError
 from ranprm.utils.io import clean_stale_temp_files, is_stale_temp_file, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,10 @@ def hydra_files_guard(run_dir: Path) -> Iterator[None]:
     except FolderBusyError:  # the folder is another live process's: touch nothing of it, drop only our own files
         shutil.rmtree(staging_dir(run_dir), ignore_errors=True)
         raise
+    except RanprmError:  # refused before anything ran (one line, exit 2): a folder this attempt made goes again
+        if fresh:
+            _remove_refused_attempt(run_dir)
+        raise
     finally:
         if staging_dir(run_dir).is_dir():
             if fresh:
@@ -255,6 +259,17 @@ def hydra_files_guard(run_dir: Path) -> Iterator[None]:
                 for path, size in log_sizes.items():  # the refused attempt's lines went to the console
                     with contextlib.suppress(OSError), open(path, "r+b") as handle:
                         handle.truncate(size)
+
+
+def _remove_refused_attempt(run_dir: Path) -> None:
+    """What a refused attempt left in a fresh folder: its staging files, empty logs, then the folder if empty."""
+    shutil.rmtree(staging_dir(run_dir), ignore_errors=True)
+    for path in run_dir.glob("*.log"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == 0:
+                path.unlink()
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
 
 
 def staging_dir(run_dir: Path) -> Path:

@@ -403,3 +403,22 @@ def test_limit_train_batches_0_is_refused_before_anything_is_written(voc_root, t
     with pytest.raises(ConfigError, match=r"trainer.limit_train_batches=0 trains nothing"):
         train(compose("train", [*tiny_overrides(voc_root, tmp_path / "run"), "++trainer.limit_train_batches=0"]))
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["logger=csv", "+logger.bogus=1"], "logger.bogus is not an option of logger=csv; its options: name"),
+        (["logger=tensorboard", "+logger.save_dir=/x"], "logger.save_dir is not an option of logger=tensorboard"),
+        (
+            ["logger=wandb", "+logger.projct=x"],
+            "logger.projct is not an option of logger=wandb; its options: name, project",
+        ),
+    ],
+)
+def test_unknown_keys_under_logger_are_refused_like_everywhere_else(overrides, message):
+    from ranprm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        compose("train", overrides)  # the entry points check the same (`check_composed`) before the task runs
+    assert compose("train", ["logger=wandb", "logger.project=mine"]).logger.project == "mine"

@@ -174,6 +174,8 @@ def check_composed(cfg: Any, config_name: str, require_all: bool = True) -> None
         suffix = f", e.g. `{example(config_name)}`" if config_name in ENTRY_POINTS else ""
         raise ConfigError(f"{named} {'is' if len(missing) == 1 else 'are'} required; give {hint}{suffix}")
 
+    _check_logger_keys(cfg)
+
     def visit(node: DictConfig, path: str) -> None:
         if path in OPEN_SECTIONS:  # any keyword of the library it configures
             return
@@ -193,6 +195,24 @@ def check_composed(cfg: Any, config_name: str, require_all: bool = True) -> None
                 visit(child, f"{path}.{key}" if path else str(key))
 
     visit(cfg, "")
+
+
+def _check_logger_keys(cfg: Any) -> None:
+    """`logger` is untyped (its options differ in shape): its keys are checked against the chosen logger's."""
+    from omegaconf import DictConfig
+
+    logger = cfg.get("logger") if isinstance(cfg, DictConfig) else None
+    if not isinstance(logger, DictConfig):
+        return
+    from ranprm.lightning.loggers import LOGGER_KEYS
+
+    known = LOGGER_KEYS.get(str(logger.get("name")))
+    if known is None:
+        return  # an unknown logger.name is one line where the logger is built
+    for key in logger:
+        if key not in known:
+            raise ConfigError(f"logger.{key} is not an option of logger={logger.get('name')}; its options: "
+                              f"{', '.join(known)}")  # fmt: skip
 
 
 @contextmanager

@@ -15,7 +15,6 @@ from ranprm.prm.peaks import ImagePeaks
 from ranprm.prm.retrieval import build_retrieval, retrieve_instances
 from ranprm.prm.retrieval.prm_only import PrmOnlyConfig, gaussian_blur
 from ranprm.prm.retrieval.proposals import ProposalRetrievalConfig, proposal_terms
-from tests.helpers import fp32_sum_bound
 from ranprm.prm.retrieval.scoring import (
     background_masks,
     bytescale,
@@ -24,6 +23,7 @@ from ranprm.prm.retrieval.scoring import (
     instance_nms,
     peak_strength,
 )
+from tests.helpers import fp32_sum_bound
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "retrieval"
 S = 64

@@ -422,3 +422,17 @@ def test_unknown_keys_under_logger_are_refused_like_everywhere_else(overrides, m
     with pytest.raises(ConfigError, match=message):
         compose("train", overrides)  # the entry points check the same (`check_composed`) before the task runs
     assert compose("train", ["logger=wandb", "logger.project=mine"]).logger.project == "mine"
+
+
+def test_a_sweep_job_run_again_into_its_folder_is_skipped_when_finished_and_resumed_when_interrupted(tmp_path):
+    from ranprm.cli.run_dir import plan_training_folder
+
+    job = tmp_path / "sweep" / "0"
+    (job / "checkpoints").mkdir(parents=True)
+    (job / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    (job / "interrupted.json").write_text("{}")
+    assert plan_training_folder(job, None, False, continue_job=True).resume == job / "checkpoints" / "last.ckpt"
+    (job / "interrupted.json").unlink()
+    (job / "metrics.json").write_text("{}")
+    assert plan_training_folder(job, None, False, continue_job=True).finished
+    assert plan_training_folder(job, None, True, continue_job=True).remove  # overwrite=true: runs it again

@@ -4,7 +4,9 @@ leaves the folder as it was.
 - `plan_training_folder` / `apply_folder_plan`: a run folder that holds results of an earlier run (metrics,
   checkpoints, panels, failure or interruption records) is refused unless the run resumes from its own checkpoint
   (`ckpt_path=last`, `resume=<dir>`, or a SLURM requeue) or `overwrite=true` is given, which removes them first.
-  `ckpt_path=last` with no checkpoint in the folder is an error, not a silent fresh start.
+  `ckpt_path=last` with no checkpoint in the folder is an error, not a silent fresh start. A sweep run again into
+  its own sweep folder (`hydra.sweep.dir=<dir>`) continues: a job with the same overrides that finished is skipped,
+  an interrupted one resumes from its checkpoint, the others run.
 - `.hydra/` files: Hydra writes `config.yaml`, `hydra.yaml` and `overrides.yaml` *before* the task runs, so a
   refused attempt would already have replaced the earlier run's record. ranprm's Hydra config therefore sets
   `hydra.output_subdir` to the staging folder `.hydra-pending/`; the task moves the files into `.hydra/` once the
@@ -92,10 +94,15 @@ class FolderPlan:
     run_dir: Path
     resume: Path | None
     remove: tuple[Path, ...] = ()
+    finished: bool = False  # a continued sweep's job that already finished: nothing to do
 
 
 def plan_training_folder(
-    run_dir: Path, ckpt_path: str | None, overwrite: bool, folder_option: str = "hydra.run.dir"
+    run_dir: Path,
+    ckpt_path: str | None,
+    overwrite: bool,
+    folder_option: str = "hydra.run.dir",
+    continue_job: bool = False,
 ) -> FolderPlan:
     """Decide, without touching anything, how a training run may use `run_dir` (see the module docstring).
 
@@ -120,6 +127,13 @@ def plan_training_folder(
     elif slurm_requeued() and (found := resumable_checkpoints(run_dir)):
         resume = found[0]
         log.info("SLURM requeue (SLURM_RESTART_COUNT=%s): resuming from %s", os.environ["SLURM_RESTART_COUNT"], resume)
+    elif continue_job and not overwrite and results:  # the same job of a sweep run again into its sweep folder
+        if (run_dir / "metrics.json").is_file() and not (run_dir / "interrupted.json").is_file():
+            log.info("%s: this sweep job finished earlier; skipped (overwrite=true runs it again)", run_dir)
+            return FolderPlan(run_dir, None, finished=True)
+        if found := resumable_checkpoints(run_dir):
+            resume = found[0]
+            log.info("%s: continuing this sweep job from %s", run_dir, resume)
     resuming_here = resume is not None and run_dir.resolve() in resume.resolve().parents
     if not results or resuming_here:
         return FolderPlan(run_dir, resume)

@@ -436,3 +436,19 @@ def test_a_sweep_job_run_again_into_its_folder_is_skipped_when_finished_and_resu
     (job / "metrics.json").write_text("{}")
     assert plan_training_folder(job, None, False, continue_job=True).finished
     assert plan_training_folder(job, None, True, continue_job=True).remove  # overwrite=true: runs it again
+
+
+def test_symlink_loops_and_dangling_links_in_a_predict_folder_are_counted_and_named(tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    from ranprm.data.images import list_images
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")  # a link to itself: a loop
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nothing.png")
+    with caplog.at_level(logging.WARNING, logger="ranprm.data.images"):
+        assert list_images(tmp_path) == [tmp_path / "a.jpg"]
+    assert "skipped 2 image name(s) that are not readable files" in caplog.text
+    assert "gone.png, loop.jpg" in caplog.text

@@ -25,6 +25,7 @@ from ranprm.data.images import BadImage
 from ranprm.errors import DataError
 from ranprm.eval.results_io import instances_to_results, write_results
 from ranprm.prm.pipeline import ImagePrediction
+from ranprm.utils.io import disk_errors_in_one_line
 from ranprm.viz.draw import save_png
 from ranprm.viz.overlay import render_overlay
 
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.json"
 UNFINISHED_FILE = ".ranprm-predict-unfinished"  # overlays written by a run that has not written predictions.json
 ON_BAD_IMAGE = ("skip", "stop")
+
+
+# After a full disk: the overlays written so far are listed as this run's, so the same command replaces them.
+_AGAIN = "run the same command again"
 
 
 def _gather(value: Any) -> list[Any]:
@@ -108,8 +113,9 @@ class OverlayAndResultsWriter(BasePredictionWriter):
         for index, path, raw, pred in zip(batch["index"], batch["path"], batch["raw_image"], prediction, strict=True):
             self._entries[index] = instances_to_results(path.stem, pred.instances, self.class_names)
             overlay = render_overlay(raw, pred.instances, self.class_names, peaks=pred.peaks)
-            self._list_as_unfinished(f"{path.stem}.png")
-            save_png(self.output / f"{path.stem}.png", overlay)
+            with disk_errors_in_one_line(self.output / f"{path.stem}.png", _AGAIN):
+                self._list_as_unfinished(f"{path.stem}.png")
+                save_png(self.output / f"{path.stem}.png", overlay)
             log.debug("%s: %d instance(s)", path.name, len(pred.instances.labels))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -139,5 +145,6 @@ class OverlayAndResultsWriter(BasePredictionWriter):
             self.results = []
             return
         if trainer.is_global_zero:
-            write_results(self.output / PREDICTIONS_FILE, self.results)
+            with disk_errors_in_one_line(self.output / PREDICTIONS_FILE, _AGAIN):
+                write_results(self.output / PREDICTIONS_FILE, self.results)
             (self.output / UNFINISHED_FILE).unlink(missing_ok=True)

@@ -282,11 +282,16 @@ def evaluate(cfg: DictConfig, output: str | Path | None = None) -> dict[str, Any
     in_run_folder = output is None and cfg.get("output") is None
     out_dir = Path(output or cfg.get("output") or cfg.paths.output_dir).expanduser()
     with hold_folder(out_dir, "hydra.run.dir" if in_run_folder else "output"), answering_signals():
-        return _evaluate_into(cfg, eval_cfg, out_dir, in_run_folder, started)
+        return _evaluate_into(cfg, eval_cfg, specs, out_dir, in_run_folder, started)
 
 
 def _evaluate_into(
-    cfg: DictConfig, eval_cfg: EvalConfig, out_dir: Path, in_run_folder: bool, started: float
+    cfg: DictConfig,
+    eval_cfg: EvalConfig,
+    specs: list[VariantSpec] | None,
+    out_dir: Path,
+    in_run_folder: bool,
+    started: float,
 ) -> dict[str, Any]:
     prepare_output(out_dir, cfg, "hydra.run.dir" if in_run_folder else "output")
     if in_run_folder:  # this evaluation's record goes with its results

@@ -13,6 +13,7 @@ have, so it ends with the same step count and the same metrics.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -38,7 +39,7 @@ from ranprm.cli.config import hydra_main, report_user_errors, to_plain
 from ranprm.cli.print_config import print_config_tree
 from ranprm.cli.resume import check_checkpoint_matches, main_argv
 from ranprm.cli.run_dir import apply_folder_plan, commit_hydra_files, hold_folder, plan_training_folder
-from ranprm.cli.sweep import FAILED_FILE, INTERRUPTED_FILE
+from ranprm.cli.sweep import FAILED_FILE, INTERRUPTED_FILE, same_sweep_job
 from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.errors import ConfigError, RunInterrupted
 from ranprm.lightning.callbacks import SkippedImagesReport
@@ -101,17 +102,22 @@ def _train(cfg: DictConfig) -> float | None:
             "ranprm.cli.resume.resume_overrides(run_dir, extra)"
         )
     overwrite = check_value(cfg.get("overwrite", False), bool, "overwrite")
-    plan = plan_training_folder(run_dir, cfg.get("ckpt_path"), overwrite, _folder_option())
+    plan = plan_training_folder(run_dir, cfg.get("ckpt_path"), overwrite, _folder_option(), same_sweep_job(run_dir))
+    if plan.finished:  # a continued sweep: this job's result is already in its folder
+        recorded = json.loads((run_dir / "metrics.json").read_text()).get("metrics", {})
+        target = cfg.get("optimized_metric")
+        return recorded.get(target) if target else None
     header = read_resume_checkpoint(plan.resume) if plan.resume is not None else None
 
-    if cfg.get("print_config"):
-        print_config_tree(cfg)
-    # Pure checks first: nothing generated, read or built yet.
+    # Pure checks first: nothing generated, read or built yet (and the config is printed only once it is valid:
+    # a range error is one line, not the end of a screenful).
     check_training_config(cfg)
     check_optimizer_config(to_plain(cfg.optimizer))
     data_cfg = DataConfig.from_config(to_plain(cfg.data))
     trainer_arguments(cfg)  # checked now; built again with the logger below
     check_callbacks_config(cfg)
+    if cfg.get("print_config"):
+        print_config_tree(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = VOCDataModule(data_cfg, seed=cfg.seed)  # the embedded dataset is generated here on first use
     module = build_module(cfg, datamodule.class_names)

@@ -156,6 +156,19 @@ def test_sigterm_in_a_sweep_records_the_job_as_interrupted_and_ends_the_sweep(vo
         rows = list(csv.DictReader(fh))
     assert [(r["job"], r["status"]) for r in rows] == [("0", "interrupted")]
     assert "1 interrupted" in (sweep / "summary.md").read_text()
+    # one command continues the sweep: the interrupted job resumes, the job never started runs (issue 27)
+    command = err.strip().splitlines()[-1].split("continue the whole sweep with `", 1)[1].rstrip("`")
+    assert command.startswith("python -m ranprm.train -m ") and f"hydra.sweep.dir={sweep}" in command
+    proc = _start(voc_root, sweep, args=args)  # that command: the same arguments into the same sweep folder
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    with (sweep / "summary.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "ok")]
+    assert json.loads((sweep / "0" / "metrics.json").read_text())["resumed_from"].endswith("last.ckpt")
+    proc = _start(voc_root, sweep, args=args)  # once more: every job finished, nothing runs again
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "finished earlier; skipped" in out + err, err[-3000:]  # Hydra logs to stdout
 
 
 def _host() -> str:

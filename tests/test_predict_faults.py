@@ -73,3 +73,24 @@ def test_a_folder_of_only_bad_images_and_bad_options_are_one_line(tiny_model, tm
         predict(_predict_cfg(ckpt, inp, tmp_path / "out", "image_size=16"))
     with pytest.raises(ConfigError, match=r"backbone_overrides\.mask_grad=full: .* has no setting 'mask_grad'"):
         predict(_predict_cfg(ckpt, inp, tmp_path / "out", "backbone_overrides.mask_grad=full"))
+
+
+def test_a_full_disk_while_predict_writes_is_one_line_naming_the_file(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    import errno
+
+    import ranprm.lightning.prediction_writer as writer
+
+    voc, ckpt = tiny_model
+    inp, out = _folder(voc, tmp_path), tmp_path / "out"
+
+    def full(path, image):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(writer, "save_png", full)
+    with pytest.raises(RunFolderError) as info:
+        predict(_predict_cfg(ckpt, inp, out))
+    assert str(info.value) == (
+        f"cannot write {out / 'a_ok.png'} (No space left on device); free space or fix the folder's permissions, "
+        "then run the same command again"
+    )
+    assert not (out / "predictions.json").exists()

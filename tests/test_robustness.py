@@ -289,3 +289,166 @@ def test_a_class_mask_value_outside_the_classes_is_one_line_naming_file_and_valu
         train(compose("train", tiny_overrides(voc_root, tmp_path / "run")))
     assert str(info.value).startswith(f"mask {path} holds class value 42; with 2 classes in data.class_names")
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
+def test_a_holdout_fraction_that_empties_the_training_split_is_one_line(voc_root, tmp_path):
+    from ranprm.errors import ConfigError
+    from ranprm.train import train
+
+    with pytest.raises(ConfigError, match=r"data.holdout_fraction=0.95 holds out all 6 training images of Main/train"):
+        train(compose("train", [*tiny_overrides(voc_root, tmp_path / "run"), "data.holdout_fraction=0.95"]))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+# --- 8. smaller ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_as_viewers_show_the_photo(tmp_path, fmt):
+    import numpy as np
+    from PIL import Image
+
+    from ranprm.data.voc import image_size_of, read_image
+
+    stored = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high as stored; a red band on the stored left
+    stored[:, :10] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the left edge becomes the top
+    path = tmp_path / f"photo.{fmt.lower()}"
+    Image.fromarray(stored).save(path, format=fmt, exif=exif.tobytes(), **({"quality": 100} if fmt == "JPEG" else {}))
+    image = read_image(path)
+    assert tuple(image.shape) == (3, 40, 20) and image_size_of(path) == (40, 20)
+    assert image[0, :8].float().mean() > 200 and image[0, 12:].float().mean() < 50  # red on top, as shown
+
+
+def test_a_quoted_resume_path_loses_its_quotes_and_a_family_change_names_both_backbones(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ranprm.cli.resume import check_checkpoint_matches, expand_resume_argv
+    from ranprm.errors import ConfigError
+
+    run = tmp_path / "my runs" / "x"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(["backbone=tiny"]))
+    for quote in ("'", '"'):
+        argv = expand_resume_argv(["ranprm-train", f"resume={quote}{run}{quote}"])
+        assert argv[1] == "backbone=tiny" and argv[-1] == "ckpt_path=last", argv
+    saved = {"backbone": {"name": "ran", "attention": []}}
+    current = {"backbone": {"name": "resnet50", "width": 16}}
+    with pytest.raises(ConfigError, match=r"trained with backbone.name='ran', this run sets 'resnet50'"):
+        check_checkpoint_matches(saved, current, Path("last.ckpt"))
+
+
+def test_third_party_noise_is_silenced_by_source_and_text_only(caplog):
+    import logging
+    import warnings
+
+    from ranprm.cli.config import silence_third_party_noise
+
+    tip = "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](https://pypi.org/)"
+    pytree = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead."
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        silence_third_party_noise()
+        rank_zero.info(tip)
+        rank_zero.info("GPU available: False, used: False")  # kept: says something about the run
+        warnings.warn_explicit(pytree, FutureWarning, "_pytree.py", 21, module="lightning.pytorch.utilities._pytree")
+        warnings.warn_explicit(pytree, FutureWarning, "mine.py", 1, module="mylab.code")  # kept: not Lightning's
+    assert [r.getMessage() for r in caplog.records if r.name == rank_zero.name] == ["GPU available: False, used: False"]
+    assert [str(w.message) for w in caught] == [pytree]
+
+
+def test_an_error_in_a_loader_worker_is_its_own_line_without_the_workers_traceback(capsys):
+    from torch._utils import ExceptionWrapper
+
+    from ranprm.cli.config import report_user_errors
+    from ranprm.errors import DataError
+
+    def load() -> None:  # what the main process sees when a worker's read_image refused a corrupt JPEG
+        try:
+            raise DataError("image /data/JPEGImages/x.jpg is truncated or corrupt (broken data stream)")
+        except DataError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    with pytest.raises(SystemExit) as info:
+        report_user_errors(load)()
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        "ranprm: error: image /data/JPEGImages/x.jpg is truncated or corrupt (broken data stream)\n"
+    )
+
+
+# --- 7. configuration ---------------------------------------------------------------------------------------------
+
+
+def test_a_refused_attempt_in_a_fresh_folder_leaves_no_folder_behind(tmp_path):
+    from ranprm.cli.run_dir import hydra_files_guard, staging_dir
+    from ranprm.errors import ConfigError
+
+    run = tmp_path / "outputs" / "evaluate" / "now"
+    run.mkdir(parents=True)  # what Hydra makes before the task runs: the folder, its log and the staged record
+    (run / "evaluate.log").touch()
+    staging_dir(run).mkdir()
+    (staging_dir(run) / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(ConfigError), hydra_files_guard(run):
+        raise ConfigError("data.image_size=-3 must be at least 32")
+    assert not run.exists()
+
+
+def test_limit_train_batches_0_is_refused_before_anything_is_written(voc_root, tmp_path):
+    from ranprm.errors import ConfigError
+    from ranprm.train import train
+
+    with pytest.raises(ConfigError, match=r"trainer.limit_train_batches=0 trains nothing"):
+        train(compose("train", [*tiny_overrides(voc_root, tmp_path / "run"), "++trainer.limit_train_batches=0"]))
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["logger=csv", "+logger.bogus=1"], "logger.bogus is not an option of logger=csv; its options: name"),
+        (["logger=tensorboard", "+logger.save_dir=/x"], "logger.save_dir is not an option of logger=tensorboard"),
+        (
+            ["logger=wandb", "+logger.projct=x"],
+            "logger.projct is not an option of logger=wandb; its options: name, project",
+        ),
+    ],
+)
+def test_unknown_keys_under_logger_are_refused_like_everywhere_else(overrides, message):
+    from ranprm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        compose("train", overrides)  # the entry points check the same (`check_composed`) before the task runs
+    assert compose("train", ["logger=wandb", "logger.project=mine"]).logger.project == "mine"
+
+
+def test_a_sweep_job_run_again_into_its_folder_is_skipped_when_finished_and_resumed_when_interrupted(tmp_path):
+    from ranprm.cli.run_dir import plan_training_folder
+
+    job = tmp_path / "sweep" / "0"
+    (job / "checkpoints").mkdir(parents=True)
+    (job / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    (job / "interrupted.json").write_text("{}")
+    assert plan_training_folder(job, None, False, continue_job=True).resume == job / "checkpoints" / "last.ckpt"
+    (job / "interrupted.json").unlink()
+    (job / "metrics.json").write_text("{}")
+    assert plan_training_folder(job, None, False, continue_job=True).finished
+    assert plan_training_folder(job, None, True, continue_job=True).remove  # overwrite=true: runs it again
+
+
+def test_symlink_loops_and_dangling_links_in_a_predict_folder_are_counted_and_named(tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    from ranprm.data.images import list_images
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")  # a link to itself: a loop
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nothing.png")
+    with caplog.at_level(logging.WARNING, logger="ranprm.data.images"):
+        assert list_images(tmp_path) == [tmp_path / "a.jpg"]
+    assert "skipped 2 image name(s) that are not readable files" in caplog.text
+    assert "gone.png, loop.jpg" in caplog.text

@@ -251,6 +251,13 @@ def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
         if args.get(key) is not None:
             value = check_value(args[key], float, f"trainer.{key}")
             check_range(value, f"trainer.{key}", low=0, high=None if isinstance(value, int) else 1.0)
+    if args.get("limit_train_batches") is not None and args["limit_train_batches"] == 0:
+        # Lightning would train nothing, skip validation and still end "successfully" with a metrics.json that
+        # then blocks a real run in the folder
+        raise ConfigError(
+            "trainer.limit_train_batches=0 trains nothing; give a positive number of batches (or a fraction), or "
+            "evaluate a checkpoint with ranprm-evaluate"
+        )
     if args.get("gradient_clip_val") is not None:
         check_range(check_value(args["gradient_clip_val"], float, "trainer.gradient_clip_val"),
                     "trainer.gradient_clip_val", low=0.0)  # fmt: skip

@@ -104,6 +104,7 @@ def hydra_main(config_name: str) -> Callable[[Callable[..., T]], Callable[..., T
     def decorator(task: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(task)
         def checked(cfg: Any, *args: Any, **kwargs: Any) -> T:
+            silence_third_party_noise()  # after Hydra configured logging for the job
             report_user_errors(check_composed)(cfg, config_name)
             return task(cfg, *args, **kwargs)
 
@@ -117,6 +118,24 @@ def hydra_main(config_name: str) -> Callable[[Callable[..., T]], Callable[..., T
         return run
 
     return decorator
+
+
+def _not_the_litlogger_tip(record: Any) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def silence_third_party_noise() -> None:
+    """Drop the lines every run printed that say nothing about it, by exact source and text (nothing else from those
+    libraries is hidden): Lightning's advertisement for litlogger, and its `_pytree` deprecation warning about a
+    torch API it calls itself (fixed by a later Lightning, not by a ranprm user)."""
+    import logging
+    import warnings
+
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_the_litlogger_tip not in rank_zero.filters:
+        rank_zero.addFilter(_not_the_litlogger_tip)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")  # fmt: skip
 
 
 def compose(config_name: str = "train", overrides: list[str] | None = None, return_hydra_config: bool = False):
@@ -155,6 +174,8 @@ def check_composed(cfg: Any, config_name: str, require_all: bool = True) -> None
         suffix = f", e.g. `{example(config_name)}`" if config_name in ENTRY_POINTS else ""
         raise ConfigError(f"{named} {'is' if len(missing) == 1 else 'are'} required; give {hint}{suffix}")
 
+    _check_logger_keys(cfg)
+
     def visit(node: DictConfig, path: str) -> None:
         if path in OPEN_SECTIONS:  # any keyword of the library it configures
             return
@@ -174,6 +195,24 @@ def check_composed(cfg: Any, config_name: str, require_all: bool = True) -> None
                 visit(child, f"{path}.{key}" if path else str(key))
 
     visit(cfg, "")
+
+
+def _check_logger_keys(cfg: Any) -> None:
+    """`logger` is untyped (its options differ in shape): its keys are checked against the chosen logger's."""
+    from omegaconf import DictConfig
+
+    logger = cfg.get("logger") if isinstance(cfg, DictConfig) else None
+    if not isinstance(logger, DictConfig):
+        return
+    from ranprm.lightning.loggers import LOGGER_KEYS
+
+    known = LOGGER_KEYS.get(str(logger.get("name")))
+    if known is None:
+        return  # an unknown logger.name is one line where the logger is built
+    for key in logger:
+        if key not in known:
+            raise ConfigError(f"logger.{key} is not an option of logger={logger.get('name')}; its options: "
+                              f"{', '.join(known)}")  # fmt: skip
 
 
 @contextmanager
@@ -259,6 +298,19 @@ def _quoted_value(message: str) -> str:
     return message[start : end + 1] if 0 <= start < end else "?"
 
 
+def error_line(err: BaseException) -> str:
+    """The message of a user error as one line. An error raised in a DataLoader worker (a corrupt JPEG) reaches the
+    main process re-raised by torch with the worker's whole traceback in its message ("Caught DataError in
+    DataLoader worker process 0. Original Traceback ..."): its own message is the text after the last
+    `<ErrorType>: ` of that traceback."""
+    text = str(err)
+    if "\nOriginal Traceback" not in text:
+        return text
+    marker = f"{type(err).__name__}: "
+    original = text[text.rfind(marker) + len(marker) :] if marker in text else text.splitlines()[-1]
+    return " ".join(original.split())
+
+
 def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
     """Turn a `RanprmError` (or a required `???` value left unset) into one line on stderr and exit code 2, and a
     `RunInterrupted` into one line and its exit code (143 for SIGTERM); `HYDRA_FULL_ERROR=1` keeps the traceback."""
@@ -284,7 +336,7 @@ def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
             if isinstance(err, MissingMandatoryValue):
                 key = getattr(err, "full_key", None) or "a required value"
                 err = ConfigError(f"{key} is required; give {key}=<value>")
-            print(f"ranprm: error: {err}", file=sys.stderr)
+            print(f"ranprm: error: {error_line(err)}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper

@@ -96,6 +96,8 @@ def expand_resume_argv(argv: list[str]) -> list[str]:
     if len(given) > 1:
         raise ConfigError(f"resume= is given {len(given)} times; give one run folder")
     value = given[0].split("=", 1)[1]
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # resume='my runs/x': Hydra's quoting
+        value = value[1:-1]
     if value in ("", "null"):
         return [argv[0], *(a for a in args if a != given[0])]
     if any(a in ("-m", "--multirun") for a in args):
@@ -127,7 +129,9 @@ def check_checkpoint_matches(saved: dict[str, Any], current: dict[str, Any], ckp
         if key:
             old, new = (old or {}).get(key), (new or {}).get(key)
         old_flat, new_flat = _flatten(old, name), _flatten(new, name)
-        for flat_key in sorted(set(old_flat) | set(new_flat)):
+        # `.name` first: across backbone families the names differ, and naming them says more than a setting
+        # only one of them has (`backbone.attention=[]`)
+        for flat_key in sorted(set(old_flat) | set(new_flat), key=lambda k: (not k.endswith(".name"), k)):
             if flat_key.endswith(".pretrained"):
                 continue
             if old_flat.get(flat_key) != new_flat.get(flat_key):

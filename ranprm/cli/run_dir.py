@@ -4,7 +4,9 @@ leaves the folder as it was.
 - `plan_training_folder` / `apply_folder_plan`: a run folder that holds results of an earlier run (metrics,
   checkpoints, panels, failure or interruption records) is refused unless the run resumes from its own checkpoint
   (`ckpt_path=last`, `resume=<dir>`, or a SLURM requeue) or `overwrite=true` is given, which removes them first.
-  `ckpt_path=last` with no checkpoint in the folder is an error, not a silent fresh start.
+  `ckpt_path=last` with no checkpoint in the folder is an error, not a silent fresh start. A sweep run again into
+  its own sweep folder (`hydra.sweep.dir=<dir>`) continues: a job with the same overrides that finished is skipped,
+  an interrupted one resumes from its checkpoint, the others run.
 - `.hydra/` files: Hydra writes `config.yaml`, `hydra.yaml` and `overrides.yaml` *before* the task runs, so a
   refused attempt would already have replaced the earlier run's record. ranprm's Hydra config therefore sets
   `hydra.output_subdir` to the staging folder `.hydra-pending/`; the task moves the files into `.hydra/` once the
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ranprm.errors import FolderBusyError, RunFolderError
+from ranprm.errors import FolderBusyError, RanprmError, RunFolderError
 from ranprm.utils.io import clean_stale_temp_files, is_stale_temp_file, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -92,10 +94,15 @@ class FolderPlan:
     run_dir: Path
     resume: Path | None
     remove: tuple[Path, ...] = ()
+    finished: bool = False  # a continued sweep's job that already finished: nothing to do
 
 
 def plan_training_folder(
-    run_dir: Path, ckpt_path: str | None, overwrite: bool, folder_option: str = "hydra.run.dir"
+    run_dir: Path,
+    ckpt_path: str | None,
+    overwrite: bool,
+    folder_option: str = "hydra.run.dir",
+    continue_job: bool = False,
 ) -> FolderPlan:
     """Decide, without touching anything, how a training run may use `run_dir` (see the module docstring).
 
@@ -120,6 +127,13 @@ def plan_training_folder(
     elif slurm_requeued() and (found := resumable_checkpoints(run_dir)):
         resume = found[0]
         log.info("SLURM requeue (SLURM_RESTART_COUNT=%s): resuming from %s", os.environ["SLURM_RESTART_COUNT"], resume)
+    elif continue_job and not overwrite and results:  # the same job of a sweep run again into its sweep folder
+        if (run_dir / "metrics.json").is_file() and not (run_dir / "interrupted.json").is_file():
+            log.info("%s: this sweep job finished earlier; skipped (overwrite=true runs it again)", run_dir)
+            return FolderPlan(run_dir, None, finished=True)
+        if found := resumable_checkpoints(run_dir):
+            resume = found[0]
+            log.info("%s: continuing this sweep job from %s", run_dir, resume)
     resuming_here = resume is not None and run_dir.resolve() in resume.resolve().parents
     if not results or resuming_here:
         return FolderPlan(run_dir, resume)
@@ -246,6 +260,10 @@ def hydra_files_guard(run_dir: Path) -> Iterator[None]:
     except FolderBusyError:  # the folder is another live process's: touch nothing of it, drop only our own files
         shutil.rmtree(staging_dir(run_dir), ignore_errors=True)
         raise
+    except RanprmError:  # refused before anything ran (one line, exit 2): a folder this attempt made goes again
+        if fresh:
+            _remove_refused_attempt(run_dir)
+        raise
     finally:
         if staging_dir(run_dir).is_dir():
             if fresh:
@@ -255,6 +273,17 @@ def hydra_files_guard(run_dir: Path) -> Iterator[None]:
                 for path, size in log_sizes.items():  # the refused attempt's lines went to the console
                     with contextlib.suppress(OSError), open(path, "r+b") as handle:
                         handle.truncate(size)
+
+
+def _remove_refused_attempt(run_dir: Path) -> None:
+    """What a refused attempt left in a fresh folder: its staging files, empty logs, then the folder if empty."""
+    shutil.rmtree(staging_dir(run_dir), ignore_errors=True)
+    for path in run_dir.glob("*.log"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == 0:
+                path.unlink()
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
 
 
 def staging_dir(run_dir: Path) -> Path:

@@ -20,6 +20,7 @@ import csv
 import json
 import logging
 import math
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -76,18 +77,55 @@ def run_job(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None:
             return task(cfg)
         try:
             return task(cfg)
-        except (RunInterrupted, StopRequested):
+        except (RunInterrupted, StopRequested) as err:
             sweep_dir = Path(hydra_cfg.sweep.dir)
             log.error("job %s interrupted: ending the sweep; summary in %s", hydra_cfg.job.num, sweep_dir)
             with contextlib.suppress(Exception):  # the summary must not hide the interruption
                 write_summary(sweep_dir)
-            raise
+            again = continue_command(sweep_dir)
+            if isinstance(err, RunInterrupted):
+                raise RunInterrupted(f"{err}; or continue the whole sweep with `{again}`", err.signal_name,
+                                     err.exit_code, err.checkpoint) from None  # fmt: skip
+            raise RunInterrupted(f"{err.signal_name}: continue the sweep with `{again}`", err.signal_name,
+                                 err.exit_code, None) from None  # fmt: skip
         except RunFolderError:
             raise
         except Exception as err:
             path = record_failure(job_dir, err, list(hydra_cfg.overrides.task))
             log.error("job %s failed: %s: %s (details in %s)", hydra_cfg.job.num, type(err).__name__, err, path)
             return None
+
+
+def continue_command(sweep_dir: Path) -> str:
+    """The command that continues this sweep: the same command line, into the same sweep folder (finished jobs
+    are skipped, interrupted ones resume: `ranprm.cli.run_dir.plan_training_folder`)."""
+    from ranprm.cli.resume import quote_override_value
+    from ranprm.cli.run_dir import override_key
+
+    args = [a for a in sys.argv[1:] if override_key(a) != "hydra.sweep.dir"]
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "ranprm-train"
+    if program in ("__main__.py", "train.py"):
+        program = "python -m ranprm.train"
+    return " ".join([program, *(shlex.quote(a) for a in args),
+                     shlex.quote(f"hydra.sweep.dir={quote_override_value(str(sweep_dir))}")])  # fmt: skip
+
+
+def same_sweep_job(job_dir: Path) -> bool:
+    """True in a multirun whose job folder holds an earlier start of this very job (the same overrides)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    saved = Path(job_dir) / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return False
+    from ranprm.cli.run_dir import ATTEMPT_KEYS, override_key
+
+    def job(overrides: list[str]) -> list[str]:
+        return [o for o in overrides if override_key(o) not in ATTEMPT_KEYS]
+
+    return job([str(o) for o in OmegaConf.load(saved) or []]) == job(list(HydraConfig.get().overrides.task))
 
 
 def _read_overrides(job_dir: Path) -> list[str]:

@@ -219,6 +219,11 @@ class VOCDataModule(L.LightningDataModule):
                     f"data.holdout_fraction={cfg.holdout_fraction} must lie in [0, 1) and leave training images"
                 )
             n_val = max(1, round(len(train) * cfg.holdout_fraction))
+            if n_val >= len(train):
+                raise ConfigError(
+                    f"data.holdout_fraction={cfg.holdout_fraction} holds out all {len(train)} training images of "
+                    f"Main/{cfg.train_split} (after data.train_fraction); lower it so that some are left to train on"
+                )
             return train[:-n_val], train[-n_val:]
         return train, self.source.split_ids(cfg.val_split, cfg.val_task, training=False)
 

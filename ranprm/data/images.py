@@ -7,6 +7,7 @@ to skip it or stop (`on_bad_image`) with a one-line message naming the file.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from torchvision.transforms import v2
 
 from ranprm.data.voc import read_image
 from ranprm.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -33,9 +36,20 @@ def list_images(path: str | Path) -> list[Path]:
         raise DataError(f"input={str(path)!r} does not exist; give an image file or a folder of images")
     if not path.is_dir():
         raise DataError(f"input={str(path)!r} is neither a file nor a folder")
-    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    named = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = [p for p in named if p.is_file()]
+    # An image name that is no file to read (a symbolic link in a loop or to nothing, a folder): counted and named,
+    # not silently dropped, so the number of overlays adds up.
+    unreadable = [p.name for p in named if not p.is_file()]
+    if unreadable:
+        shown = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        log.warning("input=%r: skipped %d image name(s) that are not readable files (a broken or looping symbolic "
+                    "link, a folder): %s", str(path), len(unreadable), shown)  # fmt: skip
     if not images:
-        raise DataError(f"input={str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); nothing to predict")
+        raise DataError(
+            f"input={str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); nothing to predict"
+            + (f" ({len(unreadable)} image name(s) are not readable files)" if unreadable else "")
+        )
     stems: dict[str, Path] = {}
     for p in images:
         if p.stem in stems:

@@ -17,7 +17,7 @@ import defusedxml.ElementTree as SafeET
 import numpy as np
 import torch
 from defusedxml import DefusedXmlException
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from ranprm.errors import DataError
@@ -27,6 +27,7 @@ VOC_CLASSES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag PIL's ImageOps.exif_transpose reads
 VOID = 255  # VOC marks object borders and difficult regions with 255 in the segmentation PNGs.
 REQUIRED_DIRS = ("JPEGImages", "Annotations", "ImageSets")
 
@@ -171,6 +172,8 @@ def read_image(path: Path) -> Tensor:
     not decoded. RGB and grayscale JPEGs (all of VOC) are then decoded by `torchvision.io` (libjpeg-turbo into a
     tensor, no PIL image or NumPy copy: 1.6-2x faster, identical pixels); anything else, and any JPEG that
     torchvision decodes with a warning or an error (truncated, corrupt), goes through PIL, which refuses it.
+    A photo's EXIF orientation is applied (both decoders), so the image, its overlays and its size are the
+    picture as viewers show it; `image_size_of` agrees.
     """
     with _pil_open(path, "image", "is truncated or corrupt") as img:
         if img.format == "JPEG" and img.mode in ("RGB", "L"):
@@ -178,6 +181,7 @@ def read_image(path: Path) -> Tensor:
             if fast is not None:
                 return fast
         img.load()
+        img = ImageOps.exif_transpose(img)
         mode = img.mode
         try:
             rgb = _to_rgb(img)
@@ -233,7 +237,7 @@ def _decode_with_torchvision(path: Path) -> Tensor | None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            image = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+            image = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
         except RuntimeError:
             return None
     return None if caught else image
@@ -250,10 +254,12 @@ def _read_index_png(path: Path, header_only: bool = False) -> np.ndarray | tuple
 
 
 def image_size_of(path: Path) -> tuple[int, int]:
-    """(H, W) of an image from its header only (PIL reads headers lazily)."""
+    """(H, W) of an image as `read_image` returns it, from its header only (PIL reads headers lazily): an EXIF
+    orientation that turns the picture by 90 degrees (5 to 8) swaps the stored sides."""
     with _pil_open(path, "image", "is unreadable") as img:
         w, h = img.size
-    return int(h), int(w)
+        turned = img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    return (int(w), int(h)) if turned else (int(h), int(w))
 
 
 def mask_paths(root: Path, image_id: str) -> tuple[Path, Path]:

@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id"
 LOGGER_NAMES = ("wandb", "csv", "tensorboard", "none")
+# The keys each logger's conf/logger/<name>.yaml has (and build_logger reads): any other is refused at compose time
+# (`ranprm.cli.config.check_composed`), as an unknown key is everywhere else, instead of being ignored.
+LOGGER_KEYS: dict[str, tuple[str, ...]] = {
+    "wandb": ("name", "project", "entity", "run_name", "group", "job_type", "mode", "log_model"),
+    "csv": ("name",),
+    "tensorboard": ("name",),
+    "none": ("name",),
+}
 # Overrides that say where things are, not what the job does: left out of the run name.
 _NAME_SKIPPED_KEYS = re.compile(
     r"^(hydra|paths|logger|callbacks\.progress_bar|data\.root|data\.num_workers|data\.cache_dir|ckpt_path|ckpt|"

@@ -25,6 +25,7 @@ from ranprm.data.images import BadImage
 from ranprm.errors import DataError
 from ranprm.eval.results_io import ResultIds, instances_to_results, write_results
 from ranprm.prm.pipeline import ImagePrediction
+from ranprm.utils.io import disk_errors_in_one_line
 from ranprm.viz.draw import DISPLAY_SCORE, save_png
 from ranprm.viz.overlay import render_overlay
 
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.json"
 UNFINISHED_FILE = ".ranprm-predict-unfinished"  # overlays written by a run that has not written predictions.json
 ON_BAD_IMAGE = ("skip", "stop")
+
+
+# After a full disk: the overlays written so far are listed as this run's, so the same command replaces them.
+_AGAIN = "run the same command again"
 
 
 def _gather(value: Any) -> list[Any]:
@@ -113,8 +118,9 @@ class OverlayAndResultsWriter(BasePredictionWriter):
             # The instances and their seeds only: the valid peaks that seeded nothing shown are the panels' business
             # (on photos they lined the border and hid the labels).
             overlay = render_overlay(raw, pred.instances, self.class_names, display_score=self.display_score)
-            self._list_as_unfinished(f"{path.stem}.png")
-            save_png(self.output / f"{path.stem}.png", overlay)
+            with disk_errors_in_one_line(self.output / f"{path.stem}.png", _AGAIN):
+                self._list_as_unfinished(f"{path.stem}.png")
+                save_png(self.output / f"{path.stem}.png", overlay)
             log.debug("%s: %d instance(s)", path.name, len(pred.instances.labels))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -144,5 +150,6 @@ class OverlayAndResultsWriter(BasePredictionWriter):
             self.results = []
             return
         if trainer.is_global_zero:
-            write_results(self.output / PREDICTIONS_FILE, self.results)
+            with disk_errors_in_one_line(self.output / PREDICTIONS_FILE, _AGAIN):
+                write_results(self.output / PREDICTIONS_FILE, self.results)
             (self.output / UNFINISHED_FILE).unlink(missing_ok=True)

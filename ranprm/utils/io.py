@@ -13,13 +13,13 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ranprm.errors import CheckpointError, ConfigError
+from ranprm.errors import CheckpointError, ConfigError, RunFolderError
 
 # Every temp file ranprm writes ends with this suffix and names its host and process, so that a later run can tell
 # its own stale leftovers (a SIGKILL during a write) from a file another live process is writing right now.
@@ -123,6 +123,19 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def is_disk_error(err: BaseException) -> bool:
     """An OSError a user fixes on the file system (full disk, quota, read-only, permissions)."""
     return isinstance(err, OSError) and err.errno in _DISK_ERRNOS
+
+
+@contextlib.contextmanager
+def disk_errors_in_one_line(path: str | Path, then: str) -> Iterator[None]:
+    """Within, a full disk, a quota, a read-only mount or a permission refused while writing `path` is one line
+    (`RunFolderError`) naming the file and the cause, ending with `then` (what the user does next)."""
+    try:
+        yield
+    except OSError as err:
+        if not is_disk_error(err):
+            raise
+        raise RunFolderError(f"cannot write {path} ({err.strerror or err}); free space or fix the folder's "
+                             f"permissions, then {then}") from err  # fmt: skip
 
 
 def check_writable(folder: str | Path, option: str, min_free_bytes: int = 0) -> Path:

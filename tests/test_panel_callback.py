@@ -93,6 +93,25 @@ def test_short_run_writes_one_png_per_image_every_epoch(voc_root, tmp_path, rend
                 assert png.size == (w, h)
                 assert png.mode == "RGB" and c == 3
     assert sorted(p.name for p in (tmp_path / "panels").iterdir()) == ["epoch_000", "epoch_001"]
+    # One size for every panel of the run (padded): W&B shows a batch of one size without a warning.
+    assert len({shape for _, shapes in rendered for shape in shapes}) == 1
+
+
+def test_tensorboard_shows_each_images_panel_at_one_size(voc_root, tmp_path):
+    """logger=tensorboard: one image per panel image (`val/panels/<image_id>`) each epoch, all of one size."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    train(compose("train", [*panel_overrides(voc_root, tmp_path), "logger=tensorboard"]))
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={IMAGES: 0})
+    acc.Reload()
+    assert sorted(acc.Tags()[IMAGES]) == [f"val/panels/{i}" for i in VAL_IDS]
+    images = [event for tag in acc.Tags()[IMAGES] for event in acc.Images(tag)]
+    assert len(images) == 2 * len(VAL_IDS)  # two epochs
+    assert len({(e.width, e.height) for e in images}) == 1
+    with Image.open(next((tmp_path / "panels" / "epoch_001").glob("*.png"))) as png:
+        assert (images[0].width, images[0].height) == png.size  # the PNG on disk is the panel TensorBoard shows
 
 
 def test_every_n_epochs_skips_epochs_but_renders_the_last(voc_root, tmp_path, rendered):
@@ -256,10 +275,11 @@ def _centre(cell: tuple[int, int]) -> tuple[int, int]:
 
 def test_each_prm_tile_shows_the_prm_of_the_peak_it_marks_in_the_crm_rows_class_order() -> None:
     module, batch = _known_module(), _known_batch()
-    (panel,), (caption,) = PanelCallback(max_prms=8).render(module, batch)
+    (panel,), (caption,) = PanelCallback(max_prms=8).render(module, batch, pad=False)
     assert caption == "known: valid classes: dog, chair; 3 peaks; 3 instances"
     layout = panel_layout(ORIG_HW, num_crms=2, num_prms=3, has_instances=True, num_attention=0)
-    assert panel.shape == (*layout.size, 3)
+    assert panel.shape[1] == layout.size[1] and panel.shape[0] > layout.size[0]  # and the legend below
+    bar = max(4, ORIG_HW[1] // 40) + 1  # each heat map's colour bar and its edge, along the right
 
     def tile(kind: str, n: int) -> np.ndarray:
         y, x = layout.picture_origin(*layout.cells_of(kind)[n])
@@ -280,6 +300,8 @@ def test_each_prm_tile_shows_the_prm_of_the_peak_it_marks_in_the_crm_rows_class_
             inside[_block(other)] = True
             oy, ox = _centre(other)
             inside &= (np.abs(yy - oy) > 3) & (np.abs(xx - ox) > 3)  # off the marker's arms
+            inside &= ~((yy < oy) & (yy > oy - 20) & (xx > ox) & (xx < ox + 20))  # and off its number, up right
+            inside[:, -bar:] = False
             if other == cell:  # its own block is hot: inferno's bright end over the dimmed grey
                 assert brightness[inside].min() > 350, f"tile {n}: its PRM is not under its peak"
             else:  # another peak's block shows only the dimmed grey backdrop under inferno's darkest colour

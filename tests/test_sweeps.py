@@ -148,7 +148,9 @@ def test_summary_lists_ok_failed_and_missing_jobs(tmp_path):
     assert rows[0]["val/cls_map"] == 0.75 and rows[0]["instance/map_r_50"] == 0.5
     assert "ValueError: boom" in rows[1]["error"]
 
-    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    with pytest.raises(SystemExit) as info:  # a sweep with failed or missing jobs exits 1, after its summary
+        SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert info.value.code == 1
     with (tmp_path / "summary.csv").open() as fh:
         table = list(csv.DictReader(fh))
     assert [r["status"] for r in table] == ["ok", "failed", "missing", "ok"]

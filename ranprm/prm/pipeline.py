@@ -146,6 +146,8 @@ class ImagePrediction:
     # (K, H, W) float in [0, 1], the PRM of each row of `peaks` at the original size, as retrieval received it
     # (before NMS merges the maps of suppressed instances into `instances.prms`); when asked for (the panels)
     prms: Tensor | None = None
+    # (K,) each PRM's maximum before it was scaled to [0, 1], with `prms`: the panels show how strong each map is
+    prm_maxima: Tensor | None = None
     peaks_over_cap: int = 0  # valid peaks dropped by prm.max_peaks_per_image
 
     @property
@@ -245,7 +247,8 @@ def predict_batch(
             size = (int(size[0]), int(size[1]))
             rows = peaks.rows_of(b)
             image_peaks = peaks.in_image(b, size)
-            image_prms = _renormalise(_resize_maps(prms[rows].float(), size))
+            raw_prms = _resize_maps(prms[rows].float(), size)
+            image_prms = _renormalise(raw_prms)
             instances = retrieve_instances(
                 cfg.retrieval,
                 prms=image_prms,
@@ -263,6 +266,7 @@ def predict_batch(
                     crms=crms[b].cpu(),
                     attention=[maps[b].float().cpu() for maps in attention],
                     prms=image_prms.cpu() if with_prms else None,
+                    prm_maxima=raw_prms.flatten(1).amax(1).cpu() if with_prms and len(raw_prms) else None,
                     peaks_over_cap=dropped[b],
                 )
             )

@@ -326,3 +326,9 @@ def test_predictions_keep_each_valid_peaks_prm_only_when_asked() -> None:
         outside = torch.ones(ORIG_HW, dtype=torch.bool)
         outside[_block(cell, grow=1)] = False  # bilinear resizing from 64 x 64 blurs the edge by a pixel
         assert prm.max() == 1.0 and prm[_block(cell)].min() > 0.4 and prm[outside].max() == 0.0
+    # Each map's maximum before retrieval's [0, 1] scaling is kept, and the panel shows the maps at that magnitude
+    # (a map that peaks at exactly 1.0 times its maximum: the maximum, exactly), so a shared scale can tell them apart.
+    assert plain.prm_maxima is None
+    assert pred.prm_maxima is not None and pred.prm_maxima.shape == (3,) and (pred.prm_maxima > 0).all()
+    shown = callback_mod.panel_inputs(pred, batch["raw_image"][0], None, KNOWN_CLASSES).prms
+    assert torch.equal(shown.flatten(1).amax(1), pred.prm_maxima)

@@ -178,19 +178,23 @@ def panel_inputs(
 ) -> PanelInputs:
     """What one image's panel shows: its original pixels, the prediction's maps and peaks, its GT when known.
 
-    The PRM row gets every valid peak's own PRM (`prediction.prms`), not the instances' maps, which NMS merged.
-    COCO's crowd regions are not drawn as instances, as VOC's void is not drawn.
+    The PRM row gets every valid peak's own PRM (`prediction.prms`), not the instances' maps, which NMS merged,
+    at its own magnitude (`prm_maxima`: retrieval's copies are each scaled to [0, 1]), so that on the panel's shared
+    scale a weak map looks weak. COCO's crowd regions are not drawn as instances, as VOC's void is not drawn.
     """
     if targets is not None and targets.iscrowd is not None and bool(targets.iscrowd.any()):
         keep = ~targets.iscrowd.bool()
         targets = InstanceTargets(targets.masks[keep], targets.labels[keep], targets.void)
+    prms = prediction.prms
+    if prms is not None and prediction.prm_maxima is not None:
+        prms = prms * prediction.prm_maxima.to(prms.dtype)[:, None, None]
     return PanelInputs(
         image=raw_image,
         class_names=class_names,
         crms=prediction.crms,
         valid_classes=prediction.valid_classes,
         peaks=prediction.peaks,
-        prms=prediction.prms,
+        prms=prms,
         instances=prediction.instances,
         gt_masks=targets.masks if targets is not None else None,
         gt_labels=targets.labels if targets is not None else None,

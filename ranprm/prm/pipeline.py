@@ -153,6 +153,8 @@ class ImagePrediction:
     # (K, H, W) float in [0, 1], the PRM of each row of `peaks` at the original size, as retrieval received it
     # (before NMS merges the maps of suppressed instances into `instances.prms`); when asked for (the panels)
     prms: Tensor | None = None
+    # (K,) each PRM's maximum before it was scaled to [0, 1], with `prms`: the panels show how strong each map is
+    prm_maxima: Tensor | None = None
     peaks_over_cap: int = 0  # valid peaks dropped by prm.max_peaks_per_image
 
     @property
@@ -323,13 +325,18 @@ def _peak_unions(
 
 
 def _image_maps(
-    cache: dict[tuple[int, tuple[int, int]], Tensor], union: _PeakUnion, rows: Tensor, size: tuple[int, int]
-) -> Tensor:
-    """One image's union PRMs (`rows` of the union) at `size`, each re-normalised to a maximum of 1; made once per
-    (union, size) and shared by the variants that read them."""
+    cache: dict[tuple[int, tuple[int, int]], tuple[Tensor, Tensor]],
+    union: _PeakUnion,
+    rows: Tensor,
+    size: tuple[int, int],
+) -> tuple[Tensor, Tensor]:
+    """One image's union PRMs (`rows` of the union) at `size`, each re-normalised to a maximum of 1, and each map's
+    maximum before that (the panels draw PRMs at their own magnitude); made once per (union, size) and shared by
+    the variants that read them."""
     key = (id(union), size)
     if key not in cache:
-        cache[key] = _renormalise(_resize_maps(union.prms[rows].float(), size))
+        raw = _resize_maps(union.prms[rows].float(), size)
+        cache[key] = (_renormalise(raw), raw.flatten(1).amax(1) if len(raw) else raw.new_zeros(0))
     return cache[key]
 
 
@@ -373,7 +380,7 @@ def predict_variants(
             check_stop()  # between images: a stop signal is answered in seconds, not at the end of the batch
             size = (int(size[0]), int(size[1]))
             raw = raw_images[b] if raw_images is not None else None
-            maps: dict[tuple[int, tuple[int, int]], Tensor] = {}  # (union, size) -> the image's union PRMs there
+            maps: dict[tuple[int, tuple[int, int]], tuple[Tensor, Tensor]] = {}  # (union, size) -> the PRMs there
             proposals: dict[Any, Tensor] = {}  # (proposal source, size) -> the image's proposals there
             for v, cfg in enumerate(variants):
                 peaks, valid, dropped = selected[v]
@@ -390,7 +397,7 @@ def predict_variants(
                     proposals[(source, work)] = _resize_masks(proposals[(source, size)], work)
                 instances = retrieve_instances(
                     cfg.retrieval,
-                    prms=_image_maps(maps, union, union_rows, work)[local],
+                    prms=_image_maps(maps, union, union_rows, work)[0][local],
                     peaks=peaks.in_image(b, work),
                     class_logits=class_logits[b],
                     crms=crms[b].float(),
@@ -405,7 +412,8 @@ def predict_variants(
                         image_peaks=peaks.in_image(b, size).to("cpu"),
                         crms=crms[b].cpu(),
                         attention=[maps_[b].float().cpu() for maps_ in attention],
-                        prms=_image_maps(maps, union, union_rows, size)[local].cpu() if with_prms else None,
+                        prms=_image_maps(maps, union, union_rows, size)[0][local].cpu() if with_prms else None,
+                        prm_maxima=_image_maps(maps, union, union_rows, size)[1][local].cpu() if with_prms else None,
                         peaks_over_cap=dropped[b],
                     )
                 )

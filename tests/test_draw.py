@@ -25,7 +25,9 @@ def test_class_palette_is_tab20_dark_hues_first_without_its_greys() -> None:
     assert len(draw.palette("viridis")) == 10  # a continuous map: ten samples
     # A class's colour is a function of its index alone, the same in every picture.
     assert draw.class_colour(0) == (31, 119, 180) and draw.class_colour(3) == (214, 39, 40)
-    assert draw.class_colour(18) == draw.class_colour(0) and draw.class_colour(19) == draw.class_colour(1)
+    # VOC's 20 classes get 20 different colours (tab20b's darkest shades follow tab20's 18); COCO's 80 cycle.
+    assert len({draw.class_colour(c) for c in range(20)}) == 20
+    assert draw.class_colour(18) == (57, 59, 121) and draw.class_colour(23) == draw.class_colour(0)
 
 
 def test_ink_is_dark_on_light_boxes_and_light_on_dark_ones() -> None:

@@ -26,9 +26,11 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 WHITE: RGB = (255, 255, 255)
 BLACK: RGB = (0, 0, 0)
 # The qualitative map of the classes: class c has colour `class_colour(c)` in every picture (GT, predictions, the
-# CRM and PRM captions, the predict overlay). tab20 has 18 hues without its greys: enough for VOC's 20 classes but
-# two (classes 18 and 19 share the colours of 0 and 1, and the labels name them).
+# CRM and PRM captions, the predict overlay). tab20 has 18 hues without its greys (grey vanishes on the greyed
+# photos under the heat maps), so the darkest shade of each of tab20b's five hues follows: 23 distinct colours, one
+# for each of VOC's 20 classes; COCO's 80 cycle through them (the labels name the class).
 CLASS_PALETTE = "tab20"
+EXTRA_CLASS_COLOURS: tuple[RGB, ...] = ((57, 59, 121), (99, 121, 57), (140, 109, 49), (132, 60, 57), (123, 65, 115))
 # Instances scored below this are not drawn in the panels and overlays (predictions.json keeps every instance): an
 # untrained or briefly trained trunk gives many 0.00-0.05 instances that hide the few that matter.
 DISPLAY_SCORE = 0.1
@@ -97,7 +99,7 @@ def palette(name: str = CLASS_PALETTE) -> tuple[RGB, ...]:
 
 def class_colour(c: int, name: str = CLASS_PALETTE) -> RGB:
     """The colour of class `c` in every picture: a function of the class index alone."""
-    colours = palette(name)
+    colours = palette(name) + (EXTRA_CLASS_COLOURS if name == CLASS_PALETTE else ())
     return colours[int(c) % len(colours)]
 
 

@@ -294,8 +294,9 @@ def _evaluate_into(
     started: float,
 ) -> dict[str, Any]:
     prepare_output(out_dir, cfg, "hydra.run.dir" if in_run_folder else "output")
-    if in_run_folder:  # this evaluation's record goes with its results
-        commit_hydra_files(out_dir)
+    # This evaluation's record goes with its results: Hydra runs in `output` when it is given (conf/hydra); a no-op
+    # when out_dir is not the Hydra job's folder (an `evaluate(cfg, output=...)` call).
+    commit_hydra_files(out_dir)
     data_cfg = dict(to_plain(cfg.data))
     if data_cfg.get("image_size") is None:  # ckpt mode: the checkpoint's size, set once it is loaded
         data_cfg["image_size"] = DEFAULT_IMAGE_SIZE

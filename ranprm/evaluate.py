@@ -21,13 +21,14 @@ process's per-image records, one per image id), so `device=` (one device) or `tr
 (`progress_bar=tqdm|rich|none`, also over the images of `predictions=FILE`) come from Lightning. Every process
 computes the same full-set metrics; the first writes them.
 
-Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` (with `variants=`: `variants.md`
-and `variants.csv` instead) into `output` (default: the Hydra run folder) and prints a summary; `records=true` also
-writes `records.pt`, every evaluator's per-image records (`EvaluatorSuite.image_records`, per variant with
-`variants=`; no masks), from which a bootstrap over images recomputes each metric with the evaluator's own
-`reduce`. An existing `metrics.json`, `per_class.md`, `variants.md`, `variants.csv` or `records.pt` there is
-replaced only with `overwrite=true`; the folder is checked writable, and the evaluated split's masks are checked
-from their headers, before the model runs.
+Writes `metrics.json` (with the protocol and the metric names) and `per_class.md` (with `variants=`: `variants.md` and
+`variants.csv` instead) into `output` (default: a new Hydra run folder; a given `output` is the Hydra run folder itself,
+holding `evaluate.log` and `.hydra/` too, so nothing is made under `./outputs`) and prints a summary; `records=true`
+also writes `records.pt`, every evaluator's per-image records (`EvaluatorSuite.image_records`, per variant with
+`variants=`; no masks), from which a bootstrap over images recomputes each metric with the evaluator's own `reduce`. An
+existing `metrics.json`, `per_class.md`, `variants.md`, `variants.csv` or `records.pt` there is replaced only with
+`overwrite=true`; the folder is checked writable, and the evaluated split's masks are checked from their headers, before
+the model runs.
 """
 
 from __future__ import annotations
@@ -294,8 +295,9 @@ def _evaluate_into(
     started: float,
 ) -> dict[str, Any]:
     prepare_output(out_dir, cfg, "hydra.run.dir" if in_run_folder else "output")
-    if in_run_folder:  # this evaluation's record goes with its results
-        commit_hydra_files(out_dir)
+    # This evaluation's record goes with its results: Hydra runs in `output` when it is given (conf/hydra); a no-op
+    # when out_dir is not the Hydra job's folder (an `evaluate(cfg, output=...)` call).
+    commit_hydra_files(out_dir)
     data_cfg = dict(to_plain(cfg.data))
     if data_cfg.get("image_size") is None:  # ckpt mode: the checkpoint's size, set once it is loaded
         data_cfg["image_size"] = DEFAULT_IMAGE_SIZE

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 from pathlib import Path
@@ -143,8 +144,10 @@ def _train(cfg: DictConfig) -> float | None:
     if (trainer.received_sigterm or received() is not None) and trainer.global_step < _planned_steps(trainer):
         raise _interrupted(trainer, run_dir, saver)  # stopped between epochs, before the loop could raise
 
-    metrics: dict[str, Any] = {
-        k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "train/"))
+    metrics: dict[str, Any] = {  # an undefined metric (logged as NaN: no GT instance, ...) is null in metrics.json
+        k: None if math.isnan(float(v)) else float(v)
+        for k, v in sorted(trainer.callback_metrics.items())
+        if k.startswith(("val/", "train/"))
     }
     selection = checkpoint_selection(cfg)
     summary = {
@@ -166,7 +169,7 @@ def _train(cfg: DictConfig) -> float | None:
         write_json_atomic(run_dir / "metrics.json", summary)
         for name in STALE_RECORDS:
             (run_dir / name).unlink(missing_ok=True)
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        shown = ", ".join(f"{k}={'–' if v is None else f'{v:.4f}'}" for k, v in metrics.items())
         print(f"final metrics: {shown}\nwrote {run_dir / 'metrics.json'} ({summary['wall_s']} s)")
     target = cfg.get("optimized_metric")
     if target and target not in metrics:

@@ -109,6 +109,9 @@ def _run(entry: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     [
         ("ranprm.train", ["optimizer.lr=abc"], "ranprm: error: optimizer.lr='abc' must be a number"),
         ("ranprm.train", ["data.batch_size=x"], "ranprm: error: data.batch_size='x' must be an integer"),
+        # Hydra would merge the two into one `logger` node and keep only tensorboard: refused until both can run
+        ("ranprm.train", ["logger=[csv,tensorboard]"], "ranprm: error: logger=[csv,tensorboard]: one logger per run "
+         "for now (Hydra would keep only logger=tensorboard); choose one, e.g. logger=csv"),
         ("ranprm.predict", [], "ranprm: error: ckpt, input and output are required; give ckpt=... input=... "
          "output=..., e.g. `ranprm-predict ckpt=outputs/train/<date>/<time>/checkpoints/last.ckpt input=photos/ "
          "output=predicted/`"),
@@ -142,3 +145,57 @@ def test_help_lists_only_the_entry_points_own_options_with_examples(tmp_path, en
         assert text in proc.stdout, text
     for text in foreign:
         assert text not in proc.stdout, text
+
+
+SWA = "+callbacks.extra.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["+callbacks.extra.swa._target_=lightning.pytorch.callbacks.NoSuchCallback"],
+         "callbacks.extra.swa._target_=lightning.pytorch.callbacks.NoSuchCallback: lightning.pytorch.callbacks has no "
+         "NoSuchCallback"),
+        (["+callbacks.extra.swa._target_=no_such_package.Thing"],
+         "callbacks.extra.swa._target_=no_such_package.Thing is not importable; give a full class path, e.g. "
+         "lightning.pytorch.callbacks.StochasticWeightAveraging"),
+        ([SWA, "+callbacks.extra.swa.swa_lr=0.01"],
+         "callbacks.extra.swa.swa_lr is not an argument of lightning.pytorch.callbacks.StochasticWeightAveraging; its "
+         "arguments: swa_lrs, swa_epoch_start, annealing_epochs, annealing_strategy, avg_fn, device"),
+        ([SWA], "callbacks.extra.swa: lightning.pytorch.callbacks.StochasticWeightAveraging missing a required "
+                "argument: 'swa_lrs'; give it as +callbacks.extra.swa.<argument>=..."),
+        (["+callbacks.extra.swa._target_=collections.OrderedDict"],
+         "callbacks.extra.swa._target_=collections.OrderedDict is not a lightning.pytorch.callbacks.callback.Callback"),
+        (["+callbacks.extra.swa.swa_lrs=0.01"], "callbacks.extra.swa needs a _target_ naming its class, e.g. "
+         "+callbacks.extra.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging"),
+    ],
+)  # fmt: skip
+def test_an_extra_callback_is_checked_at_compose_time_in_one_line(overrides, line):
+    with pytest.raises(ConfigError) as caught:
+        check_composed(compose("train", overrides), "train", require_all=False)
+    assert str(caught.value) == line
+
+
+def test_an_extra_callback_by_target_joins_the_run(tmp_path):
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    from ranprm.cli.build import build_callbacks
+
+    cfg = compose("train", [SWA, "+callbacks.extra.swa.swa_lrs=0.01", "+callbacks.extra.swa.swa_epoch_start=3"])
+    check_composed(cfg, "train", require_all=False)  # nothing raised
+    (swa,) = [c for c in build_callbacks(cfg, tmp_path, has_logger=False) if isinstance(c, StochasticWeightAveraging)]
+    assert swa._swa_lrs == 0.01 and swa._swa_epoch_start == 3
+
+
+def test_cfg_job_runs_the_checks_a_run_makes(tmp_path):
+    """`--cfg job` prints only a config a run would accept: an extra callback's bad key or `+logger.bogus` is the
+    run's one line and exit 2; a good one is printed, and nothing is made in the folder."""
+    proc = _run("ranprm.train", ["--cfg", "job", SWA, "+callbacks.extra.swa.swa_lr=0.01"], tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().startswith("ranprm: error: callbacks.extra.swa.swa_lr is not an argument of ")
+    proc = _run("ranprm.train", ["--cfg", "job", "+logger.bogus=1"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("ranprm: error: logger.bogus is not an option")
+    proc = _run("ranprm.train", ["--cfg", "job", SWA, "+callbacks.extra.swa.swa_lrs=0.01"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "_target_: lightning.pytorch.callbacks.StochasticWeightAveraging" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -53,6 +53,29 @@ def test_ground_truth_as_predictions_scores_one(voc_root, tmp_path):
     assert "| square |" in table and "protocol voc" in table
 
 
+def test_output_is_the_run_folder_and_nothing_goes_under_outputs(voc_root, tmp_path):
+    """`output=DIR` from the command line: results, log and `.hydra/` record in DIR; no ./outputs run folder."""
+    write_results(tmp_path / "gt.json", _gt_results(voc_root))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RANPRM_LOG_DIR", None)
+    command = [sys.executable, "-m", "ranprm.evaluate", *_data(voc_root), f"predictions={tmp_path / 'gt.json'}",
+               f"output={tmp_path / 'o'}"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert not (cwd / "outputs").exists() and list(cwd.iterdir()) == []
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["map_r_50"] == pytest.approx(1.0)
+    assert (tmp_path / "o" / ".hydra" / "overrides.yaml").is_file()
+    assert not list((tmp_path / "o").glob(".hydra-pending*"))
+    # refused (metrics.json there, no overwrite=true): one line naming output=, the earlier record kept as it was
+    record = (tmp_path / "o" / ".hydra" / "overrides.yaml").read_text()
+    proc = subprocess.run([*command, "records=true"], capture_output=True, text=True, env=env, timeout=120, cwd=cwd)
+    assert proc.returncode == 2 and "output=" in proc.stderr and "overwrite=true" in proc.stderr, proc.stderr
+    assert (tmp_path / "o" / ".hydra" / "overrides.yaml").read_text() == record
+    assert not (cwd / "outputs").exists()
+
+
 def _spilled_results(voc: Path) -> list[dict]:
     """Every GT mask grown by one pixel: exactly into the 1-px void band the test data draws around objects."""
     entries = _gt_results(voc)

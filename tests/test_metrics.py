@@ -193,8 +193,9 @@ def test_empty_predictions_give_zeros(protocol):
     assert maps(result) == [0.0, 0.0, 0.0]
     assert result["abo"] == 0.0
     assert result["per_class"]["cow"]["ap_25"] == 0.0 and result["per_class"]["cat"]["ap_75"] == 0.0
-    # Images with masks but no GT at all give zeros too, never -1, NaN or a crash.
-    assert maps(evaluate([(Prediction(instances=Instances.empty((H, W))), gt("b", [], []))], protocol)) == [0.0] * 3
+    # Images with masks but no GT at all: mAP^r and ABO are undefined (None: null in metrics.json), not 0.0.
+    no_gt = evaluate([(Prediction(instances=Instances.empty((H, W))), gt("b", [], []))], protocol)
+    assert maps(no_gt) == [None] * 3 and no_gt["abo"] is None
     # No image with instance masks: nothing was scored, so no instance metric is reported.
     nothing = evaluate([(Prediction(), GroundTruth("c", (H, W)))], protocol)
     assert "map_r_50" not in nothing and "abo" not in nothing and nothing["metric_names"] == []
@@ -352,3 +353,31 @@ def test_boxes_are_checked_nowhere_but_used_by_the_pointing_game_only():
     p = Prediction(class_scores=torch.tensor([2.0, 0.0, 0.0]), class_max_yx=torch.tensor([[5.0, 5.0]] * 3))
     result = evaluate([(p, g)], metrics=["instance_ap", "abo", "pointing", "pointing_game"])
     assert result["metric_names"] == ["pointing_map"] and result["pointing_map"] == pytest.approx(1.0)
+
+
+@BOTH
+def test_undefined_metrics_are_none_with_a_note_not_zero(protocol):
+    """A cow predicted on an image without any GT instance, and a cat found exactly on another: the cat's AP is 1,
+    dog and cow have no GT (no AP, "–", left out of the mean: mAP^r = 1, not 1/3); ABO over the one cat is 1. On
+    the object-free image alone every instance metric and the pointing figures are undefined: null and "–", with a
+    note saying why, never 0.0."""
+    cat = box(0, 10, 0, 10)
+    empty_image = (preds([box(20, 30, 20, 30)], [2], [0.9]), gt("a", [], []))
+    cat_image = (preds([cat], [0], [0.8]), gt("b", [cat], [0]))
+    both = evaluate([empty_image, cat_image], protocol)
+    assert maps(both) == pytest.approx([1.0, 1.0, 1.0]) and both["abo"] == pytest.approx(1.0)
+    assert both["per_class"]["cat"]["ap_50"] == pytest.approx(1.0)
+    assert both["per_class"]["dog"]["ap_50"] is None and both["per_class"]["cow"]["ap_50"] is None
+
+    suite = EvaluatorSuite(CLASSES, EvalConfig(protocol=protocol, metrics=("instance_ap", "abo", "pointing")))
+    no_peak = Prediction(instances=Instances.empty((H, W)), peaks_yx=torch.zeros(0, 2), peak_labels=torch.zeros(0))
+    suite.update([gt("a", [], [])], [no_peak])
+    result = suite.compute()
+    record = result.to_record()
+    assert all(record[name] is None for name in record["metric_names"])
+    assert record["num_gt"] == 0 and record["num_images"] == 1
+    table = per_class_table(result)
+    mean_row = next(line for line in table.splitlines() if line.startswith("| **mean**"))
+    assert mean_row.count("–") == sum(name.startswith("map_r_") for name in result.metrics)  # each AP column's mean
+    assert "mAP^r: undefined" in table and "ABO: undefined" in table and "pointing accuracy: undefined" in table
+    assert "0.0" not in summary(result) and "no GT instance" in summary(result)

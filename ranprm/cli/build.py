@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
 from ranprm.cli.config import to_plain
+from ranprm.cli.targets import instantiate_targets
 from ranprm.data.datamodule import DataConfig, validation_split
 from ranprm.errors import ConfigError
 from ranprm.lightning.callbacks import SkippedImagesReport
@@ -129,6 +130,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
                 update_starting_at_step=ema.get("update_starting_at_step"),
             )
         )
+    # callbacks.extra.<name>: the user's own Lightning callbacks by _target_ (checked at compose time too)
+    callbacks += instantiate_targets(to_plain(cfg.callbacks.get("extra")), "callbacks.extra", Callback)
     panels = cfg.callbacks.get("panels")
     if panels is not None and panels.num_images > 0:
         callbacks.append(

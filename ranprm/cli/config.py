@@ -20,10 +20,11 @@ import dataclasses
 import functools
 import importlib
 import os
+import shutil
 import sys
 import typing
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,7 +106,7 @@ def hydra_main(config_name: str) -> Callable[[Callable[..., T]], Callable[..., T
         @functools.wraps(task)
         def checked(cfg: Any, *args: Any, **kwargs: Any) -> T:
             silence_third_party_noise()  # after Hydra configured logging for the job
-            report_user_errors(check_composed)(cfg, config_name)
+            report_user_errors(_check_in_job)(cfg, config_name)
             return task(cfg, *args, **kwargs)
 
         hydra_task = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(checked)
@@ -118,6 +119,31 @@ def hydra_main(config_name: str) -> Callable[[Callable[..., T]], Callable[..., T
         return run
 
     return decorator
+
+
+def _check_in_job(cfg: Any, config_name: str) -> None:
+    """`check_composed` inside a Hydra job: Hydra has already made the run folder, its staging `.hydra-pending-<pid>/`
+    and the job log, so a refused config takes back what this attempt made (an empty log, then the folder if empty);
+    nothing that was there before is touched."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from ranprm.cli.run_dir import staging_dir
+
+    try:
+        check_composed(cfg, config_name)
+    except RanprmError:
+        hydra_cfg = HydraConfig.get()
+        job_dir = Path(hydra_cfg.runtime.output_dir)
+        if hydra_cfg.output_subdir:
+            shutil.rmtree(staging_dir(job_dir), ignore_errors=True)
+        log_file = job_dir / f"{hydra_cfg.job.name}.log"
+        with suppress(OSError):
+            if log_file.stat().st_size == 0:
+                log_file.unlink()
+        if job_dir.absolute() != Path.cwd():
+            with suppress(OSError):
+                job_dir.rmdir()  # only when empty: a folder that held anything stays
+        raise
 
 
 def _not_the_litlogger_tip(record: Any) -> bool:
@@ -174,7 +200,9 @@ def check_composed(cfg: Any, config_name: str, require_all: bool = True) -> None
         suffix = f", e.g. `{example(config_name)}`" if config_name in ENTRY_POINTS else ""
         raise ConfigError(f"{named} {'is' if len(missing) == 1 else 'are'} required; give {hint}{suffix}")
 
+    _check_one_logger()
     _check_logger_keys(cfg)
+    _check_extra_callbacks(cfg)
 
     def visit(node: DictConfig, path: str) -> None:
         if path in OPEN_SECTIONS:  # any keyword of the library it configures
@@ -195,6 +223,36 @@ def check_composed(cfg: Any, config_name: str, require_all: bool = True) -> None
                 visit(child, f"{path}.{key}" if path else str(key))
 
     visit(cfg, "")
+
+
+def _check_one_logger() -> None:
+    """`logger=[csv,tensorboard]`: Hydra merges a list of options into the one `logger` node and the last one wins;
+    several loggers at once are not built yet, so the list is refused rather than all but one silently dropped."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    for override in HydraConfig.get().overrides.task:
+        key, _, value = str(override).partition("=")
+        names = [n.strip() for n in value.strip().strip("[]").split(",") if n.strip()]
+        if key.lstrip("+~") == "logger" and value.strip().startswith("[") and len(names) > 1:
+            raise ConfigError(f"{override}: one logger per run for now (Hydra would keep only logger={names[-1]}); "
+                              f"choose one, e.g. logger={names[0]}")  # fmt: skip
+
+
+def _check_extra_callbacks(cfg: Any) -> None:
+    """`callbacks.extra.<name>._target_=...`: each target imports, is a Lightning callback and takes the given keys."""
+    from omegaconf import DictConfig
+
+    callbacks = cfg.get("callbacks") if isinstance(cfg, DictConfig) else None
+    extra = callbacks.get("extra") if isinstance(callbacks, DictConfig) else None
+    if not extra:
+        return
+    from lightning.pytorch.callbacks import Callback
+
+    from ranprm.cli.targets import check_targets
+
+    check_targets(to_plain(extra), "callbacks.extra", Callback)
 
 
 def _check_logger_keys(cfg: Any) -> None:
@@ -218,8 +276,9 @@ def _check_logger_keys(cfg: Any) -> None:
 @contextmanager
 def _composition_errors_in_one_line() -> Iterator[None]:
     """Within, Hydra reports a config that does not compose as one line and exit 2 (`HYDRA_FULL_ERROR=1`: its
-    traceback), for runs, sweeps, `--cfg` and `--help` alike. Hydra has no hook for this: its `run_and_report` and
-    `Hydra.app_help` are wrapped for the call and restored after."""
+    traceback), for runs, sweeps, `--cfg` and `--help` alike; `--cfg job` (and `all`) also runs `check_composed`, the
+    checks a run makes before its task starts. Hydra has no hook for this: its `run_and_report`, `Hydra.app_help` and
+    `Hydra.show_cfg` are wrapped for the call and restored after."""
     from hydra._internal import hydra as hydra_app
     from hydra._internal import utils as hydra_utils
     from hydra.errors import CompactHydraException
@@ -242,13 +301,33 @@ def _composition_errors_in_one_line() -> Iterator[None]:
     if run_and_report is None or app_help is None:  # another Hydra layout: its own (multi-line) report stays
         yield
         return
+    show_cfg = hydra_app.Hydra.show_cfg
+
+    @functools.wraps(show_cfg)
+    def checked_show_cfg(self: Any, config_name: str | None, overrides: list[str], cfg_type: str,
+                         *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+        if cfg_type in ("job", "all") and config_name is not None:  # `--cfg job` shows only a config a run accepts
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+            from omegaconf import open_dict
+
+            cfg = self.compose_config(config_name=config_name, overrides=overrides, run_mode=RunMode.RUN,
+                                      with_log_configuration=False)  # fmt: skip
+            HydraConfig.instance().set_config(cfg)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            report_user_errors(check_composed)(cfg, config_name)
+        return show_cfg(self, config_name, overrides, cfg_type, *args, **kwargs)
+
     hydra_utils.run_and_report = lambda func: run_and_report(one_line(func))
     hydra_app.Hydra.app_help = one_line(app_help)
+    hydra_app.Hydra.show_cfg = checked_show_cfg
     try:
         yield
     finally:
         hydra_utils.run_and_report = run_and_report
         hydra_app.Hydra.app_help = app_help
+        hydra_app.Hydra.show_cfg = show_cfg
 
 
 def config_error_line(err: BaseException) -> str:

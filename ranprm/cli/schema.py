@@ -208,6 +208,9 @@ class CallbacksSchema:
     panels: PanelsSchema = field(default_factory=PanelsSchema)
     early_stopping: EarlyStoppingSchema = field(default_factory=EarlyStoppingSchema)
     ema: EmaSchema = field(default_factory=EmaSchema)
+    # {name: {_target_: <class path>, <its arguments>}}: more Lightning callbacks, instantiated by Hydra; each
+    # target and its keys are checked at compose time (`ranprm.cli.targets.check_targets`)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -72,6 +72,8 @@ def run_job(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None:
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     option = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
+    if option == "hydra.run.dir" and cfg.get("output") is not None and hydra_cfg.run.dir == cfg.output:
+        option = "output"  # conf/hydra: a task given output=DIR runs there; the messages name what the user gave
     with hydra_files_guard(job_dir), hold_folder(job_dir, option):
         if hydra_cfg.mode != RunMode.MULTIRUN:
             return task(cfg)

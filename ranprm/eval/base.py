@@ -55,14 +55,16 @@ class Evaluation:
     """What one evaluator computed.
 
     metrics: {name: value} for names from `names()`; a name is left out when its inputs were never given (e.g.
-             pointing without peaks): these are logged, written to metrics.json and summarised
+             pointing without peaks): these are logged, written to metrics.json and summarised. None: undefined on
+             this set (e.g. mAP^r with no ground-truth instance at all), not 0.0: null in metrics.json, "–" in
+             tables, NaN in the training log; the evaluator adds a note saying why (`undefined_note`)
     counts:  integers behind the metrics (images, GT instances, predictions, ...): metrics.json only
     columns: per-class columns
     notes:   one line each for the per_class.md note (what the numbers are)
     summary: a short human-readable part of the one-line summary
     """
 
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     columns: list[Column] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -127,6 +129,11 @@ def gather_records(records: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
 def pct(value: float | None) -> str:
     """A fraction as a percentage with one decimal, "–" when undefined (tables and summaries)."""
     return "–" if value is None else f"{100 * value:.1f}"
+
+
+def undefined_note(names: str, reason: str) -> str:
+    """The per_class.md / summary note for metrics left undefined (None) on this set, and why."""
+    return f"{names}: undefined (– here, null in metrics.json), {reason}."
 
 
 EVALUATORS: Registry[type[Evaluator]] = Registry("evaluator", "eval.metrics")

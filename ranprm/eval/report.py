@@ -23,8 +23,10 @@ def per_class_table(result: SuiteResult) -> str:
     values = {**result.metrics, **result.counts}
     mean = ["**mean**"]
     for c in columns:
-        value = values.get(c.mean) if c.mean else None
-        mean.append("" if value is None else pct(value) if c.percent else str(value))
+        if not c.mean or c.mean not in values:
+            mean.append("")
+        else:  # an undefined mean (None) is "–", as an undefined class's value
+            mean.append(pct(values[c.mean]) if c.percent else str(values[c.mean]))
     lines.append("| " + " | ".join(mean) + " |")
     notes = [note for e in result.evaluations for note in e.notes]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"

@@ -44,6 +44,12 @@ class NonFiniteLossError(RanprmError):
     """Training produced a NaN or infinite loss."""
 
 
+def _loggable(value: float | None) -> float:
+    """A metric for Lightning's log: an undefined one (None, e.g. mAP^r with no GT instance) is NaN, never 0.0;
+    checkpointing on it then keeps the best defined epoch (ModelCheckpoint ranks NaN last)."""
+    return float("nan") if value is None else float(value)
+
+
 class PRMModule(L.LightningModule):
     def __init__(
         self,
@@ -334,7 +340,7 @@ class PRMModule(L.LightningModule):
         # full-set numbers; sync_dist only averages identical values and keeps Lightning from warning.
         classification = self.classification.compute()
         self.classification.reset()
-        self.log("val/cls_map", classification.metrics.get("cls_map", 0.0), prog_bar=True, sync_dist=True)
+        self.log("val/cls_map", _loggable(classification.metrics.get("cls_map", 0.0)), prog_bar=True, sync_dist=True)
         if self._instance_eval_this_epoch():
             result = self.evaluators.compute()
             if self.eval_config is not None and CLASSIFICATION in self.eval_config.metrics:
@@ -342,7 +348,7 @@ class PRMModule(L.LightningModule):
             self.last_instance_metrics = result.to_record()
             for name, value in result.metrics.items():
                 if name != "cls_map":  # logged above, on every epoch
-                    self.log(f"val/{name}", float(value), sync_dist=True)
+                    self.log(f"val/{name}", _loggable(value), sync_dist=True)
             log.info("validation, epoch %d: %s", self.current_epoch, summary(result))
         self.evaluators.reset()
         self._instance_images_seen = 0

@@ -1,9 +1,9 @@
 """`abo`: average best overlap, as PRM reports it beside mAP^r.
 
 For every ground-truth instance of the set, the best IoU with any predicted mask of its image, of any class (0 when
-the image has none), averaged over all GT instances (0.0 for a set without any). The masks follow `eval.protocol`'s
-void rule: GT without void pixels; predictions whole under `voc`, without void under `coco`. COCO's crowd regions are
-not instances to overlap (void under `voc`).
+the image has none), averaged over all GT instances; undefined (None) for a set without any. The masks follow
+`eval.protocol`'s void rule: GT without void pixels; predictions whole under `voc`, without void under `coco`. COCO's
+crowd regions are not instances to overlap (void under `voc`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ranprm.eval.base import EVALUATORS, Evaluation, Evaluator, pct
+from ranprm.eval.base import EVALUATORS, Evaluation, Evaluator, pct, undefined_note
 from ranprm.eval.config import EvalConfig
 from ranprm.eval.functional import mask_iou
 from ranprm.eval.inputs import GroundTruth, Prediction
@@ -47,5 +47,8 @@ class AverageBestOverlap(Evaluator):
         if not best:
             return Evaluation()
         overlaps = torch.cat(best)
-        abo = float(overlaps.mean()) if len(overlaps) else 0.0
+        if not len(overlaps):
+            note = undefined_note("ABO", f"no ground-truth instance in the {len(best)} scored image(s)")
+            return Evaluation({"abo": None}, {"num_gt": 0}, notes=[note], summary="ABO – (no GT instance)")
+        abo = float(overlaps.mean())
         return Evaluation({"abo": abo}, {"num_gt": len(overlaps)}, summary=f"ABO {pct(abo)}")

@@ -2,8 +2,9 @@
 
 Per class, torchmetrics' `MultilabelAveragePrecision` (non-interpolated AP: the area under the step precision-recall
 curve, tied scores grouped), averaged over the classes with at least one positive image. A class without a positive
-image has no AP and is left out of the mean; torchmetrics' own "macro" would count it as 0. This one definition is
-`val/cls_map` during training and `cls_map` in `ranprm-evaluate`.
+image has no AP and is left out of the mean; torchmetrics' own "macro" would count it as 0. Without any positive
+image the mAP is undefined (None; NaN in the training log). This one definition is `val/cls_map` during training and
+`cls_map` in `ranprm-evaluate`.
 """
 
 from __future__ import annotations
@@ -15,23 +16,23 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MultilabelAveragePrecision
 
-from ranprm.eval.base import EVALUATORS, Column, Evaluation, Evaluator, pct
+from ranprm.eval.base import EVALUATORS, Column, Evaluation, Evaluator, pct, undefined_note
 from ranprm.eval.inputs import GroundTruth, Prediction
 
 
-def classification_map(scores: Tensor, targets: Tensor) -> tuple[float, list[float | None]]:
+def classification_map(scores: Tensor, targets: Tensor) -> tuple[float | None, list[float | None]]:
     """Classification mAP over images and the per-class APs (None for a class with no positive image).
 
     scores:  (B, C) float  logits or probabilities (only the ranking matters)
     targets: (B, C) int/bool, 1 where the image shows the class
-    No image, or no positive at all, gives 0.0.
+    No image, or no positive at all, gives None (undefined).
     """
     if scores.shape != targets.shape or scores.ndim != 2:
         raise ValueError(f"classification_map: scores {tuple(scores.shape)} and targets must both be (B, C)")
     num_classes = scores.shape[1]
     positives = targets.bool().sum(0)
     if scores.shape[0] == 0 or not bool(positives.any()):
-        return 0.0, [None] * num_classes
+        return None, [None] * num_classes
     metric = MultilabelAveragePrecision(num_labels=num_classes, average="none")
     with warnings.catch_warnings():
         # A class with no positive image is excluded below; torchmetrics' warning about it is noise here.
@@ -62,6 +63,7 @@ class ClassificationAP(Evaluator):
         return Evaluation(
             {"cls_map": value},
             columns=[Column("cls_ap", "cls AP", aps, mean="cls_map")],
-            notes=["cls AP: non-interpolated, over images; mean over classes with a positive image."],
+            notes=["cls AP: non-interpolated, over images; mean over classes with a positive image."]
+            + ([] if value is not None else [undefined_note("cls mAP", "no evaluated image shows any class")]),
             summary=f"cls mAP {pct(value)}",
         )

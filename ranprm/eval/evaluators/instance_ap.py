@@ -2,7 +2,8 @@
 
 The protocol (`ranprm.eval.protocols`) decides the void rule, the matching and the AP; this evaluator counts the
 ground truth and averages: mAP^r at IoU t (`map_r_25`, `map_r_50`, `map_r_75`, and `map_r_50_95` under `coco`) is
-the mean of the per-class APs over classes with at least one GT instance, 0.0 for a set without any GT.
+the mean of the per-class APs over classes with at least one GT instance (a class without GT has no AP: "–" in
+per_class.md, null in metrics.json, as chainercv's NaN), and undefined (None) for a set without any GT instance.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ranprm.eval.base import EVALUATORS, Column, Evaluation, Evaluator, pct
+from ranprm.eval.base import EVALUATORS, Column, Evaluation, Evaluator, pct, undefined_note
 from ranprm.eval.config import EvalConfig
 from ranprm.eval.inputs import GroundTruth, Prediction
 from ranprm.eval.protocols import PROTOCOLS
@@ -50,11 +51,11 @@ class InstanceAP(Evaluator):
             gt_per_class += counts
         aps = self.protocol.class_aps([r[2] for r in scored], self.num_classes, gt_per_class)
         has_gt = gt_per_class > 0
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float | None] = {}
         columns = [Column("n_gt", "GT", gt_per_class.tolist(), mean="num_gt", percent=False)]
         for key, title in self.protocol.ap_keys:
             name = f"map_r_{key}"
-            metrics[name] = float(aps[key][has_gt].mean()) if bool(has_gt.any()) else 0.0
+            metrics[name] = float(aps[key][has_gt].mean()) if bool(has_gt.any()) else None
             values = [None if not bool(has_gt[c]) else float(aps[key][c]) for c in range(self.num_classes)]
             columns.append(Column(f"ap_{key}", title, values, mean=name))
         counts = {
@@ -64,4 +65,8 @@ class InstanceAP(Evaluator):
         }
         thresholds = "/".join(title.removeprefix("AP@") for _, title in self.protocol.ap_keys)
         summary = f"mAP^r@{thresholds} " + " / ".join(pct(metrics[n]) for n in self.names())
-        return Evaluation(metrics, counts, columns, [self.protocol.note], summary)
+        notes = [self.protocol.note]
+        if not bool(has_gt.any()):
+            notes.append(undefined_note("mAP^r", f"no ground-truth instance in the {len(scored)} scored image(s)"))
+            summary += " (no GT instance)"
+        return Evaluation(metrics, counts, columns, notes, summary)

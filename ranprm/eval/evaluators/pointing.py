@@ -7,7 +7,8 @@
   distance r) lies in a GT instance of class c, void excluded.
 - `pointing_accuracy` = hits / peaks; `pointing_recall` = share of GT instances holding at least one peak of their
   class. The peaks are every valid peak when a model ran, the instances' seeding peaks for a results file (images
-  whose entries carry no `peak` are not scored); without any peak information the metrics are left out.
+  whose entries carry no `peak` are not scored); without any peak information the metrics are left out. With no
+  peak at all, the accuracy is undefined (None); with no GT instance, the recall.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ranprm.eval.base import EVALUATORS, Evaluation, Evaluator, pct
+from ranprm.eval.base import EVALUATORS, Evaluation, Evaluator, pct, undefined_note
 from ranprm.eval.inputs import GroundTruth, Prediction
 
 
@@ -71,8 +72,13 @@ class PointingAccuracy(Evaluator):
             return Evaluation()  # no peak information anywhere (a results file without `peak`)
         peaks, hits, pointed, num_gt = (sum(r[i] for r in scored) for i in range(4))
         metrics = {
-            "pointing_accuracy": hits / peaks if peaks else 0.0,
-            "pointing_recall": pointed / num_gt if num_gt else 0.0,
+            "pointing_accuracy": hits / peaks if peaks else None,
+            "pointing_recall": pointed / num_gt if num_gt else None,
         }
+        notes = []
+        if not peaks:
+            notes.append(undefined_note("pointing accuracy", "no peak was found"))
+        if not num_gt:
+            notes.append(undefined_note("pointing recall", "no ground-truth instance"))
         summary = f"pointing acc (ours) {pct(metrics['pointing_accuracy'])} recall {pct(metrics['pointing_recall'])}"
-        return Evaluation(metrics, {"num_peaks": peaks}, summary=summary)
+        return Evaluation(metrics, {"num_peaks": peaks}, notes=notes, summary=summary)

@@ -13,7 +13,7 @@ object localization for free?"), which WILDCAT (Durand et al., CVPR 2017) and SP
   image without the class (a negative: Oquab et al. count the network's confident "this class is here" on it as a
   wrong localisation). The positives are the images holding the class. AP is VOC's all-point AP
   (`ranprm.eval.functional.voc_average_precision`); the mAP is the mean over classes with at least one positive
-  image (0.0 for a set without any).
+  image (undefined, None, for a set without any).
 - **Difficult objects** count as objects: an image whose only objects of the class are "difficult" is a positive,
   and a point in a difficult box is a hit. This follows the public SPN code by PRM's authors (SPN.pytorch,
   `experiment/util.py: pointing`, whose positives are the images with label >= 0, difficult included, and whose
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ranprm.eval.base import EVALUATORS, Column, Evaluation, Evaluator, pct
+from ranprm.eval.base import EVALUATORS, Column, Evaluation, Evaluator, pct, undefined_note
 from ranprm.eval.functional import ranking, voc_average_precision
 from ranprm.eval.inputs import GroundTruth, Prediction
 
@@ -69,7 +69,7 @@ class PointingGame(Evaluator):
             order = ranking(scores[:, c])
             aps.append(voc_average_precision((positive[:, c] & hit[:, c])[order], n_pos))
         defined = [a for a in aps if a is not None]
-        value = sum(defined) / len(defined) if defined else 0.0
+        value = sum(defined) / len(defined) if defined else None
         tol = self.cfg.pointing_game_tolerance
         note = (
             f"pointing AP: PRM's pointing game (Oquab et al. 2015): images ranked by class score, a hit when the "
@@ -79,6 +79,6 @@ class PointingGame(Evaluator):
         return Evaluation(
             {"pointing_map": value},
             columns=[Column("pointing_ap", "pointing AP", aps, mean="pointing_map")],
-            notes=[note],
+            notes=[note] if defined else [note, undefined_note("pointing mAP", "no evaluated image holds an object")],
             summary=f"pointing mAP {pct(value)}",
         )

@@ -8,6 +8,7 @@ import torch
 
 from ranprm.cli.config import compose, config_dir
 from ranprm.train import train
+from tests.coco_cases import write_coco
 from tests.helpers import CLASSES
 
 
@@ -79,7 +80,11 @@ def _build_what_the_group_configures(group: str, cfg, run_dir: Path) -> None:
 )
 def test_every_option_of_every_group_builds(override, tmp_path, voc_root):
     """Each option of each group composes and builds what it configures (a model, a rule, a logger, ...)."""
-    extra = [f"data.root={voc_root}", f"data.class_names=[{','.join(CLASSES)}]"] if override == "data=voc" else []
+    extra = {
+        "data=voc": [f"data.root={voc_root}", f"data.class_names=[{','.join(CLASSES)}]"],
+        # the test's own tiny COCO-format set (tests/coco_cases.py), with its split names
+        "data=coco": [f"data.root={write_coco(tmp_path / 'coco')}", "data.train_split=train", "data.val_split=val"],
+    }.get(override, [])
     cfg = compose("train", [override, f"paths.output_dir={tmp_path}", *extra])
     _build_what_the_group_configures(override.split("=")[0], cfg, tmp_path)
 

@@ -254,8 +254,9 @@ def run_cell(grid: Grid, cell: Cell, out: Path, scratch: Path, children: Childre
 
 
 def _variant_entry(entry: dict[str, Any]) -> dict[str, Any]:
-    """What a cell keeps of one variant's evaluation: its metrics and counts, its full inference settings."""
-    return {k: entry.get(k) for k in ("metrics", "counts", "settings", "protocol")}
+    """What a cell keeps of one variant's evaluation: its metrics, per-class APs (with each class's ground-truth
+    count) and counts, its full inference settings."""
+    return {k: entry.get(k) for k in ("metrics", "per_class", "counts", "settings", "protocol")}
 
 
 # ---------------------------------------------------------------------------------------------------- the grid

@@ -118,6 +118,23 @@ def test_report_is_made_from_cells_alone(tmp_path, monkeypatch):
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_model_table_shows_per_class_aps_of_the_well_populated_classes_both_protocols_and_wall_time(tmp_path):
+    from experiments.attention_prm.report import model_lines
+
+    grid = Grid("toy", (Data("toy", "toy data", (), epochs=1),), TRUNKS[:1], seeds=(0,), thresholds=("seed",),
+                retrievals=("prm_only",))  # fmt: skip
+    per_class = {"cat": {"n_gt": 20, "cls_ap": 0.75, "ap_50": 0.5}, "dog": {"n_gt": 19, "cls_ap": 1.0, "ap_50": 1.0}}
+    metrics = {"cls_map": 0.5, "map_r_25": 0.25, "map_r_50": 0.125, "map_r_75": 0.0, "abo": 0.375,
+               "pointing_map": 0.625}  # fmt: skip
+    cell = {"cell": "toy/lite0/seed0", "data": "toy", "trunk": "lite0", "seed": 0, "wall_s": 90.0,
+            "variants": {"seed/prm_only/full": {"metrics": metrics, "per_class": per_class}},
+            "coco": {"seed/prm_only/full": {"metrics": {"map_r_50_95": 0.0625, "map_r_50": 0.125}}}}  # fmt: skip
+    lines = model_lines(grid, {cell["cell"]: cell})
+    header = next(line for line in lines if line.startswith("| trunk"))
+    assert "cat (20)" in header and "dog" not in header  # 19 validation instances: below the 20 shown
+    assert "| lite0 | 0 | 50.0 | 75.0 / 50.0 | 25.0 / 12.5 / 0.0 | 6.2 / 12.5 / – | 37.5 | 62.5 | 1.5 |" in lines
+
+
 def test_report_mode_with_no_cells_says_the_question_is_open_and_lists_them(tmp_path, monkeypatch, capsys):
     _no_training(monkeypatch)
     assert main(["--grid", "smoke", "--report", "--out", str(tmp_path), "--scratch", str(tmp_path / "s")]) == 0

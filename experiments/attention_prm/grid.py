@@ -123,8 +123,10 @@ class Grid:
         return [Variant(t, r, g) for g in grads for r in self.retrievals for t in self.thresholds]
 
 
-# Common to every training: CSV logs, no panels or progress bar (the study's output is the cell file).
-QUIET = ("logger=csv", "callbacks.progress_bar=none", "callbacks.panels.num_images=0")
+# Common to every training: CSV logs, no panels or progress bar (the study's output is the cell file), and the
+# training's own instance evaluation on one image only (a PRM backward per peak on every validation image would
+# repeat what the cell's `variants=` evaluation of the checkpoint measures, at a quarter of the cell's time).
+QUIET = ("logger=csv", "callbacks.progress_bar=none", "callbacks.panels.num_images=0", "eval.max_images=1")
 
 LITE0 = ("backbone=efficientnet_lite0", "backbone.pretrained=imagenet", "backbone.output_stride=16",
          "optimizer.backbone_lr_mult=0.1")  # fmt: skip

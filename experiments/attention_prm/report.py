@@ -305,6 +305,50 @@ def coco_lines(grid: Grid, cells: dict[str, dict[str, Any]]) -> list[str]:
     return [*lines, ""] if any_row else []
 
 
+MIN_CLASS_INSTANCES = 20  # per-class APs are shown for the classes with at least this many validation instances
+
+
+def model_lines(grid: Grid, cells: dict[str, dict[str, Any]], variant: str = HEADLINE) -> list[str]:
+    """One row per trained model under `variant`: cls mAP, the per-class APs of the well-populated classes, both
+    protocols, ABO, pointing, wall time: the table BENCHMARKS.md quotes for the real-photo development set."""
+    lines: list[str] = []
+    for data in grid.data:
+        present = sorted((c for c in cells.values() if c["data"] == data.name and variant in c["variants"]),
+                         key=lambda c: (c["seed"], [t.name for t in grid.trunks].index(c["trunk"])))  # fmt: skip
+        if not present:
+            continue
+        per_class = present[0]["variants"][variant].get("per_class") or {}
+        classes = [n for n, row in per_class.items() if (row.get("n_gt") or 0) >= MIN_CLASS_INSTANCES]
+        lines += [
+            f"### {data.label}: every model under `{variant}` (%)",
+            "",
+            f"Per class (validation instances ≥ {MIN_CLASS_INSTANCES}): classification AP / mAP^r@0.5 (`voc`). "
+            "`coco`: AP@[.5:.95] / AP50 / AP75 of the `coco` protocol. Pointing: PRM's pointing mAP. Wall time: "
+            "training + every evaluation of the cell, on the machine named in Set-up.",
+            "",
+            "| trunk | seed | cls mAP | "
+            + "".join(f"{n} ({per_class[n]['n_gt']}) | " for n in classes)
+            + "mAP^r@0.25 / 0.5 / 0.75 (`voc`) | `coco` | ABO | pointing | wall min |",
+            "|---|---|---|" + "---|" * len(classes) + "---|---|---|---|---|",
+        ]
+        for c in present:
+            m = c["variants"][variant]["metrics"]
+            rows = c["variants"][variant].get("per_class") or {}
+            coco = c.get("coco", {}).get(variant, {}).get("metrics", {})
+            cols = [_num(m.get("cls_map"))]
+            cols += [f"{_num(rows.get(n, {}).get('cls_ap'))} / {_num(rows.get(n, {}).get('ap_50'))}" for n in classes]
+            cols.append(" / ".join(_num(m.get(k)) for k in ("map_r_25", "map_r_50", "map_r_75")))
+            cols.append(" / ".join(_num(coco.get(k)) for k in ("map_r_50_95", "map_r_50", "map_r_75")))
+            cols += [_num(m.get("abo")), _num(m.get("pointing_map")), f"{c['wall_s'] / 60:.1f}"]
+            lines.append(f"| {c['trunk']} | {c['seed']} | " + " | ".join(cols) + " |")
+        lines.append("")
+    return lines
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else _pct(value)
+
+
 def plot(grid: Grid, comparisons: Comparisons, path: Path) -> Path:
     """Paired differences of mAP^r@0.5 with their bootstrap intervals, one row per data set."""
     import io
@@ -355,6 +399,7 @@ def write_report(
     lines += ["", "## Cells", "", *missing_lines(grid, out), "", *setup_lines(grid, cells)]
     lines += comparison_lines(grid, comparisons)
     lines += coco_lines(grid, cells)
+    lines += model_lines(grid, cells)
     lines += absolute_lines(grid, cells)
     lines += ["![paired differences](results.png)", "",
               "Regenerate with `make study ARGS=--report` (no training); [README.md](README.md) says how the study "

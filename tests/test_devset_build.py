@@ -166,6 +166,25 @@ def test_duplicate_images_across_jsons_are_taken_once_and_bare_git_snapshots_are
     assert {e["source"]["commit"] for e in prov["images"]} == {commit.stdout.strip()}
 
 
+def test_yolo_style_images_folder_is_found_by_the_json_split(tmp_path, monkeypatch):
+    """<root>/images/<split>/ (ndttoan/retinanet_pytorch's layout) holds the photos; a same-named file in
+    images/val2017 (other pixels) must not make the train2017 JSON's image ambiguous."""
+    monkeypatch.setattr(build, "HERE", tmp_path / "committed")
+    snap = _write_snapshot(tmp_path / "snap", [1, 2])
+    (snap / "images").mkdir()
+    shutil.move(snap / "train2017", snap / "images" / "train2017")
+    (snap / "images" / "val2017").mkdir()
+    for name in ("000000000001.png", "000000000002.png"):
+        Image.fromarray(np.zeros((12, 16, 3), dtype=np.uint8)).save(snap / "images" / "val2017" / name)
+    assert _run("--snapshot", str(snap), "--cache-dir", str(tmp_path / "c"), "--name", "t") == 0
+    out = tmp_path / "c" / "devset" / "t"
+    prov = json.loads((out / "PROVENANCE.json").read_text())
+    for entry in prov["images"]:
+        assert entry["source"]["path"] == f"images/train2017/{entry['file_name']}"
+        written = (out / entry["split"] / entry["file_name"]).read_bytes()
+        assert written == (snap / "images" / "train2017" / entry["file_name"]).read_bytes()
+
+
 def test_rebuild_from_coco2017_gives_the_same_checksum(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "HERE", tmp_path / "committed")
     snap = _write_snapshot(tmp_path / "snap", [1, 2, 3, 4])

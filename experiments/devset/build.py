@@ -45,7 +45,7 @@ from ranprm.errors import DataError, RanprmError
 from ranprm.utils.io import temp_path_for, write_bytes_atomic
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_NAME = "coco-snapshots-v1"
+DEFAULT_NAME = "coco-snapshots-v2"
 DEFAULT_VAL_PERCENT = 35
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -154,11 +154,13 @@ def _instance_jsons(snapshot: Snapshot) -> list[str]:
 
 
 def _find_image(snapshot: Snapshot, json_rel: str, file_name: str, by_name: dict[str, list[str]]) -> str:
-    """The snapshot path of `file_name`: COCO 2017 layout first (<root>/<split>/<file_name>), else a unique match."""
+    """The snapshot path of `file_name`: COCO 2017 layout first (<root>/<split>/<file_name>, or <root>/images/<split>/
+    as YOLO-style copies lay it out), then next to the JSON, else a unique match."""
     json_path = Path(json_rel)
     split = json_path.stem.removeprefix("instances_")
     root = json_path.parent.parent
-    for candidate in ((root / split / file_name).as_posix(), (json_path.parent / file_name).as_posix()):
+    candidates = (root / split / file_name, root / "images" / split / file_name, json_path.parent / file_name)
+    for candidate in (c.as_posix() for c in candidates):
         if candidate in by_name.get(Path(file_name).name, ()):
             return candidate
     matches = [p for p in by_name.get(Path(file_name).name, ()) if p.endswith("/" + file_name) or p == file_name]

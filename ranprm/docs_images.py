@@ -12,8 +12,8 @@ written beside it (`photo_panel.credit.txt`) for the README's caption:
 
     python -m ranprm.docs_images --ckpt ... \\
         --photo-ckpt outputs/devset/checkpoints/last.ckpt \\
-        --photo-data data.root=~/.cache/ranprm/devset/coco-snapshots-v1 ... \\
-        --photo-provenance experiments/devset/coco-snapshots-v1.provenance.json
+        --photo-data data.root=~/.cache/ranprm/devset/coco-snapshots-v2 ... \\
+        --photo-provenance experiments/devset/coco-snapshots-v2.provenance.json
 
 Each panel shows one validation image: `--image-id` (`--photo-image-id`), or the first of the validation split's
 first 64 images with the most classes (a panel that shows several classes, successes and failures). The panels

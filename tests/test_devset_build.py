@@ -166,6 +166,25 @@ def test_duplicate_images_across_jsons_are_taken_once_and_bare_git_snapshots_are
     assert {e["source"]["commit"] for e in prov["images"]} == {commit.stdout.strip()}
 
 
+def test_yolo_style_images_folder_is_found_by_the_json_split(tmp_path, monkeypatch):
+    """<root>/images/<split>/ (ndttoan/retinanet_pytorch's layout) holds the photos; a same-named file in
+    images/val2017 (other pixels) must not make the train2017 JSON's image ambiguous."""
+    monkeypatch.setattr(build, "HERE", tmp_path / "committed")
+    snap = _write_snapshot(tmp_path / "snap", [1, 2])
+    (snap / "images").mkdir()
+    shutil.move(snap / "train2017", snap / "images" / "train2017")
+    (snap / "images" / "val2017").mkdir()
+    for name in ("000000000001.png", "000000000002.png"):
+        Image.fromarray(np.zeros((12, 16, 3), dtype=np.uint8)).save(snap / "images" / "val2017" / name)
+    assert _run("--snapshot", str(snap), "--cache-dir", str(tmp_path / "c"), "--name", "t") == 0
+    out = tmp_path / "c" / "devset" / "t"
+    prov = json.loads((out / "PROVENANCE.json").read_text())
+    for entry in prov["images"]:
+        assert entry["source"]["path"] == f"images/train2017/{entry['file_name']}"
+        written = (out / entry["split"] / entry["file_name"]).read_bytes()
+        assert written == (snap / "images" / "train2017" / entry["file_name"]).read_bytes()
+
+
 def test_rebuild_from_coco2017_gives_the_same_checksum(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "HERE", tmp_path / "committed")
     snap = _write_snapshot(tmp_path / "snap", [1, 2, 3, 4])
@@ -211,3 +230,62 @@ def test_lfs_pointers_and_non_coco_folders_are_refused(tmp_path, monkeypatch, ca
     shutil.rmtree(snap / "annotations")
     assert _run("--snapshot", str(snap), "--cache-dir", str(tmp_path / "c")) == 2
     assert "no instances_*.json" in capsys.readouterr().err
+
+
+def _write_voc(root: Path, class_value: int = 15) -> Path:
+    """A VOC2012 folder with one 12x16 photo: a person (instance 1, class `class_value`) in rows 2-5, columns 3-8,
+    ringed by VOC's 255 void border, and a dog (instance 2, class 12) in rows 8-10, columns 1-4."""
+    voc_root = root / "VOCdevkit" / "VOC2012"
+    obj = np.zeros((12, 16), dtype=np.uint8)
+    obj[1:7, 2:10] = 255
+    obj[2:6, 3:9] = 1
+    obj[8:11, 1:5] = 2
+    cls = np.where(obj == 1, class_value, np.where(obj == 2, 12, obj)).astype(np.uint8)
+    for folder, arr in (("SegmentationObject", obj), ("SegmentationClass", cls)):
+        (voc_root / folder).mkdir(parents=True)
+        img = Image.fromarray(arr, mode="P")
+        img.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [255, 255, 255] * 253)
+        img.save(voc_root / folder / "2008_000123.png")
+    (voc_root / "JPEGImages").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(voc_root / "JPEGImages" / "2008_000123.jpg")
+    return root
+
+
+def test_voc_snapshot_becomes_coco_instances_under_coco_category_ids(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "HERE", tmp_path / "committed")
+    coco = _write_snapshot(tmp_path / "coco", [1, 2, 3])
+    voc_snap = _write_voc(tmp_path / "voc")
+    cache = tmp_path / "c"
+    assert _run("--snapshot", str(coco), "--voc-snapshot", str(voc_snap), "--cache-dir", str(cache), "--name", "t") == 0
+    out = cache / "devset" / "t"
+    prov = json.loads((out / "PROVENANCE.json").read_text())
+    entry = next(e for e in prov["images"] if e["id"] == 2008000123)
+    assert entry["source"]["path"] == "VOCdevkit/VOC2012/JPEGImages/2008_000123.jpg" and entry["license"] is None
+    doc = json.loads((out / "annotations" / f"instances_{entry['split']}.json").read_text())
+    # COCO's categories: the COCO snapshot's person (1) and dog (18), and all 20 VOC classes under COCO's names
+    names = {c["id"]: c["name"] for c in doc["categories"]}
+    assert names[1] == "person" and names[18] == "dog" and names[5] == "airplane" and names[72] == "tv"
+    assert len(names) == 20
+    anns = sorted((a for a in doc["annotations"] if a["image_id"] == 2008000123), key=lambda a: a["id"])
+    assert [a["category_id"] for a in anns] == [1, 18]
+    person = np.zeros((12, 16), dtype=np.uint8)
+    person[2:6, 3:9] = 1  # the void ring belongs to no instance
+    dog = np.zeros((12, 16), dtype=np.uint8)
+    dog[8:11, 1:5] = 1
+    for ann, want, bbox in ((anns[0], person, [3, 2, 6, 4]), (anns[1], dog, [1, 8, 4, 3])):
+        got = mask_api.decode({"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()})
+        assert np.array_equal(got, want)
+        assert ann["area"] == float(want.sum()) and ann["bbox"] == bbox and ann["iscrowd"] == 0
+    photo = out / entry["split"] / "2008_000123.jpg"
+    assert photo.read_bytes() == (voc_snap / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2008_000123.jpg").read_bytes()
+
+
+def test_voc_class_values_beyond_the_20_classes_are_refused_naming_the_snapshot_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(build, "HERE", tmp_path / "committed")
+    voc_snap = _write_voc(tmp_path / "voc", class_value=30)
+    assert _run("--voc-snapshot", str(voc_snap), "--cache-dir", str(tmp_path / "c"), "--name", "t") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "class value 30" in err
+    assert "VOCdevkit/VOC2012/SegmentationClass/2008_000123.png" in err and "ranprm-voc-" not in err
+    assert not (tmp_path / "c" / "devset" / "t").exists()

@@ -21,7 +21,7 @@ from ranprm.data.synthetic import default_cache_dir
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 # The real-photo development set (experiments/devset/build.py writes it in COCO 2017 layout into the cache).
-DEVSET_NAME = "coco-snapshots-v1"
+DEVSET_NAME = "coco-snapshots-v2"
 DEVSET_BUILD = "python -m experiments.devset.build --snapshot <snapshot folder> (see experiments/devset/build.py)"
 
 THRESHOLDS = ("seed", "fixed", "mean", "q3", "class_q3")

@@ -1,14 +1,16 @@
 """Build the real-photo development set: COCO-format photos with instance masks, from public snapshots, into the cache.
 
-    python -m experiments.devset.build --snapshot DIR [--snapshot DIR ...] [--name NAME] [--val-percent P]
+    python -m experiments.devset.build --snapshot DIR [--snapshot DIR ...] [--voc-snapshot DIR ...] [--name NAME]
     python -m experiments.devset.build --from-coco2017 /path/to/coco [--name NAME]
 
 A snapshot is a bare git directory (what the search tool's `fetch` brings: /work/.mirror/<owner>+<name>/repo) or a
 plain folder. Every `instances_*.json` in it (COCO format: images, annotations with polygons or RLE, categories) is
 read, each image is found by its `file_name` next to the JSON (`<root>/<split>/<file_name>` as in COCO 2017, or any
 folder of the snapshot holding that file name), and the images of all snapshots are merged by image id (an image
-two JSONs both list, as when a snapshot ships the same images as train and val, is taken once). The set is written
-in COCO 2017 layout, ready for `data=coco`:
+two JSONs both list, as when a snapshot ships the same images as train and val, is taken once). A `--voc-snapshot`
+holds Pascal VOC folders (JPEGImages/, SegmentationObject/, SegmentationClass/): each segmented image joins the set
+with its instances as RLE under COCO's category ids of the 20 VOC classes, image id 2008_000123 -> 2008000123. The
+set is written in COCO 2017 layout, ready for `data=coco`:
 
     $RANPRM_CACHE/devset/<name>/annotations/instances_{train,val}.json
     $RANPRM_CACHE/devset/<name>/{train,val}/<file_name>
@@ -33,19 +35,23 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from faster_coco_eval.core import mask as mask_api
 
+from ranprm.data import voc
+from ranprm.data.coco import VOC_TO_COCO_NAMES
 from ranprm.data.synthetic import default_cache_dir
 from ranprm.errors import DataError, RanprmError
 from ranprm.utils.io import temp_path_for, write_bytes_atomic
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_NAME = "coco-snapshots-v1"
+DEFAULT_NAME = "coco-snapshots-v2"
 DEFAULT_VAL_PERCENT = 35
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -154,11 +160,13 @@ def _instance_jsons(snapshot: Snapshot) -> list[str]:
 
 
 def _find_image(snapshot: Snapshot, json_rel: str, file_name: str, by_name: dict[str, list[str]]) -> str:
-    """The snapshot path of `file_name`: COCO 2017 layout first (<root>/<split>/<file_name>), else a unique match."""
+    """The snapshot path of `file_name`: COCO 2017 layout first (<root>/<split>/<file_name>, or <root>/images/<split>/
+    as YOLO-style copies lay it out), then next to the JSON, else a unique match."""
     json_path = Path(json_rel)
     split = json_path.stem.removeprefix("instances_")
     root = json_path.parent.parent
-    for candidate in ((root / split / file_name).as_posix(), (json_path.parent / file_name).as_posix()):
+    candidates = (root / split / file_name, root / "images" / split / file_name, json_path.parent / file_name)
+    for candidate in (c.as_posix() for c in candidates):
         if candidate in by_name.get(Path(file_name).name, ()):
             return candidate
     matches = [p for p in by_name.get(Path(file_name).name, ()) if p.endswith("/" + file_name) or p == file_name]
@@ -233,6 +241,111 @@ def read_snapshot(snapshot: Snapshot) -> tuple[list[SourceImage], list[dict[str,
                 )
             )
     return images, categories
+
+
+# --------------------------------------------------------------------------------------------------- Pascal VOC
+
+# COCO 2017's category id and supercategory of each VOC class: VOC photos join the set under COCO's ids and names
+# (ranprm.data.coco.VOC_TO_COCO_NAMES spells the six that differ), so they merge with the COCO snapshots' categories
+# and `data.classes=voc` maps them back to VOC's names.
+COCO_CATEGORY_OF_VOC: dict[str, tuple[int, str]] = {
+    "aeroplane": (5, "vehicle"), "bicycle": (2, "vehicle"), "bird": (16, "animal"), "boat": (9, "vehicle"),
+    "bottle": (44, "kitchen"), "bus": (6, "vehicle"), "car": (3, "vehicle"), "cat": (17, "animal"),
+    "chair": (62, "furniture"), "cow": (21, "animal"), "diningtable": (67, "furniture"), "dog": (18, "animal"),
+    "horse": (19, "animal"), "motorbike": (4, "vehicle"), "person": (1, "person"), "pottedplant": (64, "furniture"),
+    "sheep": (20, "animal"), "sofa": (63, "furniture"), "train": (7, "vehicle"), "tvmonitor": (72, "electronic"),
+}  # fmt: skip
+
+
+def voc_categories() -> list[dict[str, Any]]:
+    return [
+        {"id": cid, "name": VOC_TO_COCO_NAMES.get(name, name), "supercategory": sup}
+        for name, (cid, sup) in COCO_CATEGORY_OF_VOC.items()
+    ]
+
+
+def voc_image_id(voc_id: str) -> int:
+    """VOC's `2008_000123` as the integer 2008000123: unique, and above every COCO 2017 image id (< 600000)."""
+    digits = voc_id.replace("_", "")
+    if not digits.isdigit():
+        raise DataError(f"VOC image {voc_id!r}: expected a VOC id such as 2008_000123")
+    return int(digits)
+
+
+def _voc_annotations(targets: voc.InstanceTargets, image_id: int) -> list[dict[str, Any]]:
+    """One COCO annotation per VOC instance: its SegmentationObject region (void excluded) as compressed RLE."""
+    anns = []
+    for k, (mask, label) in enumerate(zip(targets.masks.numpy(), targets.labels.tolist(), strict=True), start=1):
+        rle = mask_api.encode(np.asfortranarray(mask.astype(np.uint8)))
+        cid, _ = COCO_CATEGORY_OF_VOC[voc.VOC_CLASSES[label]]
+        anns.append(
+            {
+                "id": image_id * 100 + k,
+                "image_id": image_id,
+                "category_id": cid,
+                "iscrowd": 0,
+                "area": float(mask_api.area(rle)),
+                "bbox": [float(v) for v in mask_api.toBbox(rle)],
+                "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()},
+            }
+        )
+    return anns
+
+
+def read_voc_snapshot(snapshot: Snapshot) -> tuple[list[SourceImage], list[dict[str, Any]]]:
+    """Every image of a Pascal VOC snapshot with a SegmentationObject PNG, as COCO-format instances.
+
+    A VOC year folder (JPEGImages/, SegmentationObject/, SegmentationClass/) may sit anywhere in the snapshot. Each
+    instance is its SegmentationObject region with the class SegmentationClass gives it (ranprm.data.voc's reader);
+    VOC's 255 border/void pixels belong to no instance, and COCO format has no void: they are scored as background.
+    """
+    files = snapshot.files()
+    present = set(files)
+    objects = [p for p in files if p.endswith(".png") and Path(p).parent.name == "SegmentationObject"]
+    if not objects:
+        raise DataError(
+            f"--voc-snapshot {snapshot.path}: no SegmentationObject/*.png in it; is it a Pascal VOC folder?"
+        )
+    images: list[SourceImage] = []
+    with tempfile.TemporaryDirectory(prefix="ranprm-voc-") as tmp:
+        for obj_rel in objects:
+            root_rel, voc_id = Path(obj_rel).parent.parent, Path(obj_rel).stem
+            jpg_rel = (root_rel / "JPEGImages" / f"{voc_id}.jpg").as_posix()
+            cls_rel = (root_rel / "SegmentationClass" / f"{voc_id}.png").as_posix()
+            for needed in (jpg_rel, cls_rel):
+                if needed not in present:
+                    raise DataError(f"{snapshot.repository}:{obj_rel} has no {needed}; VOC instances need both")
+            # ranprm.data.voc reads masks from a VOC folder: lay this image's three files out as one
+            local = Path(tmp) / voc_id
+            data = snapshot.read(jpg_rel)
+            write_bytes_atomic(local / "JPEGImages" / f"{voc_id}.jpg", data)
+            obj_path, cls_path = voc.mask_paths(local, voc_id)
+            write_bytes_atomic(obj_path, snapshot.read(obj_rel))
+            write_bytes_atomic(cls_path, snapshot.read(cls_rel))
+            try:
+                voc.check_class_values(cls_path, len(voc.VOC_CLASSES))
+                height, width = voc.image_size_of(local / "JPEGImages" / f"{voc_id}.jpg")
+                targets = voc.read_instance_masks(local, voc_id, (height, width))
+            except DataError as err:  # name the snapshot's file, not the scratch copy
+                raise DataError(f"{snapshot.repository}: {str(err).replace(str(local), root_rel.as_posix())}") from None
+            shutil.rmtree(local)
+            if targets is None or not len(targets.labels):
+                continue  # an image without instances teaches PRM nothing and cannot be scored
+            image_id = voc_image_id(voc_id)
+            record = {"id": image_id, "file_name": f"{voc_id}.jpg", "height": height, "width": width}
+            images.append(
+                SourceImage(
+                    record,
+                    _voc_annotations(targets, image_id),
+                    None,
+                    snapshot.repository,
+                    snapshot.commit,
+                    obj_rel,
+                    jpg_rel,
+                    data,
+                )  # fmt: skip
+            )
+    return images, voc_categories()
 
 
 # --------------------------------------------------------------------------------------------------- merging
@@ -446,9 +559,13 @@ def read_coco2017(root: Path, recorded: dict[str, Any]) -> tuple[list[SourceImag
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--snapshot", action="append", help="a bare git dir or folder with COCO-format data (repeat)")
-    source.add_argument("--from-coco2017", help="a COCO 2017 folder: rebuild the committed set by its image ids")
+    parser.add_argument("--snapshot", action="append", help="a bare git dir or folder with COCO-format data (repeat)")
+    parser.add_argument(
+        "--voc-snapshot",
+        action="append",
+        help="a bare git dir or folder with Pascal VOC JPEGImages + SegmentationObject + SegmentationClass (repeat)",
+    )
+    parser.add_argument("--from-coco2017", help="a COCO 2017 folder: rebuild the committed set by its image ids")
     parser.add_argument(
         "--name", default=DEFAULT_NAME, help=f"the set's folder under <cache>/devset (default {DEFAULT_NAME})"
     )
@@ -462,6 +579,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        if args.from_coco2017 and (args.snapshot or args.voc_snapshot):
+            raise DataError(
+                "--from-coco2017 rebuilds a committed set by itself: give it without --snapshot/--voc-snapshot"
+            )
+        if not (args.from_coco2017 or args.snapshot or args.voc_snapshot):
+            raise DataError("give --snapshot and/or --voc-snapshot folders, or --from-coco2017")
         if not 0 < args.val_percent < 100:
             raise DataError(f"--val-percent {args.val_percent}: give a number between 1 and 99")
         cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
@@ -477,15 +600,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             val_percent = int(recorded["val_percent"])
         else:
             repos = args.repository or []
-            if repos and len(repos) != len(args.snapshot):
+            if repos and len(repos) != len(args.snapshot or []):
                 raise DataError("--repository: give one per --snapshot, in the same order")
             images, categories, sources = [], [], []
-            for i, path in enumerate(args.snapshot):
+            for i, path in enumerate(args.snapshot or []):
                 snap = open_snapshot(path, repos[i] if repos else None)
                 got, cats = read_snapshot(snap)
                 images += got
                 categories += cats
                 sources.append({"repository": snap.repository, "commit": snap.commit, "files": _instance_jsons(snap)})
+            for path in args.voc_snapshot or []:
+                snap = open_snapshot(path)
+                got, cats = read_voc_snapshot(snap)
+                images += got
+                categories += cats
+                sources.append({"repository": snap.repository, "commit": snap.commit, "format": "Pascal VOC",
+                                "voc_images": len(got)})  # fmt: skip
             val_percent = args.val_percent
         out, prov, what = build(images, categories, sources, args.name, val_percent, cache_dir)
         if args.from_coco2017 and prov["checksum"]["sha256"] != recorded["checksum"]["sha256"]:

@@ -2,7 +2,7 @@
 # RAN-56 from scratch, Lite0 and Lite0 + attention [8,16] on the real-photo development set at one wall-clock
 # budget each (BENCHMARKS.md, "Real photos"), then ranprm-evaluate under both protocols and the threshold presets'
 # class counts for each model.
-#   experiments/devset/run.sh                      # ~/.cache/ranprm/devset/coco-snapshots-v1, 10 minutes a model
+#   experiments/devset/run.sh                      # ~/.cache/ranprm/devset/coco-snapshots-v2, 10 minutes a model
 #   BUDGET=00:00:30:00 SIZE=320 experiments/devset/run.sh trainer=gpu    # extra args go to every training
 # Writes experiments/devset/runs/<stamp>/{lite0,lite0_att,ran}/ (checkpoints, panels/, metrics.json, class_counts.md)
 # and <model>/eval-{voc,coco}/metrics.json + per_class.md. The trainings run one after another: on a shared CPU,
@@ -12,7 +12,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 cd "$ROOT"
 PY="${PY:-$ROOT/.venv/bin/python}"
-SET="${SET:-${RANPRM_CACHE:-$HOME/.cache/ranprm}/devset/coco-snapshots-v1}"
+SET="${SET:-${RANPRM_CACHE:-$HOME/.cache/ranprm}/devset/coco-snapshots-v2}"
 BUDGET="${BUDGET:-00:00:10:00}"  # Lightning's max_time (DD:HH:MM:SS): the same wall-clock budget for every model
 SIZE="${SIZE:-256}"
 RUNS="$HERE/runs/${STAMP:-$(date +%Y-%m-%d_%H-%M-%S)}"

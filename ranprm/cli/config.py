@@ -250,12 +250,12 @@ def _check_loggers(cfg: Any) -> None:
     from lightning.pytorch.loggers import Logger
 
     from ranprm.cli.targets import check_targets
-    from ranprm.lightning.loggers import EXTRA_LOGGERS, check_logger_config
+    from ranprm.lightning.loggers import EXTRA_LOGGER_EXAMPLE, EXTRA_LOGGERS, check_logger_config
 
     # unresolved: an extra logger's `save_dir: ${paths.output_dir}` has no value yet in a notebook's compose
     plain = OmegaConf.to_container(logger, resolve=False)
     check_logger_config(plain)
-    check_targets(plain.get(EXTRA_LOGGERS), f"logger.{EXTRA_LOGGERS}", Logger)
+    check_targets(plain.get(EXTRA_LOGGERS), f"logger.{EXTRA_LOGGERS}", Logger, EXTRA_LOGGER_EXAMPLE)
 
 
 @contextmanager

@@ -52,6 +52,7 @@ LOGGER_KEYS: dict[str, tuple[str, ...]] = {
     "tensorboard": ("enabled",),
 }
 EXTRA_LOGGERS = "extra"  # logger.extra.<name>: a logger of any class, by _target_
+EXTRA_LOGGER_EXAMPLE = "lightning.pytorch.loggers.MLFlowLogger"  # what the one-line errors about them show
 # Overrides that say where things are, not what the job does: left out of the run name.
 _NAME_SKIPPED_KEYS = re.compile(
     r"^(hydra|paths|logger|callbacks\.progress_bar|data\.root|data\.num_workers|data\.cache_dir|ckpt_path|ckpt|"
@@ -344,7 +345,7 @@ def check_logger_config(cfg: Mapping[str, Any] | None) -> None:
                                   f"name: logger.{owners[0]}.{name}=...")  # fmt: skip
             raise ConfigError(f"logger.{name} is not an option of logger; its options: {', '.join(LOGGER_KEYS)} "
                               f"(logger=[csv,tensorboard] picks several) and {EXTRA_LOGGERS} "
-                              f"(+logger.{EXTRA_LOGGERS}.<name>._target_=<a Lightning Logger class>)")  # fmt: skip
+                              f"(+logger.{EXTRA_LOGGERS}.<name>._target_={EXTRA_LOGGER_EXAMPLE})")  # fmt: skip
         if node is None:
             continue  # `logger.wandb=null`: that logger off
         if not isinstance(node, Mapping):
@@ -401,7 +402,7 @@ def build_loggers(
     if extra:
         from ranprm.cli.targets import instantiate_targets  # a leaf module: the checks compose-time runs too
 
-        loggers += instantiate_targets(extra, f"logger.{EXTRA_LOGGERS}", Logger)
+        loggers += instantiate_targets(extra, f"logger.{EXTRA_LOGGERS}", Logger, EXTRA_LOGGER_EXAMPLE)
     return loggers
 
 

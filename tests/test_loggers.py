@@ -412,6 +412,19 @@ def test_a_logger_of_any_class_joins_by_target(tmp_path):
     assert Path(extra.log_dir) == tmp_path / "mine" / "board" / "version_0"
 
 
+def test_an_extra_logger_that_cannot_be_built_is_one_line(tmp_path):
+    """MLFlowLogger imports without mlflow (the compose-time check passes) and refuses to start without it."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here: MLFlowLogger would start")
+    extra = {"mlflow": {"_target_": "lightning.pytorch.loggers.MLFlowLogger", "save_dir": str(tmp_path)}}
+    with pytest.raises(ConfigError) as caught:
+        build_loggers({"csv": {"enabled": True}, "extra": extra}, tmp_path)
+    assert str(caught.value).startswith("logger.extra.mlflow: lightning.pytorch.loggers.MLFlowLogger could not be "
+                                        "built (ModuleNotFoundError: Requirement 'mlflow")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("overrides", "line"),
     [

@@ -80,8 +80,18 @@ def check_targets(
 def instantiate_targets(
     entries: Mapping[str, Any] | None, option: str, base: type | None = None, example: str = EXAMPLE
 ) -> list[Any]:
-    """The checked entries built by Hydra's `instantiate`, in the config's order."""
+    """The checked entries built by Hydra's `instantiate`, in the config's order. A class that fails to build (a
+    package it needs is missing, a value it refuses) is one line naming the entry, as the checks are."""
     from hydra.utils import instantiate
 
     check_targets(entries, option, base, example)
-    return [instantiate(dict(spec)) for spec in (entries or {}).values()]
+    built = []
+    for name, spec in (entries or {}).items():
+        try:
+            built.append(instantiate(dict(spec)))
+        except Exception as err:  # noqa: BLE001 (whatever the user's class raises)
+            cause = err.__cause__ or err  # Hydra wraps the class's own error
+            first = (str(cause).strip().splitlines() or [""])[0]
+            raise ConfigError(f"{option}.{name}: {spec['_target_']} could not be built "
+                              f"({type(cause).__name__}: {first})") from err  # fmt: skip
+    return built

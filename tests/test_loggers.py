@@ -247,7 +247,7 @@ def test_checkpoints_become_artifacts_with_best_and_latest(voc_root, tmp_path, o
     run_dir = tmp_path / "run"
     overrides = [*wandb_overrides(voc_root, run_dir, epochs=2), "callbacks.panels.num_images=0",
                  "data.holdout_fraction=0.5",
-                 "logger.log_model=true", "callbacks.checkpoint.mode=min"]  # fmt: skip
+                 "logger.wandb.log_model=true", "callbacks.checkpoint.mode=min"]  # fmt: skip
     train(compose("train", overrides))
     (run,) = offline_runs(run_dir)
     run_id = run_record(run).run_id

@@ -442,3 +442,15 @@ def test_an_extra_logger_is_checked_at_compose_time_in_one_line(overrides, line)
     with pytest.raises(ConfigError) as caught:
         compose("train", overrides)
     assert str(caught.value) == line
+
+
+def test_tensorboard_without_its_package_is_refused_when_the_config_is_composed(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    missing = ("tensorboard", "tensorboardX")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    with pytest.raises(ConfigError) as caught:
+        compose("train", ["logger=[csv,tensorboard]"])
+    assert str(caught.value) == "logger=tensorboard needs the tensorboard package: pip install 'ranprm[tensorboard]'"
+    assert list(compose("train", ["logger=csv"]).logger) == ["csv"]  # the others are unaffected

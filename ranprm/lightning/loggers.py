@@ -333,7 +333,8 @@ def enabled_loggers(cfg: Mapping[str, Any] | None) -> list[str]:
 
 def check_logger_config(cfg: Mapping[str, Any] | None) -> None:
     """A one-line ConfigError for a key under `logger` that no logger takes (checked at compose time): an unknown
-    logger, a key its logger does not have, a non-boolean `enabled`, a bad `log_model`. The entries of
+    logger, a key its logger does not have, a non-boolean `enabled`, a bad `log_model`; and for TensorBoard chosen
+    without its package. The entries of
     `logger.extra` are checked against their `_target_`'s signature by the caller (`ranprm.cli.config`)."""
     for name, node in (cfg or {}).items():
         if name == EXTRA_LOGGERS:
@@ -358,14 +359,11 @@ def check_logger_config(cfg: Mapping[str, Any] | None) -> None:
             check_value(node["enabled"], bool, f"logger.{name}.enabled")
         if name == "wandb":
             _log_model_option(node.get("log_model", False))
+    if "tensorboard" in enabled_loggers(cfg):
+        import importlib.util
 
-
-def _tensorboard_logger(save_dir: Path) -> Logger:
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-        raise ConfigError("logger=tensorboard needs the tensorboard package: pip install 'ranprm[tensorboard]'")
-    return TensorBoardLogger(save_dir=str(save_dir), name="tensorboard", version="")
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ConfigError("logger=tensorboard needs the tensorboard package: pip install 'ranprm[tensorboard]'")
 
 
 def build_loggers(
@@ -389,7 +387,7 @@ def build_loggers(
         if name == "csv":
             loggers.append(HistoryKeepingCSVLogger(save_dir, resume_step))
         elif name == "tensorboard":
-            loggers.append(_tensorboard_logger(save_dir))
+            loggers.append(TensorBoardLogger(save_dir=str(save_dir), name="tensorboard", version=""))
         elif name == "wandb":
             try:
                 loggers.append(_wandb_logger(cfg["wandb"], save_dir, run_config, identity or RunIdentity()))

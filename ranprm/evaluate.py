@@ -327,7 +327,7 @@ def _evaluate_into(
     write_text_atomic(out_dir / "per_class.md", per_class_table(result))
     print(summary(result))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'per_class.md'}")
-    if cfg.logger.name != "none":  # logger=wandb (or csv, tensorboard): the metrics and per-class table there too
+    if to_plain(cfg.logger):  # logger=wandb (or csv, tensorboard, several): the metrics and per-class table there too
         log_evaluation(to_plain(cfg.logger), out_dir, record, run_config=cfg, identity=run_identity_of(cfg))
     return record
 
@@ -393,7 +393,7 @@ def _write_variants(
     for entry in ranked:
         print(f"{entry['rank']:>3}. {entry['name']}: {entry['summary']}")
     print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'variants.md'} and {out_dir / 'variants.csv'}")
-    if cfg.logger.name != "none":
+    if to_plain(cfg.logger):
         scalars = {f"{e['name']}/{k}": v for e in ranked for k, v in e["metrics"].items()}
         log_evaluation(to_plain(cfg.logger), out_dir, {**scalars, "image_size": info.get("image_size")},
                        run_config=cfg, identity=run_identity_of(cfg), tables={"variants": (columns, rows)})  # fmt: skip

@@ -45,7 +45,7 @@ from ranprm.data.datamodule import DataConfig, VOCDataModule
 from ranprm.errors import ConfigError, RunInterrupted
 from ranprm.lightning.callbacks import SkippedImagesReport
 from ranprm.lightning.checkpoint import SaveOnSigterm, read_resume_checkpoint
-from ranprm.lightning.loggers import build_logger
+from ranprm.lightning.loggers import build_loggers
 from ranprm.lightning.module import PRMModule
 from ranprm.utils.checks import check_value
 from ranprm.utils.io import check_writable, write_json_atomic
@@ -131,9 +131,9 @@ def _train(cfg: DictConfig) -> float | None:
     apply_folder_plan(plan)
     commit_hydra_files(run_dir, resumed=plan.resume is not None)
     resume_step = int(header["global_step"]) if header is not None else None
-    logger = build_logger(to_plain(cfg.logger), run_dir, run_config=to_plain(cfg), identity=run_identity_of(cfg),
-                          resume_step=resume_step)  # fmt: skip
-    trainer = build_trainer(cfg, run_dir, logger, build_callbacks(cfg, run_dir, has_logger=logger is not None))
+    loggers = build_loggers(to_plain(cfg.logger), run_dir, run_config=to_plain(cfg), identity=run_identity_of(cfg),
+                            resume_step=resume_step)  # fmt: skip
+    trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, run_dir, has_logger=bool(loggers)))
     saver = next(c for c in trainer.callbacks if isinstance(c, SaveOnSigterm))
     if plan.resume is not None:
         log.info("resuming from %s (epoch %s, global step %s)", plan.resume, header["epoch"], header["global_step"])

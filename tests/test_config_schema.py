@@ -109,9 +109,9 @@ def _run(entry: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     [
         ("ranprm.train", ["optimizer.lr=abc"], "ranprm: error: optimizer.lr='abc' must be a number"),
         ("ranprm.train", ["data.batch_size=x"], "ranprm: error: data.batch_size='x' must be an integer"),
-        # Hydra would merge the two into one `logger` node and keep only tensorboard: refused until both can run
-        ("ranprm.train", ["logger=[csv,tensorboard]"], "ranprm: error: logger=[csv,tensorboard]: one logger per run "
-         "for now (Hydra would keep only logger=tensorboard); choose one, e.g. logger=csv"),
+        # a logger's setting in the spelling of one logger per run, which Hydra refuses while composing
+        ("ranprm.train", ["logger=wandb", "logger.project=mine"], "ranprm: error: logger.project is not an option of "
+         "logger; each logger's settings are under its name: logger.wandb.project=..."),
         ("ranprm.predict", [], "ranprm: error: ckpt, input and output are required; give ckpt=... input=... "
          "output=..., e.g. `ranprm-predict ckpt=outputs/train/<date>/<time>/checkpoints/last.ckpt input=photos/ "
          "output=predicted/`"),

@@ -307,5 +307,5 @@ def test_progress_bar_none_shows_no_bar_at_all(voc_root, tmp_path, bar, shown):
     from ranprm.cli.build import build_trainer
 
     cfg = compose("train", [*tiny_overrides(voc_root, tmp_path), f"callbacks.progress_bar={bar}"])
-    trainer = build_trainer(cfg, tmp_path, logger=None)
+    trainer = build_trainer(cfg, tmp_path, loggers=[])
     assert (trainer.progress_bar_callback is not None) == shown  # Lightning adds its own bar unless told not to

@@ -19,7 +19,7 @@ from ranprm.cli.config import compose
 from ranprm.errors import ConfigError
 from ranprm.lightning.loggers import (
     RunIdentity,
-    build_logger,
+    build_loggers,
     run_identity,
     run_name,
     sweep_group,
@@ -86,7 +86,7 @@ def test_build_logger_falls_back_to_csv_when_wandb_init_raises(tmp_path, monkeyp
 
     monkeypatch.setattr(loggers_mod, "SafeWandbLogger", Broken)
     with caplog.at_level(logging.WARNING, logger="ranprm.lightning.loggers"):
-        logger = build_logger({"name": "wandb", "mode": "offline"}, tmp_path)
+        (logger,) = build_loggers({"wandb": {"enabled": True, "mode": "offline"}}, tmp_path)
     assert isinstance(logger, CSVLogger)
     assert "W&B could not start (RuntimeError: no service)" in caplog.text
 
@@ -99,7 +99,7 @@ def test_build_logger_falls_back_to_csv_when_the_run_cannot_start(tmp_path, monk
 
     monkeypatch.setattr(loggers_mod, "SafeWandbLogger", NoRun)
     with caplog.at_level(logging.WARNING, logger="ranprm.lightning.loggers"):
-        logger = build_logger({"name": "wandb", "mode": "disabled"}, tmp_path)
+        (logger,) = build_loggers({"wandb": {"enabled": True, "mode": "disabled"}}, tmp_path)
     assert isinstance(logger, CSVLogger)
     assert "wandb service did not start" in caplog.text
 
@@ -144,13 +144,13 @@ def test_offline_wandb_run_holds_the_logged_panel_images(voc_root, tmp_path, mon
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
     built = []
-    original = train_mod.build_logger
+    original = train_mod.build_loggers
 
-    def recording_build_logger(*args, **kwargs):
-        built.append(original(*args, **kwargs))
-        return built[-1]
+    def recording_build_loggers(*args, **kwargs):
+        built.extend(original(*args, **kwargs))
+        return built
 
-    monkeypatch.setattr(train_mod, "build_logger", recording_build_logger)
+    monkeypatch.setattr(train_mod, "build_loggers", recording_build_loggers)
     try:
         train(compose("train", wandb_overrides(voc_root, tmp_path, epochs=1)))
     finally:
@@ -201,8 +201,8 @@ def test_sweep_group_is_the_sweep_folder():
 
 
 def test_log_model_must_be_false_true_or_all(tmp_path):
-    with pytest.raises(ConfigError, match="logger.log_model='best'"):
-        build_logger({"name": "wandb", "mode": "disabled", "log_model": "best"}, tmp_path)
+    with pytest.raises(ConfigError, match="logger.wandb.log_model='best'"):
+        build_loggers({"wandb": {"enabled": True, "mode": "disabled", "log_model": "best"}}, tmp_path)
 
 
 def test_an_open_run_is_finished_before_a_new_logger_starts(offline_wandb):
@@ -210,7 +210,8 @@ def test_an_open_run_is_finished_before_a_new_logger_starts(offline_wandb):
     import wandb
 
     leftover = wandb.init(project="ranprm", dir=str(offline_wandb), id="leftover1", mode="offline")
-    logger = build_logger({"name": "wandb"}, offline_wandb / "job", identity=RunIdentity(name="threshold=q3"))
+    identity = RunIdentity(name="threshold=q3")
+    (logger,) = build_loggers({"wandb": {"enabled": True}}, offline_wandb / "job", identity=identity)
     assert isinstance(logger, WandbLogger)
     assert logger.experiment.id != "leftover1" and wandb.run is logger.experiment
     assert leftover._is_finished
@@ -246,7 +247,7 @@ def test_checkpoints_become_artifacts_with_best_and_latest(voc_root, tmp_path, o
     run_dir = tmp_path / "run"
     overrides = [*wandb_overrides(voc_root, run_dir, epochs=2), "callbacks.panels.num_images=0",
                  "data.holdout_fraction=0.5",
-                 "logger.log_model=true", "callbacks.checkpoint.mode=min"]  # fmt: skip
+                 "logger.wandb.log_model=true", "callbacks.checkpoint.mode=min"]  # fmt: skip
     train(compose("train", overrides))
     (run,) = offline_runs(run_dir)
     run_id = run_record(run).run_id
@@ -322,10 +323,134 @@ def test_a_local_sweep_leaves_one_wandb_run_per_job_in_one_group(voc_root, tmp_p
     assert all(list(r.tags) == ["sweep-test"] for r in records)
 
 
-def test_tensorboard_logger_trains_and_writes_events(voc_root, tmp_path):
-    """logger=tensorboard works with the `tensorboard` extra (which `make` installs)."""
+def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in `folder`: tag -> [(step, value)] in the order logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(folder.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})  # 0: keep every value
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return scalars
+
+
+def _csv_series(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every column of Lightning's metrics.csv but `step`: column -> [(step, value)] of its non-empty cells."""
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "step" and value != "":
+                series.setdefault(key, []).append((int(row["step"]), float(value)))
+    return series
+
+
+def test_csv_and_tensorboard_at_once_log_the_same_metrics(voc_root, tmp_path):
+    """logger=[csv,tensorboard]: both loggers run (TensorBoard from the `tensorboard` extra, which `make` installs)
+    and record the same metrics at the same steps."""
     pytest.importorskip("tensorboard")
-    overrides = [*tiny_overrides(voc_root, tmp_path), "logger=tensorboard", "trainer.max_epochs=1",
-                 "callbacks.panels.num_images=0"]  # fmt: skip
+    overrides = [*tiny_overrides(voc_root, tmp_path), "logger=[csv,tensorboard]", "trainer.max_epochs=1",
+                 "trainer.log_every_n_steps=1", "callbacks.panels.num_images=0"]  # fmt: skip
     assert train(compose("train", overrides)) is not None
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    from_csv = _csv_series(tmp_path / "csv" / "metrics.csv")
+    from_tensorboard = _tensorboard_scalars(tmp_path / "tensorboard")
+    # TensorBoard alone gets `hp_metric` (Lightning's placeholder for the hyperparameters tab, -1)
+    assert from_tensorboard.pop("hp_metric") == [(0, -1.0)]
+    assert {"train/loss", "val/cls_map", "epoch"} <= set(from_csv)
+    assert sorted(from_tensorboard) == sorted(from_csv)
+    for key, logged in from_csv.items():  # TensorBoard keeps float32: one rounding of each value
+        assert [s for s, _ in from_tensorboard[key]] == [s for s, _ in logged], key
+        assert [v for _, v in from_tensorboard[key]] == pytest.approx([v for _, v in logged], rel=2**-24), key
+
+
+def test_several_loggers_are_built_in_the_config_order_and_settings_alone_turn_none_on(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from ranprm.cli.config import to_plain
+    from ranprm.lightning.loggers import HistoryKeepingCSVLogger, enabled_loggers
+
+    cfg = compose("train", ["logger=[tensorboard,csv]", "+logger.wandb.entity=my-team"])  # as conf/local may set it
+    assert to_plain(cfg.logger) == {"tensorboard": {"enabled": True}, "csv": {"enabled": True},
+                                    "wandb": {"entity": "my-team"}}  # fmt: skip
+    assert enabled_loggers(to_plain(cfg.logger)) == ["tensorboard", "csv"]
+    loggers = build_loggers(to_plain(cfg.logger), tmp_path)
+    assert [type(lg) for lg in loggers] == [TensorBoardLogger, HistoryKeepingCSVLogger]
+    assert [Path(lg.log_dir) for lg in loggers] == [tmp_path / "tensorboard", tmp_path / "csv"]
+    assert build_loggers(to_plain(compose("train", ["logger=none"]).logger), tmp_path) == []
+    assert build_loggers(to_plain(compose("train", ["logger=csv", "logger.csv.enabled=false"]).logger), tmp_path) == []
+
+
+def test_wandb_failing_beside_csv_leaves_the_one_csv_logger(tmp_path, monkeypatch, caplog):
+    """The fallback to CSV would be a second CSV logger writing the same csv/metrics.csv."""
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("no service")
+
+    monkeypatch.setattr(loggers_mod, "SafeWandbLogger", Broken)
+    with caplog.at_level(logging.WARNING, logger="ranprm.lightning.loggers"):
+        (logger,) = build_loggers({"wandb": {"enabled": True, "mode": "offline"}, "csv": {"enabled": True}}, tmp_path)
+    assert isinstance(logger, CSVLogger)
+    assert "W&B could not start (RuntimeError: no service); logging to the CSV logger only" in caplog.text
+
+
+def test_a_logger_of_any_class_joins_by_target(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from ranprm.cli.config import to_plain
+    from ranprm.lightning.loggers import HistoryKeepingCSVLogger
+
+    pytest.importorskip("tensorboard")
+    extra = ["+logger.extra.board._target_=lightning.pytorch.loggers.TensorBoardLogger",
+             f"+logger.extra.board.save_dir={tmp_path / 'mine'}", "+logger.extra.board.name=board"]  # fmt: skip
+    cfg = compose("train", ["logger=csv", *extra])
+    first, extra = build_loggers(to_plain(cfg.logger), tmp_path)
+    assert type(first) is HistoryKeepingCSVLogger and type(extra) is TensorBoardLogger
+    assert Path(extra.log_dir) == tmp_path / "mine" / "board" / "version_0"
+
+
+def test_an_extra_logger_that_cannot_be_built_is_one_line(tmp_path):
+    """MLFlowLogger imports without mlflow (the compose-time check passes) and refuses to start without it."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here: MLFlowLogger would start")
+    extra = {"mlflow": {"_target_": "lightning.pytorch.loggers.MLFlowLogger", "save_dir": str(tmp_path)}}
+    with pytest.raises(ConfigError) as caught:
+        build_loggers({"csv": {"enabled": True}, "extra": extra}, tmp_path)
+    assert str(caught.value).startswith("logger.extra.mlflow: lightning.pytorch.loggers.MLFlowLogger could not be "
+                                        "built (ModuleNotFoundError: Requirement 'mlflow")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["+logger.extra.board._target_=lightning.pytorch.loggers.TensorBoardLogger"],
+         "logger.extra.board: lightning.pytorch.loggers.TensorBoardLogger missing a required argument: 'save_dir'; "
+         "give it as +logger.extra.board.<argument>=..."),
+        (["+logger.extra.board._target_=lightning.pytorch.callbacks.EarlyStopping", "+logger.extra.board.monitor=x"],
+         "logger.extra.board._target_=lightning.pytorch.callbacks.EarlyStopping is not a "
+         "lightning.pytorch.loggers.logger.Logger"),
+        (["+logger.extra.board.save_dir=/x"], "logger.extra.board needs a _target_ naming its class, e.g. "
+         "+logger.extra.board._target_=lightning.pytorch.loggers.MLFlowLogger"),
+    ],
+)  # fmt: skip
+def test_an_extra_logger_is_checked_at_compose_time_in_one_line(overrides, line):
+    with pytest.raises(ConfigError) as caught:
+        compose("train", overrides)
+    assert str(caught.value) == line
+
+
+def test_tensorboard_without_its_package_is_refused_when_the_config_is_composed(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    missing = ("tensorboard", "tensorboardX")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    with pytest.raises(ConfigError) as caught:
+        compose("train", ["logger=[csv,tensorboard]"])
+    assert str(caught.value) == "logger=tensorboard needs the tensorboard package: pip install 'ranprm[tensorboard]'"
+    assert list(compose("train", ["logger=csv"]).logger) == ["csv"]  # the others are unaffected

@@ -121,13 +121,15 @@ def test_two_concurrent_trainings_into_one_folder_one_refuses_the_first_keeps_it
 # --- 2. resume keeps every logger's history and a consistent lr schedule ------------------------------------------
 
 
-def test_resume_with_more_epochs_keeps_the_csv_history_and_the_lr_goes_on_down(voc_root, tmp_path):
+def test_resume_with_more_epochs_keeps_every_loggers_history_and_the_lr_goes_on_down(voc_root, tmp_path):
     import csv
 
     from ranprm.train import train
+    from tests.test_loggers import _tensorboard_scalars
 
+    pytest.importorskip("tensorboard")
     base = [*tiny_overrides(voc_root, tmp_path), "optimizer=adam", "optimizer.scheduler=cosine",
-            "trainer.log_every_n_steps=1"]  # fmt: skip
+            "trainer.log_every_n_steps=1", "logger=[csv,tensorboard]"]  # fmt: skip
     train(compose("train", [*base, "trainer.max_epochs=2"]))
     first = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
     train(compose("train", [*base, "trainer.max_epochs=4", "ckpt_path=last"]))
@@ -142,6 +144,9 @@ def test_resume_with_more_epochs_keeps_the_csv_history_and_the_lr_goes_on_down(v
         (1 + math.cos(math.pi * s / 8)) / 2 for s in range(4, 8)
     ]
     assert [v / 1e-3 for _, v in lrs] == pytest.approx(expected, abs=1e-9)  # conf/optimizer/adam.yaml: lr 1e-3
+    # TensorBoard beside it: one event file per start in the same folder, together the same 8 steps of lr
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert [s for s, _ in _tensorboard_scalars(tmp_path / "tensorboard")[lr_key]] == list(range(8))
 
 
 # --- 5. loader workers die with the main process ------------------------------------------------------------------
@@ -408,20 +413,64 @@ def test_limit_train_batches_0_is_refused_before_anything_is_written(voc_root, t
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["logger=csv", "+logger.bogus=1"], "logger.bogus is not an option of logger=csv; its options: name"),
-        (["logger=tensorboard", "+logger.save_dir=/x"], "logger.save_dir is not an option of logger=tensorboard"),
-        (
-            ["logger=wandb", "+logger.projct=x"],
-            "logger.projct is not an option of logger=wandb; its options: name, project",
-        ),
+        (["logger=csv", "+logger.bogus=1"], "logger.bogus is not an option of logger; its options: wandb, csv, "
+         "tensorboard (logger=[csv,tensorboard] picks several) and extra (+logger.extra.<name>._target_="
+         "lightning.pytorch.loggers.MLFlowLogger)"),
+        (["logger=csv", "+logger.csv.bogus=1"],
+         "logger.csv.bogus is not an option of logger=csv; its options: enabled"),
+        (["logger=[csv,tensorboard]", "+logger.tensorboard.save_dir=/x"],
+         "logger.tensorboard.save_dir is not an option of logger=tensorboard; its options: enabled"),
+        (["logger=wandb", "logger.wandb.projct=x"], "logger.wandb.projct is not an option of logger=wandb; its "
+         "options: enabled, project, entity, run_name, group, job_type, mode, log_model"),
+        # the spelling of one logger per run: Hydra refuses it while composing, the line says the new one
+        (["logger=wandb", "logger.project=x"], "logger.project is not an option of logger; each logger's settings "
+         "are under its name: logger.wandb.project=..."),
+        (["logger=tensorboard", "+logger.save_dir=/x"], "logger.save_dir is not an option of logger; its options: "),
+        (["logger=csv", "logger.wandb.project=x"], "logger.wandb: logger=wandb is not chosen in this run; add it "
+         "(e.g. logger=[csv,wandb]), or set its keys with +logger.wandb.<key>=..."),
+        (["logger=csv", "logger.csv.enabled=maybe"], "logger.csv.enabled='maybe' must be true or false"),
     ],
-)
+)  # fmt: skip
 def test_unknown_keys_under_logger_are_refused_like_everywhere_else(overrides, message):
     from ranprm.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError) as caught:
         compose("train", overrides)  # the entry points check the same (`check_composed`) before the task runs
-    assert compose("train", ["logger=wandb", "logger.project=mine"]).logger.project == "mine"
+    assert str(caught.value).startswith(message)
+    assert compose("train", ["logger=wandb", "logger.wandb.project=mine"]).logger.wandb.project == "mine"
+
+
+def test_ranprm_log_dir_naming_a_file_is_one_line_before_anything_is_made(tmp_path):
+    """$RANPRM_LOG_DIR holds the run folders; a file there ended in Hydra's traceback from its mkdir."""
+    in_the_way = tmp_path / "runs"
+    in_the_way.write_text("a file, not a folder\n")
+    proc = subprocess.run([sys.executable, "-m", "ranprm.train", "experiment=smoke"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=240, env={**ENV, "RANPRM_LOG_DIR": str(in_the_way)})  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"ranprm: error: RANPRM_LOG_DIR='{in_the_way}' is a file; give a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no run folder, log or .hydra anywhere
+    assert in_the_way.read_text() == "a file, not a folder\n"
+
+
+def test_a_sweep_under_a_ranprm_log_dir_below_a_file_is_refused_by_the_same_check(tmp_path, monkeypatch, capsys):
+    """The Hydra callback checks a multirun's sweep folder as it checks a run folder (here without a subprocess)."""
+    from omegaconf import OmegaConf
+
+    from ranprm.cli.run_dir import RunFolderCheck
+
+    (tmp_path / "runs").write_text("")
+    monkeypatch.setenv("RANPRM_LOG_DIR", str(tmp_path / "runs" / "deeper"))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "runs" / "deeper" / "multirun" / "x")}}})
+    with pytest.raises(SystemExit) as exited:
+        RunFolderCheck().on_multirun_start(config)
+    assert exited.value.code == 2
+    deeper = tmp_path / "runs" / "deeper"
+    assert capsys.readouterr().err.strip() == (
+        f"ranprm: error: RANPRM_LOG_DIR='{deeper}' is not writable (Not a directory); choose another folder or free it"
+    )
+    monkeypatch.delenv("RANPRM_LOG_DIR")
+    RunFolderCheck().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # checked, and nothing left behind
 
 
 def test_a_sweep_job_run_again_into_its_folder_is_skipped_when_finished_and_resumed_when_interrupted(tmp_path):

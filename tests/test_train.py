@@ -29,7 +29,7 @@ def _build_what_the_group_configures(group: str, cfg, run_dir: Path) -> None:
     from ranprm.cli.config import to_plain
     from ranprm.data.datamodule import DataConfig, VOCDataModule
     from ranprm.lightning.hardware import resolve_precision
-    from ranprm.lightning.loggers import build_logger
+    from ranprm.lightning.loggers import build_loggers, enabled_loggers
     from ranprm.models.prm_net import PRMNet
     from ranprm.prm.pipeline import InferenceConfig
 
@@ -47,9 +47,11 @@ def _build_what_the_group_configures(group: str, cfg, run_dir: Path) -> None:
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(
             [cfg.optimizer.lr * cfg.optimizer.get("backbone_lr_mult", 1.0), cfg.optimizer.lr]
         )
-    elif group == "logger":
-        logger = build_logger(to_plain(cfg.logger), run_dir)
-        assert (logger is None) == (cfg.logger.name == "none")
+    elif group == "logger":  # one option, one logger of its kind (none: none)
+        names = enabled_loggers(to_plain(cfg.logger))
+        loggers = build_loggers(to_plain(cfg.logger), run_dir)
+        assert len(names) == len(loggers) <= 1
+        assert all(name in type(lg).__name__.lower() for name, lg in zip(names, loggers, strict=True))
     elif group == "trainer":
         args = to_plain(cfg.trainer)
         if args.get("accelerator") == "gpu" and not torch.cuda.is_available():
@@ -70,7 +72,7 @@ def _build_what_the_group_configures(group: str, cfg, run_dir: Path) -> None:
         args = to_plain(cfg.trainer)
         args["precision"] = resolve_precision(args.get("precision", "32-true"), args.get("accelerator", "auto"))
         L.Trainer(**args, logger=False, enable_checkpointing=False, default_root_dir=str(run_dir))
-        assert cfg.data.num_workers == 0 and build_logger(to_plain(cfg.logger), run_dir) is not None
+        assert cfg.data.num_workers == 0 and build_loggers(to_plain(cfg.logger), run_dir) != []
     else:
         raise AssertionError(f"config group {group!r} has no build check here; add one")
 

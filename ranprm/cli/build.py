@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import logging
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -298,7 +299,7 @@ def _lightning_precisions() -> list[Any]:
 
 
 def build_trainer(
-    cfg: DictConfig, run_dir: Path, logger: Logger | None, callbacks: list[Callback] | None = None
+    cfg: DictConfig, run_dir: Path, loggers: Sequence[Logger] = (), callbacks: list[Callback] | None = None
 ) -> L.Trainer:
     """The Trainer for `ranprm.train`: checked arguments, ranprm's callbacks (`build_callbacks` unless given), the
     atomic checkpoint writer, and no progress bar at all with `callbacks.progress_bar=none` (Lightning would add
@@ -306,11 +307,11 @@ def build_trainer(
     args = trainer_arguments(cfg)
     log.info("trainer.precision=%s -> %s", cfg.trainer.get("precision"), args["precision"])
     if callbacks is None:
-        callbacks = build_callbacks(cfg, run_dir, has_logger=logger is not None)
+        callbacks = build_callbacks(cfg, run_dir, has_logger=bool(loggers))
     try:
         return L.Trainer(
             **args,
-            logger=logger if logger is not None else False,
+            logger=list(loggers) if loggers else False,
             callbacks=callbacks,
             default_root_dir=str(run_dir),
             enable_progress_bar=cfg.callbacks.progress_bar != "none",

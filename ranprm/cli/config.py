@@ -200,8 +200,7 @@ def check_composed(cfg: Any, config_name: str, require_all: bool = True) -> None
         suffix = f", e.g. `{example(config_name)}`" if config_name in ENTRY_POINTS else ""
         raise ConfigError(f"{named} {'is' if len(missing) == 1 else 'are'} required; give {hint}{suffix}")
 
-    _check_one_logger()
-    _check_logger_keys(cfg)
+    _check_loggers(cfg)
     _check_extra_callbacks(cfg)
 
     def visit(node: DictConfig, path: str) -> None:
@@ -225,21 +224,6 @@ def check_composed(cfg: Any, config_name: str, require_all: bool = True) -> None
     visit(cfg, "")
 
 
-def _check_one_logger() -> None:
-    """`logger=[csv,tensorboard]`: Hydra merges a list of options into the one `logger` node and the last one wins;
-    several loggers at once are not built yet, so the list is refused rather than all but one silently dropped."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return
-    for override in HydraConfig.get().overrides.task:
-        key, _, value = str(override).partition("=")
-        names = [n.strip() for n in value.strip().strip("[]").split(",") if n.strip()]
-        if key.lstrip("+~") == "logger" and value.strip().startswith("[") and len(names) > 1:
-            raise ConfigError(f"{override}: one logger per run for now (Hydra would keep only logger={names[-1]}); "
-                              f"choose one, e.g. logger={names[0]}")  # fmt: skip
-
-
 def _check_extra_callbacks(cfg: Any) -> None:
     """`callbacks.extra.<name>._target_=...`: each target imports, is a Lightning callback and takes the given keys."""
     from omegaconf import DictConfig
@@ -255,22 +239,23 @@ def _check_extra_callbacks(cfg: Any) -> None:
     check_targets(to_plain(extra), "callbacks.extra", Callback)
 
 
-def _check_logger_keys(cfg: Any) -> None:
-    """`logger` is untyped (its options differ in shape): its keys are checked against the chosen logger's."""
-    from omegaconf import DictConfig
+def _check_loggers(cfg: Any) -> None:
+    """`logger` is untyped (each logger's settings differ in shape): its keys are checked against the loggers' own,
+    and each `logger.extra.<name>._target_` imports, is a Lightning logger and takes the given keys."""
+    from omegaconf import DictConfig, OmegaConf
 
     logger = cfg.get("logger") if isinstance(cfg, DictConfig) else None
     if not isinstance(logger, DictConfig):
         return
-    from ranprm.lightning.loggers import LOGGER_KEYS
+    from lightning.pytorch.loggers import Logger
 
-    known = LOGGER_KEYS.get(str(logger.get("name")))
-    if known is None:
-        return  # an unknown logger.name is one line where the logger is built
-    for key in logger:
-        if key not in known:
-            raise ConfigError(f"logger.{key} is not an option of logger={logger.get('name')}; its options: "
-                              f"{', '.join(known)}")  # fmt: skip
+    from ranprm.cli.targets import check_targets
+    from ranprm.lightning.loggers import EXTRA_LOGGER_EXAMPLE, EXTRA_LOGGERS, check_logger_config
+
+    # unresolved: an extra logger's `save_dir: ${paths.output_dir}` has no value yet in a notebook's compose
+    plain = OmegaConf.to_container(logger, resolve=False)
+    check_logger_config(plain)
+    check_targets(plain.get(EXTRA_LOGGERS), f"logger.{EXTRA_LOGGERS}", Logger, EXTRA_LOGGER_EXAMPLE)
 
 
 @contextmanager
@@ -349,6 +334,10 @@ def config_error_line(err: BaseException) -> str:
         if isinstance(cause, ConfigKeyError | ConfigAttributeError) and hints:
             section = full_key.rsplit(".", 1)[0] if "." in full_key else "the config"
             return f"{full_key} is not an option of {section}; its options: {', '.join(hints)}"
+        if isinstance(cause, ConfigKeyError | ConfigAttributeError) and full_key.startswith("logger."):
+            line = _logger_key_line(full_key)  # `logger.project=x`: the untyped section's own message
+            if line is not None:
+                return line
         return f"{full_key}: {(str(cause.msg).splitlines() or [type(cause).__name__])[0]}"
     text = str(err)
     head, _, rest = text.partition("\n\nAvailable options in ")
@@ -359,6 +348,25 @@ def config_error_line(err: BaseException) -> str:
         return f"{first}; the options of {group}: {', '.join(options)}"
     first = (text.strip().splitlines() or [type(err).__name__])[0]
     return f"cannot read an override: {first}" if type(err).__name__ == "OverrideParseException" else first
+
+
+def _logger_key_line(full_key: str) -> str | None:
+    """What `check_logger_config` says of the key `full_key` (`logger.project`, `logger.wandb.projct`), if
+    anything: the same line as for `+logger.project=x`."""
+    from ranprm.lightning.loggers import LOGGER_KEYS, check_logger_config
+
+    node: Any = None
+    for part in reversed(full_key.split(".")[1:]):
+        node = {part: node if node is not None else {}}
+    try:
+        check_logger_config(node)
+    except ConfigError as err:
+        return str(err)
+    name = full_key.split(".")[1]
+    if name in LOGGER_KEYS:  # a setting of a logger this run does not choose
+        return (f"logger.{name}: logger={name} is not chosen in this run; add it (e.g. logger=[csv,{name}]), or "
+                f"set its keys with +logger.{name}.<key>=...")  # fmt: skip
+    return None
 
 
 def _field_types(owner: Any) -> dict[str, Any]:

@@ -19,6 +19,9 @@ leaves the folder as it was.
   (SIGKILL included), so a stale lock file never blocks a later run.
 - Hydra's staging folder is per process (`.hydra-pending-<pid>`, see `register_pid_resolver`), so a second process
   starting in a folder cannot replace the first one's record before the first one commits it.
+- `RunFolderCheck` (a Hydra callback, conf/hydra/default.yaml): the run or sweep folder Hydra is about to make, and
+  `$RANPRM_LOG_DIR` above it, checked first, so a file in the way or a read-only mount is one line naming the
+  variable or option and the path, not Hydra's traceback from its `mkdir`.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from ranprm.errors import FolderBusyError, RanprmError, RunFolderError
-from ranprm.utils.io import clean_stale_temp_files, is_stale_temp_file, write_text_atomic
+from ranprm.utils.io import check_writable, clean_stale_temp_files, is_stale_temp_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"  # Lightning's SLURM auto-requeue checkpoint
 # The files ranprm writes inside RESULT_DIRS (cli/build.py's checkpoint names, lightning/panels.py's panels):
 # `overwrite=true` removes these and never anything else there (a user's own .ckpt in checkpoints/ is kept).
 OWN_FILES = {CHECKPOINT_DIR: ("last.ckpt", "last-v*.ckpt", "best-epoch*.ckpt"), "panels": ("epoch_*/*.png",)}
+LOG_DIR_VARIABLE = "RANPRM_LOG_DIR"  # conf/paths/default.yaml: paths.log_dir, where run and sweep folders go
 # Overrides that say how this attempt runs, not what the run is: never carried into a resumed run's saved overrides.
 ATTEMPT_KEYS = ("ckpt_path", "resume", "overwrite")
 
@@ -392,3 +397,34 @@ def hold_folder(folder: Path, option: str) -> Iterator[Path]:
         if created:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty
+
+
+def check_run_folder(folder: str | Path, option: str) -> None:
+    """A one-line ConfigError when `folder` (the run or sweep folder `option` names) cannot be made and written: a
+    file in its place or above it, a read-only mount. When it lies under `$RANPRM_LOG_DIR`, that variable is checked
+    first and named: it is what the user set. Nothing is left behind (`check_writable` removes what it made)."""
+    log_dir = os.environ.get(LOG_DIR_VARIABLE)
+    folder = Path(folder).expanduser().absolute()
+    if log_dir:
+        root = Path(log_dir).expanduser().absolute()
+        if folder == root or root in folder.parents:
+            check_writable(root, LOG_DIR_VARIABLE)
+    check_writable(folder, option)
+
+
+class RunFolderCheck(Callback):
+    """Hydra callback: `check_run_folder` on the run folder (or a multirun's sweep folder) before Hydra makes it;
+    a failure is one line and exit code 2, as any user error (`HYDRA_FULL_ERROR=1`: the traceback). Hydra turns
+    exceptions raised by callbacks into warnings, hence the exit from here."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(folder: str, option: str) -> None:
+        from ranprm.cli.config import report_user_errors
+
+        report_user_errors(check_run_folder)(folder, option)

@@ -1,5 +1,11 @@
 """Experiment loggers from the `logger` config group; W&B goes offline by itself and never stops training.
 
+Several at once, as lightning-hydra-template users write it: each option of the group puts its settings under its
+own key (`logger.wandb.project`, `logger.csv`), so `logger=[csv,tensorboard]` composes into one `logger` node that
+holds both, and `build_loggers` builds every logger whose node says `enabled: true` (what the group's file sets:
+settings alone, e.g. `logger.wandb.entity` in conf/local/default.yaml, turn no logger on). Loggers of any other
+class are added by `_target_` under `logger.extra.<name>` (checked at compose time, `ranprm.cli.targets`).
+
 W&B, the way its users expect it:
 - one W&B run per job: the run is finished when the job's `Trainer.fit` ends (`SafeWandbLogger.finalize`), and a
   run left open in the same process (an earlier job of a local `-m` sweep that died before fitting) is finished
@@ -9,7 +15,7 @@ W&B, the way its users expect it:
   top-level `tags` key (`RunIdentity`);
 - the run id is kept in `<run dir>/wandb_run_id`, so a run resumed in its folder (`ckpt_path=last`) continues the
   same W&B run (`resume="allow"`);
-- `logger.log_model`: checkpoints as W&B artifacts (`false`, `true`: best and last at the end of training, `all`:
+- `logger.wandb.log_model`: checkpoints as W&B artifacts (`false`, `true`: best and last at the end of training, `all`:
   every checkpoint as it is written);
 - any W&B failure is one warning: building it falls back to CSV, a failed logging call is skipped.
 """
@@ -33,19 +39,20 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from ranprm.errors import ConfigError
+from ranprm.utils.checks import check_value
 
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id"
-LOGGER_NAMES = ("wandb", "csv", "tensorboard", "none")
-# The keys each logger's conf/logger/<name>.yaml has (and build_logger reads): any other is refused at compose time
-# (`ranprm.cli.config.check_composed`), as an unknown key is everywhere else, instead of being ignored.
+# The keys each logger's conf/logger/<name>.yaml puts under `logger.<name>` (and build_loggers reads): any other is
+# refused at compose time (`check_logger_config`), as an unknown key is everywhere else, instead of being ignored.
 LOGGER_KEYS: dict[str, tuple[str, ...]] = {
-    "wandb": ("name", "project", "entity", "run_name", "group", "job_type", "mode", "log_model"),
-    "csv": ("name",),
-    "tensorboard": ("name",),
-    "none": ("name",),
+    "wandb": ("enabled", "project", "entity", "run_name", "group", "job_type", "mode", "log_model"),
+    "csv": ("enabled",),
+    "tensorboard": ("enabled",),
 }
+EXTRA_LOGGERS = "extra"  # logger.extra.<name>: a logger of any class, by _target_
+EXTRA_LOGGER_EXAMPLE = "lightning.pytorch.loggers.MLFlowLogger"  # what the one-line errors about them show
 # Overrides that say where things are, not what the job does: left out of the run name.
 _NAME_SKIPPED_KEYS = re.compile(
     r"^(hydra|paths|logger|callbacks\.progress_bar|data\.root|data\.num_workers|data\.cache_dir|ckpt_path|ckpt|"
@@ -277,14 +284,15 @@ class HistoryKeepingCSVLogger(CSVLogger):
 
 
 def _log_model_option(value: Any) -> bool | str:
-    """`logger.log_model`: false | true (best and last checkpoints at the end of training) | all (every save)."""
+    """`logger.wandb.log_model`: false | true (best and last checkpoints at the end of training) | all (every save)."""
     if isinstance(value, str) and value.lower() in ("true", "false", "all"):
         value = {"true": True, "false": False}.get(value.lower(), "all")
     if value is None:
         return False
     if value is True or value is False or value == "all":
         return value
-    raise ConfigError(f"logger.log_model={value!r} is not valid; choose false, true (at the end of training) or all")
+    raise ConfigError(f"logger.wandb.log_model={value!r} is not valid; choose false, true (at the end of training) "
+                      "or all")  # fmt: skip
 
 
 def _wandb_logger(
@@ -314,43 +322,86 @@ def _wandb_logger(
     return wandb_logger
 
 
-def build_logger(
-    cfg: Mapping[str, Any],
-    save_dir: Path,
-    run_config: dict[str, Any] | None = None,
-    identity: RunIdentity | None = None,
-    resume_step: int | None = None,
-) -> Logger | None:
-    """The configured logger; when W&B cannot start, a warning and a CSV logger instead, never a dead run.
+def enabled_loggers(cfg: Mapping[str, Any] | None) -> list[str]:
+    """The built-in loggers `cfg` (the `logger` node) turns on, in its order: `logger=[wandb,csv]` -> wandb, csv."""
+    return [
+        name
+        for name, node in (cfg or {}).items()
+        if name in LOGGER_KEYS and isinstance(node, Mapping) and node.get("enabled") is True
+    ]
 
-    `resume_step`: the global step a resumed run starts from. The CSV logger then keeps the earlier rows up to it;
-    TensorBoard adds an event file in the same folder and W&B continues the same run (its id is kept in the run
-    folder), both at the steps that follow."""
-    name = cfg.get("name", "none")
-    save_dir = Path(save_dir)
-    if name == "none":
-        return None
-    if name == "csv":
-        return HistoryKeepingCSVLogger(save_dir, resume_step)
-    if name == "tensorboard":
+
+def check_logger_config(cfg: Mapping[str, Any] | None) -> None:
+    """A one-line ConfigError for a key under `logger` that no logger takes (checked at compose time): an unknown
+    logger, a key its logger does not have, a non-boolean `enabled`, a bad `log_model`; and for TensorBoard chosen
+    without its package. The entries of
+    `logger.extra` are checked against their `_target_`'s signature by the caller (`ranprm.cli.config`)."""
+    for name, node in (cfg or {}).items():
+        if name == EXTRA_LOGGERS:
+            continue
+        if name not in LOGGER_KEYS:
+            owners = [logger for logger, keys in LOGGER_KEYS.items() if name in keys and name != "enabled"]
+            if owners:  # the spelling of one logger per run: its settings were directly under `logger`
+                raise ConfigError(f"logger.{name} is not an option of logger; each logger's settings are under its "
+                                  f"name: logger.{owners[0]}.{name}=...")  # fmt: skip
+            raise ConfigError(f"logger.{name} is not an option of logger; its options: {', '.join(LOGGER_KEYS)} "
+                              f"(logger=[csv,tensorboard] picks several) and {EXTRA_LOGGERS} "
+                              f"(+logger.{EXTRA_LOGGERS}.<name>._target_={EXTRA_LOGGER_EXAMPLE})")  # fmt: skip
+        if node is None:
+            continue  # `logger.wandb=null`: that logger off
+        if not isinstance(node, Mapping):
+            raise ConfigError(f"logger.{name}={node!r} must be the mapping of its options (or null: off)")
+        for key in node:
+            if key not in LOGGER_KEYS[name]:
+                raise ConfigError(f"logger.{name}.{key} is not an option of logger={name}; its options: "
+                                  f"{', '.join(LOGGER_KEYS[name])}")  # fmt: skip
+        if "enabled" in node:
+            check_value(node["enabled"], bool, f"logger.{name}.enabled")
+        if name == "wandb":
+            _log_model_option(node.get("log_model", False))
+    if "tensorboard" in enabled_loggers(cfg):
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
             raise ConfigError("logger=tensorboard needs the tensorboard package: pip install 'ranprm[tensorboard]'")
-        return TensorBoardLogger(save_dir=str(save_dir), name="tensorboard", version="")
-    if name == "wandb":
-        _log_model_option(cfg.get("log_model", False))  # a typo is a config error, not a silent CSV fallback
-        try:
-            return _wandb_logger(cfg, save_dir, run_config, identity or RunIdentity())
-        except Exception as err:  # any W&B failure (network, auth, service) must not cost the run
-            log.warning(
-                "W&B could not start (%s: %s); logging to CSV in %s instead",
-                type(err).__name__,
-                err,
-                save_dir,
-            )
-            return HistoryKeepingCSVLogger(save_dir, resume_step)
-    raise ConfigError(f"logger.name={name!r} is unknown; choose one of {', '.join(LOGGER_NAMES)}")
+
+
+def build_loggers(
+    cfg: Mapping[str, Any] | None,
+    save_dir: Path,
+    run_config: dict[str, Any] | None = None,
+    identity: RunIdentity | None = None,
+    resume_step: int | None = None,
+) -> list[Logger]:
+    """Every configured logger, in the config's order, then the `logger.extra` ones; [] for `logger=none`.
+
+    When W&B cannot start: a warning, and a CSV logger instead (unless CSV is configured too), never a dead run.
+    `resume_step`: the global step a resumed run starts from. The CSV logger then keeps the earlier rows up to it;
+    TensorBoard adds an event file in the same folder and W&B continues the same run (its id is kept in the run
+    folder), both at the steps that follow."""
+    check_logger_config(cfg)
+    save_dir = Path(save_dir)
+    names = enabled_loggers(cfg)
+    loggers: list[Logger] = []
+    for name in names:
+        if name == "csv":
+            loggers.append(HistoryKeepingCSVLogger(save_dir, resume_step))
+        elif name == "tensorboard":
+            loggers.append(TensorBoardLogger(save_dir=str(save_dir), name="tensorboard", version=""))
+        elif name == "wandb":
+            try:
+                loggers.append(_wandb_logger(cfg["wandb"], save_dir, run_config, identity or RunIdentity()))
+            except Exception as err:  # any W&B failure (network, auth, service) must not cost the run
+                also = "the CSV logger only" if "csv" in names else f"CSV in {save_dir} instead"
+                log.warning("W&B could not start (%s: %s); logging to %s", type(err).__name__, err, also)
+                if "csv" not in names:
+                    loggers.append(HistoryKeepingCSVLogger(save_dir, resume_step))
+    extra = (cfg or {}).get(EXTRA_LOGGERS)
+    if extra:
+        from ranprm.cli.targets import instantiate_targets  # a leaf module: the checks compose-time runs too
+
+        loggers += instantiate_targets(extra, f"logger.{EXTRA_LOGGERS}", Logger, EXTRA_LOGGER_EXAMPLE)
+    return loggers
 
 
 def _scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
@@ -362,41 +413,54 @@ def _scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
 
 
 def log_evaluation(
-    cfg: Mapping[str, Any],
+    cfg: Mapping[str, Any] | None,
     save_dir: str | Path,
     metrics: Mapping[str, Any],
     run_config: Mapping[str, Any] | DictConfig | None = None,
     identity: RunIdentity | None = None,
     tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]] | None = None,
-) -> Logger | None:
-    """Log an evaluation's results with the configured logger (`ranprm-evaluate logger=wandb`).
+) -> list[Logger]:
+    """Log an evaluation's results with every configured logger (`ranprm-evaluate logger=wandb`); returns them.
 
     Every numeric entry of `metrics` becomes `eval/<key>` (in W&B also the run summary); `metrics["per_class"]`
     (class name -> {column: value}) becomes the W&B table `eval/per_class`, and each of `tables` (name ->
-    (columns, rows), e.g. the ranked variants) the W&B table `eval/<name>`. The run is finished before returning.
-    Any logging failure is a warning: the evaluation's files are already written.
+    (columns, rows), e.g. the ranked variants) the W&B table `eval/<name>`. Each run is finished before returning.
+    Any logging failure is a warning (that logger's, the others still log): the evaluation's files are written.
     """
     identity = identity or RunIdentity(job_type="evaluate")
     try:
         if isinstance(run_config, DictConfig):
             run_config = OmegaConf.to_container(run_config, resolve=True)  # type: ignore[assignment]
-        logger = build_logger(cfg, Path(save_dir), run_config=run_config, identity=identity)
-        if logger is None:
-            return None
-        logger.log_metrics(_scalars(metrics, "eval"), step=0)
-        per_class = metrics.get("per_class")
-        if isinstance(logger, WandbLogger) and isinstance(per_class, Mapping) and per_class:
-            columns = ["class", *dict.fromkeys(k for row in per_class.values() for k in row)]
-            rows = [[name, *(row.get(c) for c in columns[1:])] for name, row in per_class.items()]
-            logger.log_table(key="eval/per_class", columns=columns, data=rows, step=0)
-        if isinstance(logger, WandbLogger):
-            for name, (columns, rows) in (tables or {}).items():
-                logger.log_table(key=f"eval/{name}", columns=list(columns), data=[list(r) for r in rows], step=0)
-        logger.save()
-        logger.finalize("success")
-        return logger
+        loggers = build_loggers(cfg, Path(save_dir), run_config=run_config, identity=identity)
     except ConfigError:
         raise
     except Exception as err:  # the metrics are on disk already: a logger problem must not turn into a failed run
         log.warning("could not log the evaluation (%s: %s); the results are in %s", type(err).__name__, err, save_dir)
-        return None
+        return []
+    logged = []
+    for logger in loggers:
+        try:
+            _log_evaluation_to(logger, metrics, tables)
+            logged.append(logger)
+        except Exception as err:  # noqa: BLE001 (as above, for this logger alone)
+            log.warning("could not log the evaluation to %s (%s: %s); the results are in %s", type(logger).__name__,
+                        type(err).__name__, err, save_dir)  # fmt: skip
+    return logged
+
+
+def _log_evaluation_to(
+    logger: Logger,
+    metrics: Mapping[str, Any],
+    tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]] | None,
+) -> None:
+    logger.log_metrics(_scalars(metrics, "eval"), step=0)
+    if isinstance(logger, WandbLogger):
+        per_class = metrics.get("per_class")
+        if isinstance(per_class, Mapping) and per_class:
+            columns = ["class", *dict.fromkeys(k for row in per_class.values() for k in row)]
+            rows = [[name, *(row.get(c) for c in columns[1:])] for name, row in per_class.items()]
+            logger.log_table(key="eval/per_class", columns=columns, data=rows, step=0)
+        for name, (columns, rows) in (tables or {}).items():
+            logger.log_table(key=f"eval/{name}", columns=list(columns), data=[list(r) for r in rows], step=0)
+    logger.save()
+    logger.finalize("success")

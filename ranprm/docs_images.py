@@ -113,7 +113,7 @@ def _save(panel: DocPanel, out: Path, name: str) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ranprm.docs_images", description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint of the synthetic panel (the default run's)")
+    parser.add_argument("--ckpt", default=None, help="checkpoint of the synthetic panel (the default run's)")
     parser.add_argument("--data", nargs="*", default=[], help="data.* overrides of that run (default: data=synthetic)")
     parser.add_argument("--image-id", default=None, help="the validation image shown (default: the most classes)")
     parser.add_argument("--out", default="docs/images", help="folder of the pictures (default: docs/images)")
@@ -126,9 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.tile_size < 16:
         parser.error(f"--tile-size must be at least 16, got {args.tile_size}")
+    if args.ckpt is None and args.photo_ckpt is None:
+        parser.error("give --ckpt (the synthetic panel), --photo-ckpt (the real-photo panel) or both")
     out = Path(args.out)
     try:
-        _save(render_doc_panel(args.ckpt, args.data, args.image_id, args.tile_size), out, "panel")
+        if args.ckpt is not None:  # each panel can be redrawn alone: the other picture is left as it is
+            _save(render_doc_panel(args.ckpt, args.data, args.image_id, args.tile_size), out, "panel")
         if args.photo_ckpt is not None:
             photo = render_doc_panel(args.photo_ckpt, args.photo_data, args.photo_image_id, args.tile_size)
             _save(photo, out, "photo_panel")

@@ -42,6 +42,21 @@ def test_the_command_writes_the_synthetic_and_the_photo_panel_with_its_credit(tm
     assert "is not a validation image" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_the_photo_panel_alone_leaves_the_synthetic_one_as_it_is(tmp_path_factory, tmp_path, capsys):
+    voc, ckpt = _train_tiny(str(tmp_path_factory.getbasetemp() / "tiny_model"))
+    out = tmp_path / "docs"
+    out.mkdir()
+    (out / "panel.png").write_bytes(b"the published synthetic panel")
+    assert main(["--out", str(out), "--tile-size", "64", "--photo-ckpt", str(ckpt), "--photo-data", *_data(voc),
+                 "--photo-image-id", "2024_000006"]) == 0  # fmt: skip
+    assert (out / "panel.png").read_bytes() == b"the published synthetic panel"
+    with Image.open(out / "photo_panel.png") as png:
+        assert png.mode == "RGB"
+    with pytest.raises(SystemExit) as stop:  # neither checkpoint: argparse's one line, exit 2
+        main(["--out", str(out)])
+    assert stop.value.code == 2 and "give --ckpt" in capsys.readouterr().err
+
+
 def test_the_default_image_is_the_first_with_the_most_classes() -> None:
     labels = [[1, 0, 0], [1, 0, 1], [0, 1, 1], [1, 1, 0]]
     assert pick_image(labels, None, ["a", "b", "c", "d"]) == 1

@@ -162,16 +162,18 @@ def main_grid() -> Grid:
         trunks=TRUNKS,
         seeds=(0, 1, 2),
         train_overrides=QUIET,
-        # Estimates from BENCHMARKS.md's 128 px runs (Lite0 150 s, Lite0 + attention 174 s, RAN 219 s for 6
-        # epochs of 400 images on a quiet 2-core machine) x4 for 256 px, x4/6 for 4 epochs, plus the evaluation
-        # of every variant on 100 images.
+        # What a cell costs before one of its kind has finished (finished cells replace these). Measured: the
+        # first cell, devset/lite0/seed0, took 38.9 min on a 2-core AMD EPYC shared with other work (training
+        # 12.1 min, every voc variant 19.4 min, the coco pass 7.3 min). The others are scaled from it by the
+        # trunks' per-peak PRM costs (BENCHMARKS.md: + attention evaluates two gradient paths, RAN-56 is slower
+        # per step and per peak) and the embedded data's 100 validation images.
         default_minutes={
-            "synthetic256/lite0": 12,
-            "synthetic256/lite0_attn": 16,
-            "synthetic256/ran56": 20,
-            "devset/lite0": 15,
-            "devset/lite0_attn": 20,
-            "devset/ran56": 25,
+            "synthetic256/lite0": 35,
+            "synthetic256/lite0_attn": 60,
+            "synthetic256/ran56": 75,
+            "devset/lite0": 39,
+            "devset/lite0_attn": 65,
+            "devset/ran56": 80,
         },  # fmt: skip
     )
 

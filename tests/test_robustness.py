@@ -241,6 +241,9 @@ def test_ctrl_c_in_validations_instance_evaluation_stops_at_the_next_image_saves
     from ranprm.errors import RunInterrupted
     from ranprm.train import train
 
+    # What SIGINT did before the run: Python's KeyboardInterrupt in a terminal, but SIG_IGN when pytest was started
+    # in the background by a shell without job control (`make test &`), which its children inherit.
+    before = signal.getsignal(signal.SIGINT)
     calls = _signal_at_first_retrieval(monkeypatch, signal.SIGINT)
     overrides = [*tiny_overrides(voc_root, tmp_path), "trainer.max_epochs=1", "data.val_batch_size=4"]
     with pytest.raises(RunInterrupted) as info:
@@ -253,7 +256,7 @@ def test_ctrl_c_in_validations_instance_evaluation_stops_at_the_next_image_saves
     assert record["signal"] == "SIGINT" and record["checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")
     assert not (tmp_path / "metrics.json").exists()
     # the signal handlers are the process's own again: a later command in this process starts clean
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) == before
 
 
 def test_sigterm_to_evaluate_stops_between_images_and_is_not_swallowed(voc_root, tmp_path, monkeypatch):

@@ -26,14 +26,20 @@ install: $(STAMP)
 train: install
 	$(BIN)/python -m ranprm.train $(ARGS)
 
+# The suite runs in one pytest process per usable core (pytest-xdist), at most 8, each with torch at one thread
+# (tests/conftest.py): two processes whose thread pools share the cores wait on each other at every op, and the suite
+# ran several times slower that way. One process: make test TEST_WORKERS=0; one file: make test ARGS=tests/test_x.py
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; f = getattr(os, 'sched_getaffinity', None); print(min(8, len(f(0)) if f else os.cpu_count() or 1))")
+PYTEST := WANDB_MODE=disabled $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+
 test: install
-	WANDB_MODE=disabled $(BIN)/python -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-fast: install
-	WANDB_MODE=disabled $(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 test-slow: install
-	WANDB_MODE=disabled $(BIN)/python -m pytest -m slow $(ARGS)
+	$(PYTEST) -m slow $(ARGS)
 
 bench: install
 	$(BIN)/python -m ranprm.bench all $(ARGS)

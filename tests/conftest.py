@@ -1,5 +1,9 @@
 """Shared test set-up: W&B off, few threads (CI has 2 cores), and every test starting from the same global state.
 
+Threads: the usable cores shared among pytest-xdist's workers (`make test` runs one per core), at most 2 per process.
+Two processes whose torch thread pools together exceed the cores wait on each other at every op (a 30-step training
+of the tiny RAN took 0.08 s a step alone and 13 s beside another two-thread process on 2 cores), so never more.
+
 Each test starts with every random generator seeded (torch, NumPy's legacy global, Python's `random`) and the
 torch settings a test or the code under test may change (threads, default dtype, grad mode, matmul precision) put
 back afterwards: no outcome may depend on which tests ran before.
@@ -16,8 +20,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-TEST_THREADS = min(2, torch.get_num_threads())
+from ranprm.data.datamodule import usable_cores  # noqa: E402
+
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+TEST_THREADS = max(1, min(2, usable_cores() // WORKERS))
 torch.set_num_threads(TEST_THREADS)
+os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)  # the commands tests start, too
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -34,6 +34,7 @@ the model runs.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import time
@@ -179,13 +180,13 @@ def _evaluate_checkpoint(
     trainer = build_inference_trainer(cfg, out_dir, progress_bar=_progress_bar(cfg))
     module = load_for_inference(cfg, root_device(trainer), datamodule.class_names)
     size_info = _use_image_size(cfg, module, datamodule)
-    variants = [(spec, *variant_config(module, spec)) for spec in specs] if specs else None
+    variants = _variant_configs(module, specs) if specs else None
     needed_by = None
     if variants:
         needed_by = [f"variant {s.name}" for s, c, _ in variants if c.thresholds.class_distribution == "dataset"]
     calibrate_classes(cfg, module, datamodule, needed_by)
     if variants:  # re-parsed after the calibration: the per-class cut-offs come from it
-        variants = [(spec, *variant_config(module, spec)) for spec, _, _ in variants]
+        variants = _variant_configs(module, specs)
     settings = inference_settings(module)
     # One image per step: the progress bar counts images, and the PRMs held at once are one image's (for every
     # variant); the per-peak backward, not the batched forward, is what an evaluation spends its time on.
@@ -193,7 +194,8 @@ def _evaluate_checkpoint(
     # Only the evaluated images are read (setup() would read every training annotation too).
     datamodule.val_set = datamodule._dataset(ids, train=False)
     if variants:
-        module.test_variants = [(c, EvaluatorSuite(evaluators.class_names, evaluators.cfg)) for _, c, _ in variants]
+        module.test_variants = [(c, EvaluatorSuite(evaluators.class_names, _protocol_config(evaluators.cfg, spec)))
+                                for spec, c, _ in variants]  # fmt: skip
     else:
         module.test_evaluators = evaluators
     with warnings.catch_warnings():
@@ -210,6 +212,19 @@ def _evaluate_checkpoint(
     per_variant = [(spec, s, r, suite) for (spec, _, s), r, (_, suite)
                    in zip(variants, module.test_results, module.test_variants, strict=True)]  # fmt: skip
     return per_variant, info, trainer.is_global_zero
+
+
+def _variant_configs(module: PRMModule, specs: list[VariantSpec]) -> list[tuple[VariantSpec, Any, dict[str, Any]]]:
+    """(spec, its InferenceConfig, its settings) per variant; variants that differ only in `protocol` get the same
+    InferenceConfig object, which the module's test step predicts once for all of them."""
+    made: dict[str, tuple[Any, dict[str, Any]]] = {}
+    for spec in specs:
+        made.setdefault(spec.inference_key(), variant_config(module, spec))
+    return [(spec, *made[spec.inference_key()]) for spec in specs]
+
+
+def _protocol_config(cfg: EvalConfig, spec: VariantSpec) -> EvalConfig:
+    return dataclasses.replace(cfg, protocol=spec.protocol) if spec.protocol else cfg
 
 
 def _use_image_size(cfg: DictConfig, module: PRMModule, datamodule: VOCDataModule) -> dict[str, Any]:
@@ -305,7 +320,7 @@ def _evaluate_into(
         data_cfg["num_workers"] = 0
     datamodule = VOCDataModule(DataConfig.from_config(data_cfg))
     evaluators = EvaluatorSuite(datamodule.class_names, eval_cfg)
-    rank_by = _rank_by(cfg, evaluators)
+    rank_by = _rank_by(cfg, evaluators, specs)
     if cfg.get("ckpt") is not None:
         result, info, writes = _evaluate_checkpoint(cfg, datamodule, evaluators, out_dir, specs)
     else:
@@ -318,7 +333,7 @@ def _evaluate_into(
     if isinstance(result, list):
         if writes:
             _save_records(cfg, out_dir, lambda: {spec.name: suite.image_records() for spec, _, _, suite in result})
-        return _write_variants(cfg, out_dir, result, {**info, **common}, rank_by, writes)
+        return _write_variants(cfg, out_dir, result, {**info, **common}, rank_by, eval_cfg.protocol, writes)
     record = {**result.to_record(), **info, **common}
     if not writes:
         return record
@@ -342,12 +357,15 @@ def _save_records(cfg: DictConfig, out_dir: Path, records: Callable[[], dict[str
         (out_dir / "records.pt").unlink(missing_ok=True)
 
 
-def _rank_by(cfg: DictConfig, evaluators: EvaluatorSuite) -> str:
-    """`variants_rank_by`, checked against the metrics the evaluators compute (before anything runs)."""
+def _rank_by(cfg: DictConfig, evaluators: EvaluatorSuite, specs: list[VariantSpec] | None) -> str:
+    """`variants_rank_by`, checked against the metrics every variant's protocol computes (before anything runs)."""
     rank_by = str(cfg.get("variants_rank_by") or "map_r_50")
-    if cfg.get("variants") is not None and rank_by not in evaluators.names():
-        raise ConfigError(f"variants_rank_by={rank_by} is not a metric of this evaluation; choose one of "
-                          f"{list(evaluators.names())}")  # fmt: skip
+    if not specs:
+        return rank_by
+    suites = [EvaluatorSuite(evaluators.class_names, _protocol_config(evaluators.cfg, s)) for s in specs]
+    common = [n for n in evaluators.names() if all(n in suite.names() for suite in suites)]
+    if rank_by not in common:
+        raise ConfigError(f"variants_rank_by={rank_by} is not a metric of this evaluation; choose one of {common}")
     return rank_by
 
 
@@ -357,27 +375,33 @@ def _write_variants(
     results: list[VariantResult],
     info: dict[str, Any],
     rank_by: str,
+    protocol: str,
     writes: bool,
 ) -> dict[str, Any]:
-    """metrics.json with one entry per variant, ranked by `rank_by` (README "Inference variants"), and the
-    table as variants.md / variants.csv (and to the logger)."""
+    """metrics.json with one entry per variant, ranked by `rank_by` within each protocol (README "Inference
+    variants"), and the table as variants.md / variants.csv (and to the logger). `protocol` is `eval.protocol`, the
+    one variants that name none use; each entry names its own."""
     entries = []
     for spec, settings, result, _ in results:
         record = result.to_record()
         entries.append({
             "name": spec.name,
+            "protocol": result.protocol,
             "settings": settings,
             "metrics": result.metrics,
             "counts": result.counts,
             "summary": summary(result),
             "per_class": record["per_class"],
         })  # fmt: skip
-    order = rank_variants([e["metrics"] for e in entries], rank_by)
-    ranked = [{"rank": position + 1, **entries[i]} for position, i in enumerate(order)]
-    metric_names = list(results[0][2].metrics)
+    ranked = []
+    for scored_by in dict.fromkeys(e["protocol"] for e in entries):  # in the order the variants first name them
+        group = [e for e in entries if e["protocol"] == scored_by]
+        order = rank_variants([e["metrics"] for e in group], rank_by)
+        ranked += [{"rank": position + 1, **group[i]} for position, i in enumerate(order)]
+    metric_names = list(dict.fromkeys(name for _, _, result, _ in results for name in result.metrics))
     record = {
         "ranked_by": rank_by,
-        "protocol": results[0][2].protocol,
+        "protocol": protocol,
         "metric_names": metric_names,
         "variants": ranked,
         **info,

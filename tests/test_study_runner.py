@@ -155,6 +155,10 @@ def test_a_smoke_cell_runs_end_to_end_and_is_then_skipped(tmp_path, monkeypatch)
     shared = cell["records"]["shared"]
     assert len(shared) == 8 and all("classification" in image for image in shared.values())
     assert cell["coco"]["seed/prm_only/full"]["protocol"] == "coco" and cell["machine"]["cpu"]
+    assert "map_r_50_95" in cell["coco"]["seed/prm_only/full"]["metrics"]
+    assert {entry["protocol"] for entry in cell["variants"].values()} == {"voc"}
+    work = tmp_path / "scratch" / "smoke" / "tiny" / "seed0"
+    assert sorted(p.name for p in work.glob("eval*")) == ["eval", "eval.log"]  # both protocols in one pass
     assert cell["config"]["backbone"]["name"] == "tiny" and cell["wall_s"] > 0 and cell["git"]["commit"]
     for name, entry in cell["variants"].items():
         images = unpack_records(cell["records"], name)

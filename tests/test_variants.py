@@ -57,6 +57,15 @@ def test_a_list_takes_names_mappings_and_gradient_paths():
     assert parse_variants(None) is None
 
 
+def test_variants_that_differ_only_in_protocol_share_an_inference_key():
+    specs = parse_variants({"threshold": ["seed", "q3"], "protocol": ["voc", "coco"]})
+    assert [s.name for s in specs] == ["seed/voc", "seed/coco", "q3/voc", "q3/coco"]
+    assert [s.protocol for s in specs] == ["voc", "coco", "voc", "coco"]
+    keys = [s.inference_key() for s in specs]
+    assert keys[0] == keys[1] and keys[2] == keys[3] and keys[0] != keys[2]
+    assert parse_variants([{"threshold": "seed"}])[0].protocol is None  # eval.protocol decides
+
+
 @pytest.mark.parametrize(
     ("value", "match"),
     [
@@ -64,6 +73,7 @@ def test_a_list_takes_names_mappings_and_gradient_paths():
         ({"threshold": ["seed", "nope"]}, "not a preset"),
         ({"retrieval": ["nope"]}, "not a method"),
         ({"mask_grad": ["half"]}, "not a gradient path"),
+        ({"protocol": ["voc", "cityscapes"]}, "protocol='cityscapes' is not a protocol"),
         ([{"threshold": "seed"}, {"threshold": "seed"}], "repeat"),
         ([], "lists no variant"),
         ("seed", "must be a product"),
@@ -112,6 +122,49 @@ def test_one_pass_equals_each_variant_alone(tiny_model, tmp_path):  # noqa: F811
     )
     assert (tmp_path / "all" / "variants.md").read_text().count("\n| ") == 7  # header + 6 rows
     assert (tmp_path / "all" / "variants.csv").read_text().splitlines()[0].startswith("rank,variant,threshold")
+
+
+def test_a_protocol_axis_scores_one_prediction_under_each_protocol(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    """`protocol:[voc,coco]` gives each protocol's metrics exactly (==) as a separate evaluation with
+    `eval.protocol=` does, from one prediction per image: the model's variants pass is asked for one setting."""
+    from ranprm.lightning.module import PRMModule
+
+    voc, ckpt = tiny_model
+    base = [*_data(voc), f"ckpt={ckpt}", "eval.max_images=3", "progress_bar=none"]
+    asked: list[int] = []
+    original = PRMModule.predict_variants
+
+    def counting(self, images, sizes, configs, *args, **kwargs):
+        asked.append(len(configs))
+        return original(self, images, sizes, configs, *args, **kwargs)
+
+    monkeypatch.setattr(PRMModule, "predict_variants", counting)
+    both = "variants={threshold:[mean],protocol:[voc,coco]}"
+    evaluate(compose("evaluate", [*base, f"output={tmp_path / 'both'}", both]))
+    assert asked and set(asked) == {1}  # one setting per step for both protocols
+    record = _metrics_of(tmp_path / "both")
+    assert record["protocol"] == "voc"  # eval.protocol, for variants that name none
+    by_name = {v["name"]: v for v in record["variants"]}
+    assert {n: v["protocol"] for n, v in by_name.items()} == {"mean/voc": "voc", "mean/coco": "coco"}
+    assert [v["rank"] for v in record["variants"]] == [1, 1]  # ranked within each protocol
+    assert "map_r_50_95" in record["metric_names"] and "map_r_50_95" not in by_name["mean/voc"]["metrics"]
+    for protocol in ("voc", "coco"):
+        out = tmp_path / protocol
+        evaluate(compose("evaluate", [*base, f"output={out}", "threshold=mean", f"eval.protocol={protocol}"]))
+        single = _metrics_of(out)
+        variant = by_name[f"mean/{protocol}"]
+        assert single["protocol"] == protocol
+        assert {k: single[k] for k in single["metric_names"]} == variant["metrics"], protocol
+        assert single["per_class"] == variant["per_class"], protocol
+    table = (tmp_path / "both" / "variants.md").read_text()
+    assert "| mask_grad | protocol | map_r_25 |" in table and "| mean/coco | mean | prm_only |  | coco |" in table
+    header = (tmp_path / "both" / "variants.csv").read_text().splitlines()[0]
+    assert header.startswith("rank,variant,threshold,retrieval,mask_grad,protocol,map_r_25")
+    cfg = compose("evaluate", [*base, f"output={tmp_path / 'refused'}", "variants={protocol:[voc,coco]}",
+                               "eval.protocol=coco", "variants_rank_by=map_r_50_95"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"variants_rank_by=map_r_50_95 is not a metric of this evaluation"):
+        evaluate(cfg)  # the voc variant has no COCO AP to rank by
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
 
 
 def test_rank_by_must_be_a_metric(tiny_model, tmp_path):  # noqa: F811

@@ -121,42 +121,51 @@ def train_cell(grid: Grid, cell: Cell, work: Path, children: Children) -> Path:
     return run_dir
 
 
-def variants_override(variants: Sequence[Variant], attention: bool) -> str:
-    """`variants=[...]` naming each variant as the study does; the gradient path only on trunks with masks (the
-    others have one path, and evaluate refuses mask_grad on them)."""
+def variants_override(variants: Sequence[Variant], attention: bool, coco: Sequence[Variant] = ()) -> str:
+    """`variants=[...]` naming each variant as the study does, scored by the `voc` protocol, then each of `coco`
+    again by the `coco` protocol (named `<name>/coco`; evaluate predicts once for both); the gradient path only on
+    trunks with masks (the others have one path, and evaluate refuses mask_grad on them)."""
     entries = []
-    for v in variants:
-        grad = f",mask_grad:{v.mask_grad}" if attention else ""
-        entries.append(f"{{name:'{v.name}',threshold:{v.threshold},retrieval:{v.retrieval}{grad}}}")
+    for protocol, names, group in (("voc", "{}", variants), ("coco", "{}/coco", coco)):
+        for v in group:
+            grad = f",mask_grad:{v.mask_grad}" if attention else ""
+            entries.append(f"{{name:'{names.format(v.name)}',threshold:{v.threshold},retrieval:{v.retrieval}{grad},"
+                           f"protocol:{protocol}}}")  # fmt: skip
     return f"variants=[{','.join(entries)}]"
 
 
-def evaluate_variants(
-    grid: Grid, cell: Cell, ckpt: Path, variants: Sequence[Variant], out: Path, children: Children,
-    extra: Sequence[str] = (), records: bool = True,
-) -> tuple[dict[str, tuple[dict[str, Any], Any]], dict[str, Any]]:  # fmt: skip
-    """Every variant of `ckpt` evaluated in one pass (`ranprm-evaluate variants=`: one forward, the PRMs once per
-    peak and gradient path): ({variant name: (its metrics.json entry, its per-image records or None)}, what the
-    evaluation says of itself: wall time, image size, skipped images).
+Evaluated = dict[str, tuple[dict[str, Any], Any]]  # variant name -> (its metrics.json entry, its per-image records)
 
-    The one place the study calls `ranprm-evaluate`; an evaluation that finished in an earlier session is reused.
-    `class_q3` is calibrated on the training split, never on the images it is scored on.
+
+def evaluate_variants(
+    grid: Grid, cell: Cell, ckpt: Path, variants: Sequence[Variant], coco: Sequence[Variant], out: Path,
+    children: Children,
+) -> tuple[Evaluated, Evaluated, dict[str, Any]]:  # fmt: skip
+    """Every variant of `ckpt` under the `voc` protocol and those of `coco` under the `coco` protocol, in one pass
+    (`ranprm-evaluate variants=`: one forward, the PRMs once per peak and gradient path, one prediction for both
+    protocols): ({name: (metrics.json entry, per-image records)} for each protocol (the coco ones without records),
+    what the evaluation says of itself: wall time, image size, skipped images).
+
+    The one place the study calls `ranprm-evaluate`; an evaluation that finished in an earlier session is reused
+    when it holds every variant asked for. `class_q3` is calibrated on the training split, never on the images it
+    is scored on.
     """
-    if not variants:
-        return {}, {}
-    if not (out / "metrics.json").is_file():
-        args = ["ranprm.evaluate", f"ckpt={ckpt}", f"output={out}", "overwrite=true", f"records={records}",
-                "progress_bar=none", *cell.data.overrides, *grid.eval_overrides, *extra,
-                variants_override(variants, cell.trunk.attention)]  # fmt: skip
-        if any(v.threshold == "class_q3" for v in variants):
+    wanted = [v.name for v in variants] + [f"{v.name}/coco" for v in coco]
+    metrics = out / "metrics.json"
+    if not metrics.is_file() or not set(wanted) <= {e["name"] for e in json.loads(metrics.read_text())["variants"]}:
+        args = ["ranprm.evaluate", f"ckpt={ckpt}", f"output={out}", "overwrite=true", "records=true",
+                "progress_bar=none", *cell.data.overrides, *grid.eval_overrides,
+                variants_override(variants, cell.trunk.attention, coco)]  # fmt: skip
+        if any(v.threshold == "class_q3" for v in (*variants, *coco)):
             args.append("calibration.split=train")
         children.run(cell, args, out.parent / f"{out.name}.log")
-    written = json.loads((out / "metrics.json").read_text())
-    by_name = {entry["name"]: {**entry, "protocol": written.get("protocol")} for entry in written["variants"]}
-    recs = load_torch_file(out / "records.pt", "records") if records else {}
+    written = json.loads(metrics.read_text())
+    by_name = {entry["name"]: entry for entry in written["variants"]}
+    recs = load_torch_file(out / "records.pt", "records")
     facts = ("wall_s", "image_size", "image_size_from", "skipped_images", "split")
     about = {k: written[k] for k in facts if k in written}
-    return {v.name: (by_name[v.name], recs.get(v.name)) for v in variants}, about
+    voc_results = {v.name: (by_name[v.name], recs.get(v.name)) for v in variants}
+    return voc_results, {v.name: (by_name[f"{v.name}/coco"], None) for v in coco}, about
 
 
 def machine() -> dict[str, Any]:
@@ -219,11 +228,10 @@ def run_cell(grid: Grid, cell: Cell, out: Path, scratch: Path, children: Childre
         run_dir = train_cell(grid, cell, work, children)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     with _timed(work, "evaluate_s"):
-        voc, voc_about = evaluate_variants(grid, cell, ckpt, grid.variants(cell.trunk), work / "eval", children)
         coco_names = [v for v in grid.coco_variants if cell.trunk.attention or v.endswith("/full")]
         coco_variants = [Variant.parse(v) for v in coco_names]
-        coco, coco_about = evaluate_variants(grid, cell, ckpt, coco_variants, work / "eval_coco", children,
-                                             extra=["eval.protocol=coco"], records=False)  # fmt: skip
+        voc, coco, about = evaluate_variants(grid, cell, ckpt, grid.variants(cell.trunk), coco_variants,
+                                             work / "eval", children)  # fmt: skip
     timing = json.loads((work / "timing.json").read_text())
     header = load_torch_file(ckpt, "ckpt", mmap=True)
     training = json.loads((run_dir / "metrics.json").read_text())
@@ -244,7 +252,7 @@ def run_cell(grid: Grid, cell: Cell, out: Path, scratch: Path, children: Childre
         "train_overrides": [*grid.train_overrides, *cell.data.overrides, *cell.trunk.overrides],
         "config": _load_config(run_dir),
         "training": {k: training.get(k) for k in ("metrics", "epochs", "global_step", "wall_s", "resumed_from")},
-        "evaluation": {"voc": voc_about, "coco": coco_about},
+        "evaluation": {"voc": about, "coco": about},  # one pass scores both
         "variants": {name: _variant_entry(metrics) for name, (metrics, _) in voc.items()},
         "coco": {name: _variant_entry(metrics) for name, (metrics, _) in coco.items()},
         "records": pack_records({name: recs for name, (_, recs) in voc.items()}),

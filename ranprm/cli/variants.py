@@ -1,15 +1,18 @@
 """`ranprm-evaluate variants=...`: the inference variants one pass evaluates, parsed once from the command line.
 
 A variant is a threshold (a `conf/threshold/<name>.yaml` preset or a rule mapping), a retrieval (a method name,
-its `conf/retrieval/<name>.yaml` when it has one, or a mapping with `name` and options on top) and a gradient
-path (`mask_grad`: full | detached, attention trunks). An axis a variant leaves out keeps the command line's (or
-the checkpoint's) setting. Two forms:
+its `conf/retrieval/<name>.yaml` when it has one, or a mapping with `name` and options on top), a gradient
+path (`mask_grad`: full | detached, attention trunks) and the instance protocol that scores it (`protocol`: voc |
+coco, `ranprm.eval.protocols`). An axis a variant leaves out keeps the command line's (or the checkpoint's)
+setting (`eval.protocol` for the protocol). Variants that differ only in `protocol` share one prediction: the model
+runs once for them and each protocol scores the same instances. Two forms:
 
     variants='{threshold:[seed,fixed,mean,q3,class_q3],retrieval:[prm_only,proposals]}'   # product: 10 variants
     variants='[{threshold:seed},{threshold:fixed,retrieval:{name:proposals,size:448},name:official}]'  # a list
+    variants='{threshold:[seed,q3],protocol:[voc,coco]}'   # 4 variants, 2 predictions
 
 In a product each axis is one value or a list; the variants come threshold-major (then retrieval, then
-mask_grad). A list entry may carry `name`; otherwise a variant is named by its values joined with `/`
+mask_grad, then protocol). A list entry may carry `name`; otherwise a variant is named by its values joined with `/`
 (`seed/proposals`; a mapping value reads `proposals(size=448)`). Names must be unique.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,7 +33,7 @@ from ranprm.prm.pipeline import PRM_DEFAULTS, InferenceConfig
 if TYPE_CHECKING:
     from ranprm.lightning.module import PRMModule
 
-AXES = ("threshold", "retrieval", "mask_grad")
+AXES = ("threshold", "retrieval", "mask_grad", "protocol")
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,18 @@ class VariantSpec:
     """One variant as the command line gave it, its groups resolved to full config mappings.
 
     threshold, retrieval: the group's config (None: the command line's / checkpoint's); mask_grad: None: the
-    model's own path."""
+    model's own path; protocol: None: `eval.protocol`."""
 
     name: str
     threshold: dict[str, Any] | None = None
     retrieval: dict[str, Any] | None = None
     mask_grad: str | None = None
+    protocol: str | None = None
+
+    def inference_key(self) -> str:
+        """What decides the variant's instances (everything but the protocol): variants with equal keys share one
+        prediction."""
+        return json.dumps([self.threshold, self.retrieval, self.mask_grad], sort_keys=True, default=str)
 
 
 def _presets(group: str) -> list[str]:
@@ -116,6 +126,14 @@ def _mask_grad(value: Any) -> str:
     return str(value)
 
 
+def _protocol(value: Any) -> str:
+    from ranprm.eval.protocols import PROTOCOLS
+
+    if value not in PROTOCOLS:
+        raise ConfigError(f"variants: protocol={value!r} is not a protocol; choose one of {PROTOCOLS.names()}")
+    return str(value)
+
+
 def _spec(entry: Mapping[str, Any], name: str | None) -> VariantSpec:
     unknown = sorted(set(entry) - set(AXES) - {"name"})
     if unknown:
@@ -126,6 +144,7 @@ def _spec(entry: Mapping[str, Any], name: str | None) -> VariantSpec:
         threshold=_threshold(entry["threshold"]) if "threshold" in entry else None,
         retrieval=_retrieval(entry["retrieval"]) if "retrieval" in entry else None,
         mask_grad=_mask_grad(entry["mask_grad"]) if "mask_grad" in entry else None,
+        protocol=_protocol(entry["protocol"]) if "protocol" in entry else None,
     )
 
 

@@ -53,11 +53,14 @@ def rank_variants(metrics: Sequence[Mapping[str, Any]], rank_by: str) -> list[in
     return sorted(range(len(metrics)), key=key)
 
 
+TEXT_COLUMNS = 6  # rank, variant, threshold, retrieval, mask_grad, protocol: then the metrics
+
+
 def variants_rows(entries: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> tuple[list[str], list[list]]:
     """The variants table (`metrics.json`'s `variants`, already ranked): columns and rows, one row per variant:
-    rank, name, the threshold preset, the retrieval method (and its size when set), the gradient path, then each
-    metric in `metric_names` (fractions, as in metrics.json)."""
-    columns = ["rank", "variant", "threshold", "retrieval", "mask_grad", *metric_names]
+    rank, name, the threshold preset, the retrieval method (and its size when set), the gradient path, the protocol,
+    then each metric in `metric_names` (fractions, as in metrics.json; None where the protocol has no such metric)."""
+    columns = ["rank", "variant", "threshold", "retrieval", "mask_grad", "protocol", *metric_names]
     rows = []
     for entry in entries:
         settings = entry["settings"]
@@ -69,6 +72,7 @@ def variants_rows(entries: Sequence[Mapping[str, Any]], metric_names: Sequence[s
             settings["threshold"].get("name", "custom"),
             f"{retrieval.get('name')}" + (f"@{size}" if size else ""),
             settings.get("mask_grad") or "",
+            entry.get("protocol") or "",
             *(entry["metrics"].get(m) for m in metric_names),
         ])  # fmt: skip
     return columns, rows
@@ -76,10 +80,11 @@ def variants_rows(entries: Sequence[Mapping[str, Any]], metric_names: Sequence[s
 
 def variants_markdown(columns: Sequence[str], rows: Sequence[Sequence[Any]], rank_by: str) -> str:
     """Markdown of `variants_rows`' table, metrics in % like per_class.md, ranked by `rank_by`."""
+    aligns = ["---:"] + ["---"] * (TEXT_COLUMNS - 1) + ["---:"] * (len(columns) - TEXT_COLUMNS)
     lines = [f"Variants ranked by `{rank_by}` (metrics in %).", "",
-             "| " + " | ".join(columns) + " |", "|" + "|".join(["---:", "---", "---", "---", "---"]
-                                                             + ["---:"] * (len(columns) - 5)) + "|"]  # fmt: skip
+             "| " + " | ".join(columns) + " |", "|" + "|".join(aligns) + "|"]  # fmt: skip
     for row in rows:
-        cells = [str(v) for v in row[:5]] + [pct(v) if isinstance(v, int | float) else "–" for v in row[5:]]
+        cells = [str(v) for v in row[:TEXT_COLUMNS]]
+        cells += [pct(v) if isinstance(v, int | float) else "–" for v in row[TEXT_COLUMNS:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

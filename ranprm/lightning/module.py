@@ -376,24 +376,27 @@ class PRMModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Instances of the batch's images that have ground truth, fed to the test evaluators (an image without
-        segmentation, or unreadable and skipped, is not scored)."""
+        segmentation, or unreadable and skipped, is not scored). Suites that hold the same InferenceConfig object
+        (variants that differ only in their protocol) score one prediction."""
         suites = self._test_suites()
         if "image" not in batch or not suites:
             return
         keep = [i for i, t in enumerate(batch["targets"]) if t is not None]
         if not keep:
             return
-        per_variant = self.predict_variants(
+        configs = list({id(cfg): cfg for cfg, _ in suites}.values())
+        per_config = self.predict_variants(
             batch["image"][keep],
             [batch["orig_size"][i] for i in keep],
-            [cfg for cfg, _ in suites],
+            configs,
             [batch["raw_image"][i] for i in keep],
         )
+        predictions_of = {id(cfg): predictions for cfg, predictions in zip(configs, per_config, strict=True)}
         # Lightning moved the whole batch to the device; the evaluators score on the CPU, where the predictions are
         # (exact copies: the masks are bool, so no number changes).
         batch = {**batch, "targets": move_data_to_device(batch["targets"], torch.device("cpu"))}
-        for (_, suite), predictions in zip(suites, per_variant, strict=True):
-            suite.update(*eval_inputs(batch, self.class_names, predictions=predictions, keep=keep))
+        for cfg, suite in suites:
+            suite.update(*eval_inputs(batch, self.class_names, predictions=predictions_of[id(cfg)], keep=keep))
         self._test_image_ids += [batch["image_id"][i] for i in keep]
 
     def on_test_epoch_end(self) -> None:

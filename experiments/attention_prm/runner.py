@@ -177,7 +177,9 @@ def machine() -> dict[str, Any]:
         pass
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    # threads: what the cell's commands inherit (OMP_NUM_THREADS, else torch's default); its times depend on it
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
 
 

@@ -77,6 +77,7 @@ from ranprm.eval import (
 from ranprm.eval.report import rank_variants, variants_markdown, variants_rows
 from ranprm.lightning.loggers import log_evaluation
 from ranprm.lightning.module import PRMModule
+from ranprm.prm.pipeline import InferenceConfig
 from ranprm.prm.thresholds import ClassCalibration
 from ranprm.utils.checks import check_range, check_value
 from ranprm.utils.io import (
@@ -214,10 +215,12 @@ def _evaluate_checkpoint(
     return per_variant, info, trainer.is_global_zero
 
 
-def _variant_configs(module: PRMModule, specs: list[VariantSpec]) -> list[tuple[VariantSpec, Any, dict[str, Any]]]:
+def _variant_configs(
+    module: PRMModule, specs: list[VariantSpec]
+) -> list[tuple[VariantSpec, InferenceConfig, dict[str, Any]]]:
     """(spec, its InferenceConfig, its settings) per variant; variants that differ only in `protocol` get the same
     InferenceConfig object, which the module's test step predicts once for all of them."""
-    made: dict[str, tuple[Any, dict[str, Any]]] = {}
+    made: dict[str, tuple[InferenceConfig, dict[str, Any]]] = {}
     for spec in specs:
         made.setdefault(spec.inference_key(), variant_config(module, spec))
     return [(spec, *made[spec.inference_key()]) for spec in specs]

@@ -79,16 +79,25 @@ def test_credentials_from_netrc(no_wandb_key):
     assert wandb_has_credentials()
 
 
-def test_build_logger_falls_back_to_csv_when_wandb_init_raises(tmp_path, monkeypatch, caplog):
-    class Broken:
-        def __init__(self, *args, **kwargs):
-            raise RuntimeError("no service")
+class _WandbThatCannotStart:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("no service")
 
-    monkeypatch.setattr(loggers_mod, "SafeWandbLogger", Broken)
+
+@pytest.mark.parametrize(
+    ("others", "said"),
+    [
+        ({}, "W&B could not start (RuntimeError: no service)"),
+        # beside CSV, the fallback would be a second CSV logger writing the same csv/metrics.csv
+        ({"csv": {"enabled": True}}, "W&B could not start (RuntimeError: no service); logging to the CSV logger only"),
+    ],
+)
+def test_build_logger_falls_back_to_one_csv_logger_when_wandb_init_raises(tmp_path, monkeypatch, caplog, others, said):
+    monkeypatch.setattr(loggers_mod, "SafeWandbLogger", _WandbThatCannotStart)
     with caplog.at_level(logging.WARNING, logger="ranprm.lightning.loggers"):
-        (logger,) = build_loggers({"wandb": {"enabled": True, "mode": "offline"}}, tmp_path)
+        (logger,) = build_loggers({"wandb": {"enabled": True, "mode": "offline"}, **others}, tmp_path)
     assert isinstance(logger, CSVLogger)
-    assert "W&B could not start (RuntimeError: no service)" in caplog.text
+    assert said in caplog.text
 
 
 def test_build_logger_falls_back_to_csv_when_the_run_cannot_start(tmp_path, monkeypatch, caplog):
@@ -381,20 +390,6 @@ def test_several_loggers_are_built_in_the_config_order_and_settings_alone_turn_n
     assert [Path(lg.log_dir) for lg in loggers] == [tmp_path / "tensorboard", tmp_path / "csv"]
     assert build_loggers(to_plain(compose("train", ["logger=none"]).logger), tmp_path) == []
     assert build_loggers(to_plain(compose("train", ["logger=csv", "logger.csv.enabled=false"]).logger), tmp_path) == []
-
-
-def test_wandb_failing_beside_csv_leaves_the_one_csv_logger(tmp_path, monkeypatch, caplog):
-    """The fallback to CSV would be a second CSV logger writing the same csv/metrics.csv."""
-
-    class Broken:
-        def __init__(self, *args, **kwargs):
-            raise RuntimeError("no service")
-
-    monkeypatch.setattr(loggers_mod, "SafeWandbLogger", Broken)
-    with caplog.at_level(logging.WARNING, logger="ranprm.lightning.loggers"):
-        (logger,) = build_loggers({"wandb": {"enabled": True, "mode": "offline"}, "csv": {"enabled": True}}, tmp_path)
-    assert isinstance(logger, CSVLogger)
-    assert "W&B could not start (RuntimeError: no service); logging to the CSV logger only" in caplog.text
 
 
 def test_a_logger_of_any_class_joins_by_target(tmp_path):

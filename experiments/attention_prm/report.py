@@ -362,7 +362,7 @@ def plot(grid: Grid, comparisons: Comparisons, path: Path) -> Path:
     fig, axes = plt.subplots(max(len(datas), 1), 2, figsize=(14, 4 * max(len(datas), 1)), squeeze=False)
     for row, data in enumerate(datas):
         for col, (title, table, label) in enumerate((
-            ("attention − none (Lite0)", comparisons.attention, lambda k: k[1] + (" ⊙" if k[2] else "")),
+            ("attention − none (Lite0)", comparisons.attention, lambda k: k[1] + (" (held equal)" if k[2] else "")),
             ("detached − full (same checkpoint)", comparisons.detached, lambda k: f"{k[1]}: {k[2]}"),
         )):  # fmt: skip
             ax = axes[row][col]
@@ -376,7 +376,7 @@ def plot(grid: Grid, comparisons: Comparisons, path: Path) -> Path:
             ax.axvline(0, color="k", lw=0.8)
             ax.set_yticks(range(len(keys)), [label(k) for k in keys], fontsize=7)
             ax.set_xlabel("Δ mAP^r@0.5 (points): grey seeds, red mean, blue 95% bootstrap interval")
-            ax.set_title(f"{data.label}: {title}", fontsize=9)
+            ax.set_title(f"{data.label}\n{title}", fontsize=9)
     if not datas:
         axes[0][0].text(0.5, 0.5, "no paired cells yet", ha="center")
     fig.tight_layout()
@@ -389,7 +389,7 @@ def plot(grid: Grid, comparisons: Comparisons, path: Path) -> Path:
 def write_report(
     grid: Grid, out: Path, n_boot: int = 1000, boot_all: bool = False, say: Callable[[str], None] = print
 ) -> Path:
-    """RESULTS.md and results.png in `out` from the cells in `out/cells/` (⊙ in the figure: held equal); bootstrap
+    """RESULTS.md and results.png in `out` from the cells in `out/cells/`; bootstrap
     intervals for the headline variant, or for every variant with `boot_all`."""
     cells = load_cells(out)
     comparisons = Comparisons(grid, cells, n_boot, boot_all)
